@@ -1,0 +1,142 @@
+"""Shared command line of the recipes: `--toy`, `--data-root`, `--out`, `--model`, `--seed`, `--resume` and
+`section.key=value` overrides, then train with the one engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from uda.config import ConfigError, DataConfig, ExperimentConfig, apply_overrides
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOY_ROOT = REPO_ROOT / "datasets" / "toy"
+MODELS = ("stl", "mtl", "padnet", "3ways-padnet", "mteb")
+
+# The toy schedule: small backbone, small images, a few hundred steps on 2 CPU cores.
+TOY_OVERRIDES = [
+    "model.backbone=resnet18",
+    "model.pretrained=false",
+    "train.iterations=300",
+    "train.val_every=0",
+    "train.ckpt_every=100",
+    "train.log_every=10",
+]
+TOY_SIZE = (128, 256)
+
+
+TASK_SETS = {
+    "S": ("semseg",),
+    "D": ("depth",),
+    "SD": ("semseg", "depth"),
+    "SDN": ("semseg", "depth", "normals"),
+    "SDNE": ("semseg", "depth", "normals", "edges"),
+}
+
+
+def ensure_toy_data(root: Path = TOY_ROOT, frames: int = 240, seed: int = 0, timeout_s: float = 900) -> Path:
+    """Generate the built-in toy datasets under root when missing (one process generates, others wait)."""
+    marker = root / "toy_info.json"
+    if marker.is_file():
+        return root
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        from uda.data.toy import make_toy_data
+
+        print(f"generating toy data in {root} (first run only)", flush=True)
+        make_toy_data(root, frames=frames, seed=seed)
+    else:
+        deadline = time.monotonic() + timeout_s
+        while not marker.is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{marker}: toy data did not appear; run `python tools/make_toy_data.py --out {root}`")
+            time.sleep(1)
+    return root
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments every recipe shares."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides: any config key as section.key=value, e.g. train.iterations=1000 model.backbone=resnet50 "
+        "data.batch_size=4 (the full config is printed at the start of a run and saved as <out>/config.json).",
+    )
+    parser.add_argument("--toy", action="store_true", help="run on the built-in toy data (generated if missing) "
+                        "with a short schedule and a ResNet-18 that finishes in minutes on a CPU")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="folder holding the dataset folders (default: datasets/, or datasets/toy with --toy)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe>/<model>-s<seed>)")
+    parser.add_argument("--model", choices=MODELS, default="mteb", help="architecture (default: mteb)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
+    parser.add_argument("--tasks", choices=sorted(TASK_SETS), default=None,
+                        help="task set: S-D (SD), S-D-N (SDN), S-D-N-E (SDNE); default: the recipe's")
+    parser.add_argument("--resume", action="store_true", help="resume from the newest usable checkpoint in --out")
+    parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    return parser
+
+
+def with_root(data: DataConfig | None, root: Path | None) -> DataConfig | None:
+    """Point a data config at <root>/<dataset> when a data root is given."""
+    if data is None or root is None:
+        return data
+    return replace(data, root=str(root / data.dataset))
+
+
+def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> ExperimentConfig:
+    """Apply the shared options (toy, data root, model, seed, out) and the user's overrides."""
+    root = args.data_root
+    if args.toy:
+        root = ensure_toy_data(root or TOY_ROOT)
+        cfg = apply_overrides(cfg, TOY_OVERRIDES)
+        cfg = replace(cfg, data=replace(cfg.data, size=TOY_SIZE, num_workers=1))
+        if cfg.target is not None:
+            cfg = replace(cfg, target=replace(cfg.target, size=TOY_SIZE, num_workers=1))
+    cfg = replace(cfg, data=with_root(cfg.data, root), target=with_root(cfg.target, root))
+    cfg = replace(cfg, model=replace(cfg.model, arch=args.model))
+    if args.tasks is not None:
+        cfg = replace(cfg, tasks=TASK_SETS[args.tasks], loss=replace(cfg.loss, weights={}))
+    if args.seed is not None:
+        cfg = replace(cfg, train=replace(cfg.train, seed=args.seed))
+    cfg = apply_overrides(cfg, list(args.overrides))
+    name = f"{recipe}-{cfg.model.arch}"
+    out = args.out or REPO_ROOT / "runs" / recipe / f"{cfg.model.arch}-s{cfg.train.seed}"
+    return replace(cfg, name=name, out=str(out))
+
+
+def run(cfg: ExperimentConfig, resume: bool) -> dict:
+    """Train and print the final results table."""
+    from uda.engine import Trainer
+
+    trainer = Trainer(cfg)
+    summary = trainer.fit(resume=resume)
+    if trainer.accelerator.is_main_process:
+        print(results_table(summary["results"]))
+        print(f"run folder: {cfg.out}")
+    return summary
+
+
+def results_table(results: dict[str, dict[str, float]]) -> str:
+    """A compact text table of the main metrics per evaluated split."""
+    keys = ["semseg/miou", "semseg/miou_subset", "semseg/pixel_acc", "depth/rmse", "depth/abs_rel", "depth/a1",
+            "normals/mean", "normals/median", "edges/f1"]
+    lines = []
+    for split, metrics in results.items():
+        shown = [(k, metrics[k]) for k in keys if k in metrics]
+        lines.append(f"{split:>8}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown))
+    return "\n".join(lines)
+
+
+def main(build: Callable[[argparse.Namespace], ExperimentConfig], parser: argparse.ArgumentParser,
+         recipe: str, argv: Sequence[str] | None = None) -> dict | None:
+    """Parse, build the config, train; configuration errors exit with one clear line."""
+    args = parser.parse_args(argv)
+    try:
+        cfg = finalise(build(args), args, recipe)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return run(cfg, args.resume)

@@ -1,0 +1,308 @@
+"""Typed configuration: dataclasses, strict dict loading, and `section.key=value` command-line overrides.
+
+Unknown keys and ill-typed values are errors that name the key and list what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Task = Literal["semseg", "depth", "normals", "edges"]
+Arch = Literal["stl", "mtl", "padnet", "3ways-padnet", "mteb"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used (the message names it and the fix)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build: encoder, decoders, exchange block and its options."""
+
+    arch: Arch = "mteb"
+    backbone: Backbone = "resnet101"
+    pretrained: bool = True  # ImageNet weights through torchvision
+    weights_path: str | None = None  # local copy of the torchvision ImageNet weights (.pth)
+    decoder_channels: tuple[int, ...] = (64, 128, 128, 256, 256)  # fine (scale 0) to coarse (scale 4)
+    exchange_scales: tuple[int, ...] = (1,)  # decoder scales where the exchange block sits (1..4)
+    fusion: Literal["add", "prod", "concat"] = "add"  # mTEB fusion, paper Table 4a
+    attention: Literal["spatial", "channel", "both"] = "spatial"  # xTAM correlation type, Table 4b
+    self_attention: bool = True  # xTAM self-attention branch, App. A.2
+    downscale: int = 4  # xTAM token downscale s
+    depth_output: Literal["inverse", "disparity"] = "inverse"  # linear d_far/d, or sigmoid disparity (SDE)
+    output_scales: tuple[int, ...] | None = None  # side outputs; None = exchange scales + final scale 0
+
+
+@dataclass
+class DataConfig:
+    """One dataset as used by a run: which files, which label set, which working size and augmentation."""
+
+    dataset: Literal["synthia", "cityscapes", "vkitti2", "nyudv2"] = "synthia"
+    root: str | None = None  # dataset folder; None = datasets/<dataset>
+    label_set: str = "cityscapes16"
+    train_split: str = "train"
+    val_split: str = "val"
+    size: tuple[int, int] = (512, 1024)  # working (height, width) after resizing
+    scale_range: tuple[float, float] = (1.0, 1.0)  # random rescale before the crop to `size`
+    hflip: bool = True
+    color_jitter: float = 0.0
+    batch_size: int = 2
+    num_workers: int = 2
+    frames: tuple[int, ...] = ()  # neighbouring frame offsets (self-supervised depth)
+    variation: str = "clone"  # VKITTI2 variation folder
+
+
+@dataclass
+class LossConfig:
+    """Task weights and depth parametrisation of the supervised multi-task objective."""
+
+    weights: dict[str, float] = field(default_factory=dict)  # empty = the paper's preset for the task set
+    d_far: float = 655.36  # inverse normalised depth g = d_far / d (metres)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, learning rates and schedule of the multi-task model."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr_backbone: float = 2e-4
+    lr_decoder: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_step_fraction: float = 0.75  # learning rate x gamma at this fraction of the iterations
+    lr_gamma: float = 0.1
+    clip_grad_norm: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, logging, validation, checkpoints, precision, seed."""
+
+    iterations: int = 40000
+    val_every: int = 2000
+    ckpt_every: int = 2000
+    log_every: int = 50
+    image_every: int = 0  # write prediction images every N steps (0 = only at validation)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 42
+    deterministic: bool = False
+    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+    val_batches: int | None = None  # limit validation batches (None = the whole split)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol, explicit and logged with every result."""
+
+    scale: int = 0  # which output scale is evaluated
+    label_resolution: bool = False  # evaluate at the label files' native resolution
+    median_scaling: bool = False
+    min_depth: float = 1e-3
+    max_depth: float = 80.0
+    per_image: bool = True
+    subset_classes: tuple[int, ...] = ()  # e.g. the 13 of 16 classes for mIoU*
+
+
+@dataclass
+class AdaptConfig:
+    """Output-level adversarial adaptation (paper Eqs. 7-9): one patch discriminator per (task, scale)."""
+
+    lambda_adv: float = 5e-3
+    tasks: tuple[Task, ...] = ("semseg", "depth")  # outputs aligned by a discriminator
+    scales: tuple[int, ...] | None = None  # aligned scales; None = intermediate (exchange) scales + final 0
+    disc_lr: float = 1e-4
+    disc_betas: tuple[float, float] = (0.9, 0.99)
+    disc_poly_power: float = 0.9
+    disc_channels: int = 64
+    spectral_norm: bool = False
+    # How BatchNorm sees the domains: "separate" = one forward per domain (per-domain batch statistics, as
+    # the authors' code); "joint" = one forward over the concatenated batch (needs equal image sizes).
+    bn_mode: Literal["separate", "joint"] = "separate"
+    depth_range: tuple[float, float] = (1.0, 100.0)  # fixed source depth range (m) normalising D's depth input
+    start_step: int = 0  # adversarial terms switched on from this step
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run: tasks, model, data, objective, optimisation, evaluation."""
+
+    name: str = "experiment"
+    tasks: tuple[Task, ...] = ("semseg", "depth")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the labelled (source) data; validation if no target
+    target: DataConfig | None = None  # unlabelled target domain (UDA); validation runs on its val split
+    adapt: AdaptConfig | None = None  # None = no adversarial adaptation
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "runs/experiment"
+
+
+# --------------------------------------------------------------------------- generic machinery
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from JSON or a command-line string) to the annotated type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot parse {value!r}")
+    if origin is Literal:
+        for arg in args:
+            if value == arg or (isinstance(value, str) and str(arg) == value):
+                return arg
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a comma-separated list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is dict:
+        if isinstance(value, str):
+            pairs = [p for p in value.split(",") if p.strip()]
+            try:
+                value = dict(p.split(":", 1) for p in pairs)
+            except ValueError:
+                raise ConfigError(f"{key}: expected 'name:value,name:value', got {value!r}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, valid: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key {prefix}{key}{hint}; valid keys: {', '.join(valid)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly nested) dict; unknown keys and bad values raise ConfigError."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown(key, list(fields), prefix)
+        kwargs[key] = _coerce(value, fields[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain JSON-serialisable data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass inside an annotation (`X` or `X | None`), or None for a plain value."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if found else None
+    return None
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Return a copy of `cfg` with `section.key=value` overrides applied (strictly checked)."""
+    data = dataclasses.asdict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.iterations=100)")
+        path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        node, cls = data, type(cfg)
+        for depth, key in enumerate(keys):
+            fields = _fields(cls)
+            prefix = ".".join(keys[:depth]) + ("." if depth else "")
+            if key not in fields:
+                raise _unknown(key, list(fields), prefix)
+            if depth == len(keys) - 1:
+                node[key] = _coerce(value, fields[key], path)
+            else:
+                section = _section_type(fields[key])
+                if section is None:
+                    raise ConfigError(f"{prefix}{key} is a value, not a section; use {prefix}{key}=...")
+                if node[key] is None:
+                    raise ConfigError(f"{prefix}{key} is not used by this recipe, so {path} cannot be set")
+                node, cls = node[key], section
+    return from_dict(type(cfg), data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the config as indented JSON."""
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_config(cls: type, path: str | Path) -> Any:
+    """Read a config written by save_config (strictly checked)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc}); pass a config.json written by a run") from None
+    return from_dict(cls, data)

@@ -1,0 +1,44 @@
+"""Fixed train/val split files: made once from a seeded permutation, then read, never shuffled at run time."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+SPLIT_SEED = 20221122
+
+
+def split_ids(ids: Iterable[str], val_fraction: float = 0.2, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """Split ids into disjoint, sorted 'train' and 'val' lists by a seeded permutation of the sorted ids.
+
+    The result depends only on the set of ids, the fraction and the seed (not on listing order).
+    """
+    ordered = sorted(set(ids))
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    perm = list(ordered)
+    random.Random(seed).shuffle(perm)
+    n_val = max(1, round(len(perm) * val_fraction)) if len(perm) > 1 else 0
+    val = sorted(perm[:n_val])
+    train = sorted(perm[n_val:])
+    return {"train": train, "val": val}
+
+
+def write_split_files(folder: str | Path, splits: dict[str, Sequence[str]]) -> None:
+    """Write one '<split>.txt' per split (one id per line) into folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, ids in splits.items():
+        (folder / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+
+
+def read_split_file(path: str | Path) -> list[str]:
+    """Read a split file; a missing or empty file is an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: split file not found; run `python tools/make_splits.py` or check --data-root")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not ids:
+        raise ValueError(f"{path}: split file is empty; regenerate it with `python tools/make_splits.py`")
+    return ids

@@ -1,0 +1,435 @@
+"""The one training loop (accelerate): supervised multi-task learning, and output-level adversarial UDA when a
+target domain is configured. Checkpoints are atomic and resumable; the run folder holds config, logs,
+checkpoints, metrics.json, report.md and prediction images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from uda.config import DataConfig, ExperimentConfig, save_config, to_dict
+from uda.data.labels import get_label_set
+from uda.data.loader import MixedBatches, eval_loader, move_to, train_loader
+from uda.data.readers import build_dataset
+from uda.data.transforms import EvalTransform, TrainTransform
+from uda.evaluate import evaluate, protocol, to_predictions, write_json_atomic, write_report
+from uda.losses import MultiTaskLoss, default_task_weights
+from uda.losses.adversarial import bce_with_domain, entropy_map, normalise_depth_for_discriminator
+from uda.models import build_model
+from uda.models.discriminator import PatchDiscriminator
+from uda.visualize import save_prediction_images
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (the message says why and where its last checkpoint is)."""
+
+
+def task_channels(tasks: tuple[str, ...], label_set: str) -> dict[str, int]:
+    """Output channels per task: class count, 1 (depth), 3 (normals), 1 (edges)."""
+    sizes = {"depth": 1, "normals": 3, "edges": 1}
+    return {t: get_label_set(label_set).num_classes if t == "semseg" else sizes[t] for t in tasks}
+
+
+def unwrap_outputs(outputs: Mapping[str, Mapping[int, torch.Tensor]], start: int, stop: int) -> dict:
+    """Slice every output tensor along the batch (to split a joint forward into domains)."""
+    return {t: {s: o[start:stop] for s, o in per.items()} for t, per in outputs.items()}
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before training when the run folder cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"{out}: run folder is not writable ({exc.strerror}); pass --out to a writable folder") from None
+
+
+class Trainer:
+    """Builds data, model, objective, discriminators and optimisers from an ExperimentConfig and trains."""
+
+    def __init__(self, cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        check_output_dir(self.out)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            log_with="tensorboard",
+            project_dir=str(self.out),
+        )
+        acc = self.accelerator
+        if acc.device.type == "cpu":
+            # `accelerate launch` sets one thread per process; use the machine's cores instead.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
+        set_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.tasks = tuple(cfg.tasks)
+        self.label_set = get_label_set(cfg.data.label_set)
+        self.val_data = cfg.target if cfg.target is not None else cfg.data
+        # The target stream is trained on only when adapting; otherwise the target is for validation alone.
+        self.adapt = cfg.adapt if cfg.target is not None else None
+        if self.adapt is not None and self.adapt.bn_mode == "joint" and cfg.target.size != cfg.data.size:
+            raise TrainingError(
+                f"adapt.bn_mode=joint needs equal image sizes, got data.size={cfg.data.size} and "
+                f"target.size={cfg.target.size}; set adapt.bn_mode=separate or equal sizes"
+            )
+
+        model = build_model(cfg.model, task_channels(self.tasks, cfg.data.label_set))
+        groups = model.param_groups()
+        self.base_lrs = [cfg.optim.lr_backbone, cfg.optim.lr_decoder]
+        param_groups = [
+            {"params": groups["backbone"], "lr": cfg.optim.lr_backbone},
+            {"params": groups["decoder"], "lr": cfg.optim.lr_decoder},
+        ]
+        if cfg.optim.optimizer == "adam":
+            optimizer = torch.optim.Adam(param_groups, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                param_groups, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+            )
+        weights = cfg.loss.weights or default_task_weights(self.tasks)
+        self.criterion = MultiTaskLoss(self.tasks, weights, d_far=cfg.loss.d_far, intermediate_scales=self.intermediate_scales)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+
+        self.discriminators: nn.ModuleDict | None = None
+        self.disc_optimizer = None
+        if self.adapt is not None:
+            scales = self.adapt.scales if self.adapt.scales is not None else (*self.intermediate_scales, 0)
+            in_ch = task_channels(self.tasks, cfg.data.label_set)
+            discs = nn.ModuleDict(
+                {
+                    f"{t}_s{s}": PatchDiscriminator(in_ch[t], self.adapt.disc_channels, self.adapt.spectral_norm)
+                    for t in self.adapt.tasks
+                    if t in self.tasks
+                    for s in scales
+                }
+            )
+            disc_opt = torch.optim.Adam(discs.parameters(), lr=self.adapt.disc_lr, betas=self.adapt.disc_betas)
+            self.discriminators, self.disc_optimizer = acc.prepare(discs, disc_opt)
+            self.aligned = [(t, s) for t in self.adapt.tasks if t in self.tasks for s in scales]
+        self.step = 0
+        self.bad_steps = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @property
+    def intermediate_scales(self) -> tuple[int, ...]:
+        if self.cfg.model.arch == "padnet":
+            return (4,)
+        return tuple(self.cfg.model.exchange_scales)
+
+    def dataset(self, data: DataConfig, split: str, tasks: tuple[str, ...], train: bool, domain: int):
+        """A reader for one split with the train or evaluation transform of `data`."""
+        if train:
+            transform = TrainTransform(data.size, data.scale_range, data.hflip, data.color_jitter)
+        else:
+            transform = EvalTransform(data.size, keep_label_resolution=self.cfg.eval.label_resolution)
+        return build_dataset(
+            data.dataset,
+            split,
+            tasks,
+            label_set=data.label_set,
+            root=data.root,
+            transform=transform,
+            frames=data.frames if train else (),
+            domain=domain,
+            variation=data.variation,
+        )
+
+    def batches(self, start_step: int) -> MixedBatches:
+        """The endless mixed stream, positioned at start_step."""
+        acc, cfg = self.accelerator, self.cfg
+        source = train_loader(
+            self.dataset(cfg.data, cfg.data.train_split, self.tasks, train=True, domain=0),
+            cfg.data.batch_size,
+            cfg.train.seed,
+            acc.process_index,
+            acc.num_processes,
+            start_step,
+            cfg.data.num_workers,
+        )
+        target = None
+        if self.adapt is not None:
+            target = train_loader(
+                self.dataset(cfg.target, cfg.target.train_split, (), train=True, domain=1),
+                cfg.target.batch_size,
+                cfg.train.seed + 1,
+                acc.process_index,
+                acc.num_processes,
+                start_step,
+                cfg.target.num_workers,
+            )
+        return MixedBatches(source, target)
+
+    # ------------------------------------------------------------------ one step
+
+    def set_learning_rates(self, step: int) -> None:
+        """Step schedule: lr x gamma from lr_step_fraction of the run; discriminators: poly decay."""
+        o = self.cfg.optim
+        factor = o.lr_gamma if step >= o.lr_step_fraction * self.cfg.train.iterations else 1.0
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        if self.disc_optimizer is not None:
+            poly = max(0.0, 1 - step / max(1, self.cfg.train.iterations)) ** self.adapt.disc_poly_power
+            for group in self.disc_optimizer.param_groups:
+                group["lr"] = self.adapt.disc_lr * poly
+
+    def forward_domains(self, batch: Mapping[str, Any]) -> tuple[dict, dict | None]:
+        """Model outputs for the source and (if any) target sub-batches, by the configured BatchNorm mode."""
+        source = batch["source"]["image"]
+        if "target" not in batch:
+            return self.model(source), None
+        target = batch["target"]["image"]
+        if self.adapt is not None and self.adapt.bn_mode == "joint":
+            outputs = self.model(torch.cat([source, target]))
+            n = source.shape[0]
+            return unwrap_outputs(outputs, 0, n), unwrap_outputs(outputs, n, n + target.shape[0])
+        return self.model(source), self.model(target)
+
+    def discriminator_input(self, task: str, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """What a discriminator sees: the entropy map (semseg) or fixed-range normalised depth, at image size."""
+        output = F.interpolate(output.float(), size=size, mode="bilinear", align_corners=False)
+        if task == "semseg":
+            return entropy_map(output)
+        if task == "depth":
+            if self.cfg.model.depth_output == "disparity":
+                return output.clamp(0, 1)
+            near, far = self.adapt.depth_range
+            d_far = self.cfg.loss.d_far
+            return normalise_depth_for_discriminator(output, d_far / far, d_far / near)
+        if task == "normals":
+            return F.normalize(output, dim=1)
+        raise ValueError(f"no discriminator input defined for task {task!r}")
+
+    def adversarial_loss(self, outputs: Mapping, size: tuple[int, int], is_source: bool, detach: bool) -> torch.Tensor:
+        """Mean BCE of the (task, scale) discriminators on outputs, against the source (1) or target (0) label."""
+        losses = []
+        for task, scale in self.aligned:
+            x = self.discriminator_input(task, outputs[task][scale], size)
+            losses.append(bce_with_domain(self.discriminators[f"{task}_s{scale}"](x.detach() if detach else x), is_source))
+        return torch.stack(losses).mean()
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """One optimisation step: model update (task + adversarial loss), then discriminator update."""
+        acc = self.accelerator
+        adapting = self.adapt is not None and self.step >= self.adapt.start_step and self.adapt.lambda_adv > 0
+        self.set_learning_rates(self.step)
+        if self.discriminators is not None:
+            self.discriminators.requires_grad_(False)
+        with acc.autocast():
+            out_src, out_tgt = self.forward_domains(batch)
+            loss, logs = self.criterion(out_src, batch["source"])
+            if adapting:
+                size = tuple(batch["target"]["image"].shape[-2:])
+                adv = self.adversarial_loss(out_tgt, size, is_source=True, detach=False)
+                loss = loss + self.adapt.lambda_adv * adv
+                logs["loss/adv"] = adv.detach()
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+        finite = bool(torch.isfinite(loss.detach()).item()) and bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if adapting and finite:
+            self.discriminators.requires_grad_(True)
+            with acc.autocast():
+                size_s = tuple(batch["source"]["image"].shape[-2:])
+                size_t = tuple(batch["target"]["image"].shape[-2:])
+                d_loss = 0.5 * (
+                    self.adversarial_loss(out_src, size_s, is_source=True, detach=True)
+                    + self.adversarial_loss(out_tgt, size_t, is_source=False, detach=True)
+                )
+            acc.backward(d_loss)
+            self.disc_optimizer.step()
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            logs["loss/disc"] = d_loss.detach()
+        logs["loss/total"] = loss.detach()
+        logs["grad_norm"] = torch.as_tensor(grad_norm).detach()
+        values = {k: float(v) for k, v in logs.items()}
+        values["finite"] = float(finite)
+        return values
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Complete checkpoints, newest first (a temporary folder from an interrupted save is ignored)."""
+        root = self.out / CHECKPOINTS
+        if not root.is_dir():
+            return []
+        dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / STATE_FILE).is_file()]
+        return sorted(dirs, key=lambda d: int(d.name.split("-")[1]), reverse=True)
+
+    def save_checkpoint(self, keep: int = 2) -> Path:
+        """Save everything needed to resume, atomically: write a temporary folder, then rename it."""
+        acc = self.accelerator
+        root = self.out / CHECKPOINTS
+        final = root / f"step-{self.step:07d}"
+        tmp = root / f".tmp-step-{self.step:07d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "bad_steps": self.bad_steps, "config": to_dict(self.cfg)}
+            write_json_atomic(tmp / STATE_FILE, state)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.checkpoint_dirs()[keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path | None = None) -> Path | None:
+        """Resume from `path` or the newest usable checkpoint; a damaged one is reported and skipped."""
+        candidates = [Path(path)] if path is not None else self.checkpoint_dirs()
+        errors = []
+        for ckpt in candidates:
+            try:
+                state = json.loads((ckpt / STATE_FILE).read_text())
+                self.accelerator.load_state(str(ckpt))
+            except Exception as exc:  # noqa: BLE001 - any failure means this checkpoint is unusable
+                errors.append(f"{ckpt}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                if self.accelerator.is_main_process:
+                    tqdm.write(f"warning: checkpoint {ckpt} is unusable ({errors[-1]}); trying an older one")
+                continue
+            self.step = int(state["step"])
+            self.bad_steps = int(state.get("bad_steps", 0))
+            return ckpt
+        if path is not None or errors:
+            raise TrainingError("no usable checkpoint: " + "; ".join(errors))
+        return None
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, final: bool = False) -> dict[str, Any]:
+        """Evaluate on the validation split (the target's in UDA) and write metrics, report and images."""
+        acc, cfg = self.accelerator, self.cfg
+        results, protocols, images = {}, {}, []
+        sets = [("target" if cfg.target is not None else "val", self.val_data, 1 if cfg.target is not None else 0)]
+        if cfg.target is not None and cfg.target.dataset != cfg.data.dataset:
+            sets.append(("source", cfg.data, 0))
+        model = acc.unwrap_model(self.model)
+        for name, data, domain in sets:
+            dataset = self.dataset(data, data.val_split, self.tasks, train=False, domain=domain)
+            loader = eval_loader(dataset, data.batch_size, acc.process_index, acc.num_processes, data.num_workers)
+            prefix = f"step{self.step:07d}_{name}"
+
+            def write_images(batch, preds, prefix=prefix):
+                if acc.is_main_process:
+                    paths = save_prediction_images(
+                        self.out / "images", prefix, batch, preds, self.tasks, self.label_set
+                    )
+                    images.extend(str(p.relative_to(self.out)) for p in paths)
+
+            eval_cfg = cfg.eval
+            if name == "source" and cfg.eval.median_scaling:
+                eval_cfg = replace(cfg.eval, median_scaling=False)
+            max_batches = cfg.train.val_batches if (not final or name == "source") else None
+            if name == "source" and max_batches is None:
+                max_batches = 4
+            results[name] = evaluate(
+                model,
+                loader,
+                self.tasks,
+                self.label_set.num_classes,
+                eval_cfg,
+                cfg.model,
+                cfg.loss.d_far,
+                reduce=lambda s: acc.reduce(s, "sum"),
+                device=acc.device,
+                max_batches=max_batches,
+                on_first_batch=write_images,
+            )
+            protocols[name] = protocol(
+                eval_cfg, data.dataset, data.val_split, data.label_set, f"step {self.step} (last)"
+            )
+            if max_batches is not None:
+                protocols[name]["batches"] = f"first {max_batches} per process"
+        record = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}}
+        self.history.append(record)
+        if acc.is_main_process:
+            acc.log({f"val/{k}": v for k, v in record.items() if k != "step"}, step=self.step)
+            write_report(
+                self.out,
+                f"{cfg.name}: evaluation at step {self.step}",
+                results,
+                protocols,
+                class_names=self.label_set.class_names,
+                extra={"step": self.step, "iterations": cfg.train.iterations, "history": self.history}
+                if final
+                else {"step": self.step, "history": self.history},
+                images=images,
+            )
+        return results
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to cfg.train.iterations (resuming if asked), validating and checkpointing on schedule."""
+        acc, cfg = self.accelerator, self.cfg
+        if acc.is_main_process:
+            save_config(cfg, self.out / "config.json")
+            print(json.dumps(to_dict(cfg), indent=2))
+        acc.init_trackers("logs", config={k: str(v) for k, v in to_dict(cfg).items()})
+        if resume:
+            ckpt = self.load_checkpoint()
+            if ckpt is not None and acc.is_main_process:
+                tqdm.write(f"resumed from {ckpt} at step {self.step}")
+        batches = self.batches(self.step)
+        self.model.train()
+        bar = tqdm(total=cfg.train.iterations, initial=self.step, disable=not acc.is_main_process, desc=cfg.name)
+        last: dict[str, float] = {}
+        started = time.perf_counter()
+        start_step = self.step
+        results: dict[str, Any] = {}
+        while self.step < cfg.train.iterations:
+            batch = move_to(next(batches), acc.device)
+            last = self.train_step(batch)
+            self.step += 1
+            if last["finite"]:
+                self.bad_steps = 0
+            else:
+                self.bad_steps += 1
+                tqdm.write(f"step {self.step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)")
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    ckpt = self.save_checkpoint()
+                    raise TrainingError(
+                        f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopped, checkpoint "
+                        f"{ckpt}; lower the learning rates or check the data"
+                    )
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations:
+                rate = (self.step - start_step) / max(1e-9, time.perf_counter() - started)
+                bar.set_postfix({k.replace("loss/", ""): f"{v:.3g}" for k, v in last.items() if k.startswith("loss/")})
+                acc.log({**{f"train/{k}": v for k, v in last.items()}, "train/it_per_s": rate}, step=self.step)
+            if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.iterations:
+                self.save_checkpoint()
+            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < cfg.train.iterations:
+                self.validate()
+        bar.close()
+        self.save_checkpoint()
+        results = self.validate(final=True)
+        acc.end_training()
+        return {"results": results, "last_losses": last, "step": self.step, "seconds": time.perf_counter() - started}
+

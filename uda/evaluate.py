@@ -1,0 +1,157 @@
+"""Evaluation of a model on a split: predictions in metric units, streaming metrics reduced across processes,
+metrics.json and a Markdown report that states every protocol choice."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from uda.config import EvalConfig, ModelConfig
+from uda.geometry import disparity_to_depth, inverse_normalised_to_depth
+from uda.metrics import MultiTaskMetrics
+
+
+def to_predictions(
+    outputs: Mapping[str, Mapping[int, torch.Tensor]],
+    scale: int,
+    model_cfg: ModelConfig,
+    d_far: float,
+    min_depth: float = 0.1,
+    max_depth: float = 100.0,
+) -> dict[str, torch.Tensor]:
+    """Network outputs at one scale -> predictions in the sample units: logits, metres, unit normals, edge prob."""
+    preds: dict[str, torch.Tensor] = {}
+    for task, per_scale in outputs.items():
+        out = per_scale[scale].float()
+        if task == "depth":
+            if model_cfg.depth_output == "disparity":
+                out = disparity_to_depth(out, min_depth, max_depth)
+            else:
+                out = inverse_normalised_to_depth(out, d_far)
+        elif task == "normals":
+            out = F.normalize(out, dim=1)
+        elif task == "edges":
+            out = torch.sigmoid(out)
+        preds[task] = out
+    return preds
+
+
+def protocol(eval_cfg: EvalConfig, dataset: str, split: str, label_set: str, checkpoint: str) -> dict[str, Any]:
+    """Every choice that changes a reported number, logged with the number."""
+    return {
+        "dataset": dataset,
+        "split": split,
+        "label_set": label_set,
+        "checkpoint": checkpoint,
+        "output_scale": eval_cfg.scale,
+        "ground_truth_resolution": "native label files" if eval_cfg.label_resolution else "working size",
+        "depth_cap_m": [eval_cfg.min_depth, eval_cfg.max_depth],
+        "median_scaling": eval_cfg.median_scaling,
+        "aggregation": "per-image mean" if eval_cfg.per_image else "per-pixel over the split",
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    tasks: Sequence[str],
+    num_classes: int,
+    eval_cfg: EvalConfig,
+    model_cfg: ModelConfig,
+    d_far: float,
+    reduce: Callable[[dict], dict] | None = None,
+    device: torch.device | str = "cpu",
+    max_batches: int | None = None,
+    progress: bool = False,
+    on_first_batch: Callable[[Mapping[str, Any], dict[str, torch.Tensor]], None] | None = None,
+) -> dict[str, float]:
+    """Run the model over batches and return flat metrics ("semseg/miou", "depth/rmse", ...).
+
+    `reduce` sums the metric state across processes (e.g. lambda s: accelerator.reduce(s, "sum")).
+    """
+    from uda.data.loader import move_to
+
+    was_training = model.training
+    model.eval()
+    metrics = MultiTaskMetrics(
+        tasks,
+        num_classes=num_classes,
+        min_depth=eval_cfg.min_depth,
+        max_depth=eval_cfg.max_depth,
+        median_scaling=eval_cfg.median_scaling,
+        per_image=eval_cfg.per_image,
+    )
+    for i, batch in enumerate(tqdm(batches, desc="evaluate", leave=False, disable=not progress)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = move_to(batch, device)
+        outputs = model(batch["image"])
+        preds = to_predictions(outputs, eval_cfg.scale, model_cfg, d_far)
+        metrics.update(preds, batch)
+        if i == 0 and on_first_batch is not None:
+            on_first_batch(batch, preds)
+    if reduce is not None:
+        metrics.sync(reduce)
+    model.train(was_training)
+    results = metrics.compute()
+    if eval_cfg.subset_classes and "semseg" in tasks:
+        results["semseg/miou_subset"] = metrics.segmentation.miou_subset(list(eval_cfg.subset_classes))
+    return results
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.2f}"
+
+
+def write_report(
+    out_dir: str | Path,
+    title: str,
+    results: Mapping[str, Mapping[str, float]],
+    protocols: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    images: Sequence[str] = (),
+) -> Path:
+    """Write metrics.json and report.md (main metrics, per-class IoU, protocol) into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "metrics.json", {"results": results, "protocol": protocols, **(extra or {})})
+    lines = [f"# {title}", ""]
+    for name, metrics in results.items():
+        lines += [f"## {name}", "", "| metric | value |", "|---|---|"]
+        for key, value in metrics.items():
+            if "/iou/" not in key:
+                lines.append(f"| {key} | {_fmt(value)} |")
+        per_class = {k: v for k, v in metrics.items() if "/iou/" in k}
+        if per_class:
+            lines += ["", "| class | IoU |", "|---|---|"]
+            for key, value in per_class.items():
+                idx = int(key.rsplit("/", 1)[1])
+                label = class_names[idx] if class_names and idx < len(class_names) else str(idx)
+                lines.append(f"| {label} | {_fmt(value)} |")
+        lines += ["", "Protocol:", ""]
+        lines += [f"- {k}: {v}" for k, v in protocols.get(name, {}).items()]
+        lines.append("")
+    if extra:
+        lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in extra.items()] + [""]
+    if images:
+        lines += ["## Prediction images", ""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,433 @@
+"""Streaming evaluation metrics whose state is a dict of float64 SUMS, so it reduces exactly across processes.
+
+Every metric accumulates counts and sums only; `sync(reduce_fn)` with e.g.
+`lambda s: accelerator.reduce(s, "sum")` turns a per-process state into the global one. Ratios
+(IoU, accuracy, F1, delta thresholds, % of normals under an angle) are fractions in [0, 1], depth
+errors are in metres, angles in degrees. An undefined value (nothing measured) is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from uda.losses.tasks import IGNORE_INDEX, resize_to
+
+State = dict[str, Tensor]
+ReduceFn = Callable[[State], State]
+
+
+def _div(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+class StreamingMetric:
+    """Base class: a named set of float64 sum tensors with update / state / load_state / sync / reset."""
+
+    def __init__(self) -> None:
+        self._state: State = self._empty_state()
+
+    def _empty_state(self) -> State:
+        raise NotImplementedError
+
+    def _add(self, key: str, value: Tensor | float) -> None:
+        # The state follows the device of the updates, so a collective reduce (NCCL) can run on it as is.
+        current = self._state[key]
+        if isinstance(value, Tensor):
+            current = current.to(value.device)
+            value = value.to(torch.float64)
+        self._state[key] = current + value
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self._state = self._empty_state()
+
+    def state(self) -> State:
+        """The accumulated sums (float64 tensors); summing states of disjoint data gives the joint state."""
+        return {k: v.clone() for k, v in self._state.items()}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Replace the accumulated sums by `state` (same keys and shapes as `state()`)."""
+        expected = self._empty_state()
+        if set(state) != set(expected):
+            raise KeyError(f"state keys {sorted(state)} != expected {sorted(expected)}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(f"state {key!r}: shape {tuple(value.shape)} != {tuple(expected[key].shape)}")
+        self._state = {k: v.detach().to(torch.float64).clone() for k, v in state.items()}
+
+    def merge(self, other_state: Mapping[str, Tensor]) -> None:
+        """Add another accumulator's state (e.g. gathered from another process) to this one."""
+        for key, value in other_state.items():
+            self._add(key, value)
+
+    def sync(self, reduce_fn: ReduceFn) -> None:
+        """Replace the state by reduce_fn(state), e.g. a cross-process sum. Call once per evaluation."""
+        self.load_state(reduce_fn(self.state()))
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class SegmentationMetric(StreamingMetric):
+    """Confusion-matrix segmentation metrics: mIoU over classes in GT or prediction, pixel accuracy."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        super().__init__()
+
+    def _empty_state(self) -> State:
+        # Rows: ground truth class, columns: predicted class.
+        return {"confusion": torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)}
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add predicted labels [B,H,W] or logits [B,C,h,w] (bilinear resize, argmax) vs target [B,H,W]."""
+        size = target.shape[-2:]
+        if pred.dim() == 4:
+            pred = resize_to(pred.float(), size).argmax(dim=1)
+        elif tuple(pred.shape[-2:]) != tuple(size):
+            pred = F.interpolate(pred[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
+        pred = pred.long()
+        target = target.long()
+        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
+        pred, target = pred[valid], target[valid]
+        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= self.num_classes):
+            raise ValueError(f"predicted labels outside [0, {self.num_classes})")
+        counts = torch.bincount(target * self.num_classes + pred, minlength=self.num_classes**2)
+        self._add("confusion", counts.reshape(self.num_classes, self.num_classes))
+
+    def iou_per_class(self) -> Tensor:
+        """IoU per class [C] (float64); NaN for classes absent from both ground truth and prediction."""
+        cm = self._state["confusion"].cpu()
+        tp = cm.diagonal()
+        union = cm.sum(0) + cm.sum(1) - tp
+        return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+
+    def miou_subset(self, class_indices: Iterable[int]) -> float:
+        """Mean IoU over the given classes (e.g. 13 of 16), skipping those absent from GT and prediction."""
+        iou = self.iou_per_class()[list(class_indices)]
+        return float(iou.nanmean()) if bool((~iou.isnan()).any()) else math.nan
+
+    def compute(self) -> dict[str, float]:
+        """miou, pixel_acc and iou/<class index> for the classes present in GT or prediction."""
+        cm = self._state["confusion"].cpu()
+        iou = self.iou_per_class()
+        out = {
+            "miou": self.miou_subset(range(self.num_classes)),
+            "pixel_acc": _div(float(cm.diagonal().sum()), float(cm.sum())),
+        }
+        out.update({f"iou/{c}": float(v) for c, v in enumerate(iou.tolist()) if not math.isnan(v)})
+        return out
+
+
+def _median(x: Tensor) -> Tensor:
+    # numpy's median (mean of the two middle values for an even count); torch.median takes the lower one.
+    s = x.sort().values
+    n = s.numel()
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+_DEPTH_TERMS = ("abs_rel", "sq_rel", "sq_err", "log_sq_err", "a1", "a2", "a3")
+
+
+class DepthMetric(StreamingMetric):
+    """Depth errors in metres (abs_rel, sq_rel, rmse, rmse_log, a1-a3) on GT pixels in (min_depth, max_depth).
+
+    per_image=True averages each image's metric over images (rmse = mean of per-image RMSE; the released
+    code's sqrt of the mean per-image MSE is `rmse_of_mean_mse`); per_image=False pools all pixels of
+    the set (rmse = sqrt of the mean squared error over every valid pixel).
+    """
+
+    def __init__(
+        self,
+        min_depth: float = 1e-3,
+        max_depth: float = 80.0,
+        median_scaling: bool = False,
+        per_image: bool = True,
+    ) -> None:
+        self.min_depth = min_depth
+        self.max_depth = max_depth
+        self.median_scaling = median_scaling
+        self.per_image = per_image
+        super().__init__()
+
+    def _empty_state(self) -> State:
+        keys = (*_DEPTH_TERMS, "rmse", "rmse_log", "median_scale", "count", "images")
+        return {k: torch.zeros((), dtype=torch.float64) for k in keys}
+
+    @torch.no_grad()
+    def update(self, pred_m: Tensor, gt_m: Tensor) -> None:
+        """Add predicted depth [B,1,h,w] (metres, resized bilinearly) vs GT [B,1,H,W] (metres, 0 = none)."""
+        pred_m = resize_to(pred_m.double(), gt_m.shape[-2:])
+        gt_m = gt_m.double()
+        for pred, gt in zip(pred_m, gt_m, strict=True):
+            valid = (gt > self.min_depth) & (gt < self.max_depth)
+            if not bool(valid.any()):
+                continue  # an image without valid GT says nothing about the prediction
+            p, g = pred[valid], gt[valid]
+            if self.median_scaling:
+                # Guard against a degenerate all-non-positive prediction; real predictions are > 0.
+                ratio = _median(g) / _median(p).clamp_min(self.min_depth)
+                p = p * ratio
+                self._add("median_scale", ratio)
+            p = p.clamp(self.min_depth, self.max_depth)
+            ratio_max = torch.maximum(p / g, g / p)
+            terms = {
+                "abs_rel": (p - g).abs() / g,
+                "sq_rel": (p - g).square() / g,
+                "sq_err": (p - g).square(),
+                "log_sq_err": (p.log() - g.log()).square(),
+                "a1": (ratio_max < 1.25).double(),
+                "a2": (ratio_max < 1.25**2).double(),
+                "a3": (ratio_max < 1.25**3).double(),
+            }
+            if self.per_image:
+                for key, term in terms.items():
+                    self._add(key, term.mean())
+                self._add("rmse", terms["sq_err"].mean().sqrt())
+                self._add("rmse_log", terms["log_sq_err"].mean().sqrt())
+            else:
+                for key, term in terms.items():
+                    self._add(key, term.sum())
+            self._add("count", valid.sum())
+            self._add("images", 1.0)
+
+    def compute(self) -> dict[str, float]:
+        """Depth metrics; `median_scale` (mean GT/prediction median ratio) only with median scaling."""
+        s = {k: float(v) for k, v in self._state.items()}
+        n = s["images"] if self.per_image else s["count"]
+        out = {k: _div(s[k], n) for k in ("abs_rel", "sq_rel", "a1", "a2", "a3")}
+        if self.per_image:
+            out["rmse"] = _div(s["rmse"], n)
+            out["rmse_log"] = _div(s["rmse_log"], n)
+        else:
+            out["rmse"] = math.sqrt(_div(s["sq_err"], n))
+            out["rmse_log"] = math.sqrt(_div(s["log_sq_err"], n))
+        # Per image: sqrt of the mean of per-image MSE (released code); per pixel: equal to rmse.
+        out["rmse_of_mean_mse"] = math.sqrt(_div(s["sq_err"], n))
+        if self.median_scaling:
+            out["median_scale"] = _div(s["median_scale"], s["images"])
+        return out
+
+
+class NormalsMetric(StreamingMetric):
+    """Angular error (degrees) of normals over pixels with known GT, pooled over all pixels of the set.
+
+    The median comes from a histogram with 0.01 degree bins over [0, 180] (bin centre), so it is exact
+    to within 0.01 degrees and still reduces by summation across processes.
+    """
+
+    BIN_DEG = 0.01
+    NUM_BINS = 18000
+    THRESHOLDS = (11.25, 22.5, 30.0)
+
+    def _empty_state(self) -> State:
+        state = {k: torch.zeros((), dtype=torch.float64) for k in ("sum", "sum_sq", "count")}
+        state.update({f"within_{t}": torch.zeros((), dtype=torch.float64) for t in self.THRESHOLDS})
+        state["hist"] = torch.zeros(self.NUM_BINS, dtype=torch.float64)
+        return state
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add raw predicted normals [B,3,h,w] (resized bilinearly) vs GT [B,3,H,W] (0 = unknown)."""
+        pred = resize_to(pred.float(), target.shape[-2:])
+        valid = target.norm(dim=1) > 0.5
+        p = F.normalize(pred, dim=1, eps=1e-8).movedim(1, -1)[valid].double()
+        g = F.normalize(target.float(), dim=1, eps=1e-8).movedim(1, -1)[valid].double()
+        # 2 atan2(|p-g|, |p+g|) is accurate near 0 and 180 degrees, where arccos(p.g) loses precision.
+        angle = torch.rad2deg(2.0 * torch.atan2((p - g).norm(dim=-1), (p + g).norm(dim=-1)))
+        self._add("sum", angle.sum())
+        self._add("sum_sq", angle.square().sum())
+        self._add("count", float(angle.numel()))
+        for t in self.THRESHOLDS:
+            self._add(f"within_{t}", (angle < t).sum())
+        bins = (angle / self.BIN_DEG).long().clamp(0, self.NUM_BINS - 1)
+        self._add("hist", torch.bincount(bins, minlength=self.NUM_BINS))
+
+    def compute(self) -> dict[str, float]:
+        """mean, median, rmse (degrees) and within_<t> (fraction of pixels under t degrees)."""
+        s = self._state
+        n = float(s["count"])
+        out = {"mean": _div(float(s["sum"]), n), "rmse": math.sqrt(_div(float(s["sum_sq"]), n))}
+        if n > 0:
+            # Like numpy: the middle value, or the mean of the two middle values for an even count.
+            count = round(n)
+            ranks = [(count + 1) // 2] if count % 2 else [count // 2, count // 2 + 1]
+            cumulative = s["hist"].cpu().cumsum(0)
+            bins = torch.searchsorted(cumulative, torch.tensor(ranks, dtype=torch.float64))
+            out["median"] = float((bins.double() + 0.5)[0]) * self.BIN_DEG
+        else:
+            out["median"] = math.nan
+        out.update({f"within_{t}": _div(float(s[f"within_{t}"]), n) for t in self.THRESHOLDS})
+        return out
+
+
+class EdgesMetric(StreamingMetric):
+    """F1 of the edge class at a fixed threshold on sigmoid(logit), from summed TP/FP/FN. Not ODS-F.
+
+    `f1_mean_bg_edge` is the released code's number: the mean of the edge and background F1. GT pixels
+    other than 0 and 1 are ignored.
+    """
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        super().__init__()
+
+    def _empty_state(self) -> State:
+        return {k: torch.zeros((), dtype=torch.float64) for k in ("tp", "fp", "fn", "tn")}
+
+    @torch.no_grad()
+    def update(self, logit: Tensor, target: Tensor) -> None:
+        """Add edge logits [B,1,h,w] (bilinearly resized) vs GT {0,1} [B,1,H,W]."""
+        logit = resize_to(logit.float(), target.shape[-2:])
+        valid = (target == 0) | (target == 1)
+        pred = (torch.sigmoid(logit) > self.threshold)[valid]
+        gt = (target == 1)[valid]
+        self._add("tp", (pred & gt).sum())
+        self._add("fp", (pred & ~gt).sum())
+        self._add("fn", (~pred & gt).sum())
+        self._add("tn", (~pred & ~gt).sum())
+
+    def compute(self) -> dict[str, float]:
+        """f1, precision, recall of the edge class and f1_mean_bg_edge (fractions)."""
+        tp, fp, fn, tn = (float(self._state[k]) for k in ("tp", "fp", "fn", "tn"))
+        f1 = _div(2 * tp, 2 * tp + fp + fn)
+        f1_bg = _div(2 * tn, 2 * tn + fn + fp)
+        return {
+            "f1": f1,
+            "precision": _div(tp, tp + fp),
+            "recall": _div(tp, tp + fn),
+            "f1_mean_bg_edge": 0.5 * (f1 + f1_bg),
+        }
+
+
+# +1: higher is better, -1: lower is better. Per-class IoU keys ("semseg/iou/<c>") are +1 as well.
+METRIC_DIRECTIONS: dict[str, int] = {
+    "semseg/miou": +1,
+    "semseg/pixel_acc": +1,
+    "depth/abs_rel": -1,
+    "depth/sq_rel": -1,
+    "depth/rmse": -1,
+    "depth/rmse_log": -1,
+    "depth/rmse_of_mean_mse": -1,
+    "depth/a1": +1,
+    "depth/a2": +1,
+    "depth/a3": +1,
+    "normals/mean": -1,
+    "normals/median": -1,
+    "normals/rmse": -1,
+    "normals/within_11.25": +1,
+    "normals/within_22.5": +1,
+    "normals/within_30.0": +1,
+    "edges/f1": +1,
+    "edges/precision": +1,
+    "edges/recall": +1,
+    "edges/f1_mean_bg_edge": +1,
+}
+
+# One metric per task for the multi-task delta (paper §4.1): mIoU, RMSE, mean angle error, F1.
+PRIMARY_METRICS: dict[str, str] = {
+    "semseg": "semseg/miou",
+    "depth": "depth/rmse",
+    "normals": "normals/mean",
+    "edges": "edges/f1",
+}
+
+
+def metric_direction(key: str) -> int:
+    """+1 if a higher value of metric `key` is better, -1 if lower is better."""
+    if key in METRIC_DIRECTIONS:
+        return METRIC_DIRECTIONS[key]
+    if key.startswith("semseg/iou/"):
+        return +1
+    raise KeyError(f"no direction known for metric {key!r}")
+
+
+def multitask_delta(
+    metrics: Mapping[str, float],
+    baselines: Mapping[str, float],
+    keys: Sequence[str] | None = None,
+) -> float:
+    """Multi-task delta in percent: mean over keys of direction * (m - b) / b * 100.
+
+    Default keys: the primary metric of every task present in `metrics`. Pass a subset for a partial
+    delta. Metric and baseline must be in the same units (both fractions or both percent).
+    """
+    if keys is None:
+        keys = [k for k in PRIMARY_METRICS.values() if k in metrics]
+    if not keys:
+        raise ValueError("no metric to compare: pass keys or metrics containing primary metrics")
+    terms = []
+    for key in keys:
+        if key not in metrics:
+            raise KeyError(f"metric {key!r} missing from the evaluated metrics")
+        if key not in baselines:
+            raise KeyError(f"no baseline for metric {key!r}; baselines hold {sorted(baselines)}")
+        b = float(baselines[key])
+        if b == 0:
+            raise ValueError(f"baseline for {key!r} is 0; the relative delta is undefined")
+        terms.append(metric_direction(key) * (float(metrics[key]) - b) / b)
+    return 100.0 * sum(terms) / len(terms)
+
+
+class MultiTaskMetrics:
+    """One streaming metric per task; flat state and flat results ("semseg/miou", "depth/rmse", ...)."""
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        num_classes: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        depth_kwargs: Mapping[str, Any] | None = None,
+        edge_threshold: float = 0.5,
+    ) -> None:
+        self.metrics: dict[str, StreamingMetric] = {}
+        for task in tasks:
+            if task == "semseg":
+                if num_classes is None:
+                    raise ValueError("semseg metrics need num_classes")
+                self.metrics[task] = SegmentationMetric(num_classes, ignore_index)
+            elif task == "depth":
+                self.metrics[task] = DepthMetric(**(depth_kwargs or {}))
+            elif task == "normals":
+                self.metrics[task] = NormalsMetric()
+            elif task == "edges":
+                self.metrics[task] = EdgesMetric(edge_threshold)
+            else:
+                raise ValueError(f"unknown task {task!r}")
+
+    def update(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> None:
+        """Add final predictions {task: tensor} (depth in METRES) for tasks whose label is in `batch`."""
+        for task, metric in self.metrics.items():
+            if task in outputs and task in batch:
+                metric.update(outputs[task], batch[task])
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        for metric in self.metrics.values():
+            metric.reset()
+
+    def state(self) -> State:
+        """Flat state {"<task>/<key>": float64 tensor} of sums."""
+        return {f"{t}/{k}": v for t, m in self.metrics.items() for k, v in m.state().items()}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Replace the state by a flat state as returned by `state()`."""
+        for task, metric in self.metrics.items():
+            prefix = f"{task}/"
+            metric.load_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def sync(self, reduce_fn: ReduceFn) -> None:
+        """Replace the state by reduce_fn(state), e.g. `lambda s: accelerator.reduce(s, "sum")`."""
+        self.load_state(reduce_fn(self.state()))
+
+    def compute(self) -> dict[str, float]:
+        """Flat results {"<task>/<metric>": value}."""
+        return {f"{t}/{k}": v for t, m in self.metrics.items() for k, v in m.compute().items()}

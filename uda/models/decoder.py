@@ -1,0 +1,87 @@
+"""The "3-ways" task decoder: ASPP on the deepest features, four upsampling stages with skips, side heads.
+
+The decoder runs stage by stage (`stage(s, x, skips)`) so that the multi-task model can insert an exchange
+block after any stage; `head(s, x)` turns stage-s features into the task prediction at scale s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+ASPP_RATES = (6, 12, 18)
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 conv with reflection padding (no border artefacts in dense maps) + ELU, no normalisation."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.ReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, 3), nn.ELU(inplace=True))
+
+
+def output_head(in_channels: int, out_channels: int, sigmoid: bool) -> nn.Module:
+    """Side output: 1x1 conv (raw output), or 3x3 reflection-padded conv + sigmoid (disparity)."""
+    if sigmoid:
+        return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, 3), nn.Sigmoid())
+    return nn.Conv2d(in_channels, out_channels, 1)
+
+
+class TaskDecoder(nn.Module):
+    """One task's decoder. Stage s yields `channels[s]` channels at 1/2^s of the input (s = 4 ... 0).
+
+    encoder_channels: channels of the five encoder maps (strides 2, 4, 8, 16, 16).
+    head_scales: scales that get a side output head; sigmoid: disparity heads instead of raw 1x1 convs.
+    """
+
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        out_channels: int,
+        channels: Sequence[int] = (64, 128, 128, 256, 256),
+        head_scales: Sequence[int] = (0,),
+        sigmoid: bool = False,
+    ):
+        super().__init__()
+        if len(encoder_channels) != 5 or len(channels) != 5:
+            raise ValueError("the decoder needs 5 encoder maps and 5 decoder channel counts (scales 0..4)")
+        self.channels = tuple(channels)
+        first, second = [], []
+        for s in range(5):
+            if s == 4:
+                first.append(ASPP(encoder_channels[4], ASPP_RATES, channels[4]))
+            else:
+                first.append(ConvBlock(channels[s + 1], channels[s]))
+            skip = encoder_channels[s - 1] if s > 0 else 0
+            second.append(ConvBlock(channels[s] + skip, channels[s]))
+        self.first = nn.ModuleList(first)
+        self.second = nn.ModuleList(second)
+        self.heads = nn.ModuleDict(
+            {str(s): output_head(channels[s], out_channels, sigmoid) for s in head_scales}
+        )
+
+    def stage(
+        self, s: int, x: Tensor, skips: Sequence[Tensor], size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Run stage s on x (the deepest encoder map for s=4, else stage s+1's output).
+
+        skips: the five encoder maps; stage s > 0 concatenates skips[s-1]. size: output size of stage 0
+        (the input image size; default twice x's size). Returns [B, channels[s], ~H/2^s, ~W/2^s].
+        """
+        x = self.first[s](x)
+        if s > 0:
+            skip = skips[s - 1]
+            # Upsample to the skip's exact size (odd input sizes); no-op at the dilated stage 4.
+            if x.shape[-2:] != skip.shape[-2:]:
+                x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
+            x = torch.cat([x, skip], dim=1)
+        else:
+            x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.second[s](x)
+
+    def head(self, s: int, x: Tensor) -> Tensor:
+        """Prediction at scale s from stage-s features."""
+        return self.heads[str(s)](x)

@@ -1,0 +1,182 @@
+"""Assembled networks: multi-task (MTL, 3-ways PAD-Net, mTEB), single-task baselines and original PAD-Net.
+
+Every model maps an RGB batch [B,3,H,W] in [0,1] to `{task: {scale: prediction}}`: scale 0 is the final
+prediction at full input resolution, scale s > 0 an intermediate one at 1/2^s resolution taken before the
+exchange block at that scale. Task output channels come from the caller (semseg C, depth 1, normals 3,
+edges 1). Outputs are raw, except depth with `depth_output="disparity"` (sigmoid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import Bottleneck
+
+from uda.config import ModelConfig
+from uda.models.backbone import ResNetEncoder
+from uda.models.decoder import TaskDecoder, output_head
+from uda.models.exchange import EXCHANGE_BLOCKS, PADNetDistillation
+
+Outputs = dict[str, dict[int, Tensor]]
+
+# Exchange block of each multi-task architecture built on the 3-ways decoder.
+EXCHANGE_OF_ARCH = {"mtl": "none", "3ways-padnet": "padnet", "mteb": "mteb"}
+
+
+def output_scales(cfg: ModelConfig) -> tuple[int, ...]:
+    """Side-output scales, coarse to fine: cfg.output_scales, or the exchange scales plus 0."""
+    scales = cfg.output_scales if cfg.output_scales is not None else (*cfg.exchange_scales, 0)
+    scales = tuple(sorted(set(scales), reverse=True))
+    if not set(scales) <= set(range(5)):
+        raise ValueError(f"model.output_scales must lie in 0..4, got {scales}")
+    return scales
+
+
+def _sigmoid_head(task: str, cfg: ModelConfig) -> bool:
+    return task == "depth" and cfg.depth_output == "disparity"
+
+
+def _split_params(model: nn.Module, backbones: list[nn.Module]) -> dict[str, list[nn.Parameter]]:
+    """{"backbone": parameters of `backbones`, "decoder": every other parameter of `model`}."""
+    backbone = [p for m in backbones for p in m.parameters()]
+    ids = {id(p) for p in backbone}
+    return {"backbone": backbone, "decoder": [p for p in model.parameters() if id(p) not in ids]}
+
+
+class MultiTaskModel(nn.Module):
+    """Shared ResNet encoder, one 3-ways decoder per task, an exchange block after each exchange scale.
+
+    exchange: registered exchange block kind; default from cfg.arch ("mtl" none, "3ways-padnet" padnet,
+    "mteb" mteb). Exchange scales must lie in 1..4; the block at scale s works on decoder_channels[s].
+    """
+
+    def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, exchange: str | None = None):
+        super().__init__()
+        kind = exchange if exchange is not None else EXCHANGE_OF_ARCH[cfg.arch]
+        if not set(cfg.exchange_scales) <= {1, 2, 3, 4}:
+            raise ValueError(f"model.exchange_scales must lie in 1..4, got {cfg.exchange_scales}")
+        self.tasks = tuple(tasks)
+        self.scales = output_scales(cfg)
+        self.encoder = ResNetEncoder(cfg.backbone, cfg.pretrained, cfg.weights_path)
+        self.decoders = nn.ModuleDict(
+            {
+                t: TaskDecoder(
+                    self.encoder.channels, n, cfg.decoder_channels, self.scales, _sigmoid_head(t, cfg)
+                )
+                for t, n in tasks.items()
+            }
+        )
+        block = EXCHANGE_BLOCKS[kind]
+        self.exchange = nn.ModuleDict(
+            {
+                str(s): block.from_config(self.tasks, cfg.decoder_channels[s], cfg, s)
+                for s in cfg.exchange_scales
+            }
+        )
+
+    def forward(self, image: Tensor) -> Outputs:
+        """image [B,3,H,W] in [0,1] -> {task: {scale: [B,C_task,H/2^s,W/2^s]}}."""
+        skips = self.encoder(image)
+        x = {t: skips[4] for t in self.tasks}
+        out: Outputs = {t: {} for t in self.tasks}
+        for s in range(4, -1, -1):
+            x = {t: self.decoders[t].stage(s, x[t], skips, size=image.shape[-2:]) for t in self.tasks}
+            if s > 0 and s in self.scales:  # intermediate outputs come before the exchange
+                for t in self.tasks:
+                    out[t][s] = self.decoders[t].head(s, x[t])
+            if str(s) in self.exchange:
+                x = self.exchange[str(s)](x)
+        for t in self.tasks:
+            out[t][0] = self.decoders[t].head(0, x[t])
+        return out
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": encoder parameters, "decoder": decoders and exchange blocks}."""
+        return _split_params(self, [self.encoder])
+
+
+class STLModel(nn.Module):
+    """Single-task baselines: one full network (own encoder + 3-ways decoder) per task, outputs merged."""
+
+    def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig):
+        super().__init__()
+        self.nets = nn.ModuleDict({t: MultiTaskModel({t: n}, cfg, exchange="none") for t, n in tasks.items()})
+
+    def forward(self, image: Tensor) -> Outputs:
+        """image [B,3,H,W] in [0,1] -> {task: {scale: prediction}} (each task from its own network)."""
+        out: Outputs = {}
+        for net in self.nets.values():
+            out.update(net(image))
+        return out
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": every task's encoder, "decoder": every task's decoder}."""
+        return _split_params(self, [net.encoder for net in self.nets.values()])
+
+
+def _bottlenecks(in_channels: int, width: int) -> nn.Sequential:
+    """Two torchvision Bottleneck blocks giving `width` channels (a 1x1 projection on the first if needed)."""
+    down = None
+    if in_channels != width:
+        down = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width))
+    return nn.Sequential(Bottleneck(in_channels, width // 4, downsample=down), Bottleneck(width, width // 4))
+
+
+class PADNet(nn.Module):
+    """The original PAD-Net baseline on a shared dilated ResNet encoder.
+
+    Per task: initial head (2 bottlenecks, `width` ch, + 1x1 conv) on the deepest encoder map, emitted as
+    the intermediate prediction at scale 4 (output stride 16); PAD-Net distillation across tasks on the
+    `width`-channel features; final head (2 bottlenecks + 1x1 conv) upsampled bilinearly to the input size,
+    emitted as scale 0. cfg.output_scales and the 3-ways decoder options do not apply.
+    """
+
+    INTERMEDIATE_SCALE = 4
+
+    def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, width: int = 256):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.encoder = ResNetEncoder(cfg.backbone, cfg.pretrained, cfg.weights_path)
+        deepest = self.encoder.channels[-1]
+        self.initial = nn.ModuleDict({t: _bottlenecks(deepest, width) for t in self.tasks})
+        self.initial_head = nn.ModuleDict(
+            {t: output_head(width, n, _sigmoid_head(t, cfg)) for t, n in tasks.items()}
+        )
+        self.distill = PADNetDistillation(self.tasks, width)
+        self.final = nn.ModuleDict({t: _bottlenecks(width, width) for t in self.tasks})
+        self.final_head = nn.ModuleDict(
+            {t: output_head(width, n, _sigmoid_head(t, cfg)) for t, n in tasks.items()}
+        )
+
+    def forward(self, image: Tensor) -> Outputs:
+        """image [B,3,H,W] in [0,1] -> {task: {4: [B,C,H/16,W/16], 0: [B,C,H,W]}}."""
+        deepest = self.encoder(image)[-1]
+        x = {t: self.initial[t](deepest) for t in self.tasks}
+        out: Outputs = {t: {self.INTERMEDIATE_SCALE: self.initial_head[t](x[t])} for t in self.tasks}
+        x = self.distill(x)
+        for t in self.tasks:
+            final = self.final_head[t](self.final[t](x[t]))
+            out[t][0] = F.interpolate(final, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": encoder parameters, "decoder": heads and distillation}."""
+        return _split_params(self, [self.encoder])
+
+
+ARCHS: dict[str, type[nn.Module]] = {
+    "stl": STLModel,
+    "mtl": MultiTaskModel,
+    "3ways-padnet": MultiTaskModel,
+    "mteb": MultiTaskModel,
+    "padnet": PADNet,
+}
+
+
+def build_model(cfg: ModelConfig, tasks: Mapping[str, int]) -> nn.Module:
+    """The network of cfg.arch for `tasks` (task -> output channels)."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[cfg.arch](tasks, cfg)
