@@ -16,7 +16,9 @@ from uda.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main(
-        lambda args: adaptation_config(args, source="synthia", source_labels="synthia16", target_labels="cityscapes16"),
+        lambda args: adaptation_config(
+            args, source="synthia", source_labels="synthia16", target_labels="cityscapes16"
+        ),
         adaptation_parser(__doc__),
         "synthia2cityscapes",
     )

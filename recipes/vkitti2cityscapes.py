@@ -16,7 +16,9 @@ from uda.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main(
-        lambda args: adaptation_config(args, source="vkitti2", source_labels="vkitti2_8", target_labels="cityscapes8"),
+        lambda args: adaptation_config(
+            args, source="vkitti2", source_labels="vkitti2_8", target_labels="cityscapes8"
+        ),
         adaptation_parser(__doc__),
         "vkitti2cityscapes",
     )

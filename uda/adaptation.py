@@ -16,8 +16,11 @@ def adaptation_parser(description: str) -> argparse.ArgumentParser:
     """The recipe options plus the Table 6 variants."""
     parser = base_parser(description)
     variant = parser.add_mutually_exclusive_group()
-    variant.add_argument("--no-adapt", action="store_true",
-                         help="source only: train on the labelled source, evaluate on the target")
+    variant.add_argument(
+        "--no-adapt",
+        action="store_true",
+        help="source only: train on the labelled source, evaluate on the target",
+    )
     variant.add_argument("--oracle", action="store_true", help="oracle: train on the target's own labels")
     return parser
 
@@ -48,7 +51,7 @@ def adaptation_config(
         ),
     )
     if args.no_adapt:
-        cfg = replace(cfg, adapt=None)
+        return replace(cfg, name="source", adapt=None)
     if args.oracle:
-        cfg = replace(cfg, data=replace(tgt), adapt=None)
-    return cfg
+        return replace(cfg, name="oracle", data=replace(tgt), adapt=None)
+    return replace(cfg, name="uda")

@@ -52,7 +52,9 @@ def ensure_toy_data(root: Path = TOY_ROOT, frames: int = 240, seed: int = 0, tim
         deadline = time.monotonic() + timeout_s
         while not marker.is_file():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{marker}: toy data did not appear; run `python tools/make_toy_data.py --out {root}`")
+                raise TimeoutError(
+                    f"{marker}: toy data did not appear; run `python tools/make_toy_data.py --out {root}`"
+                )
             time.sleep(1)
     return root
 
@@ -65,16 +67,32 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         epilog="Overrides: any config key as section.key=value, e.g. train.iterations=1000 model.backbone=resnet50 "
         "data.batch_size=4 (the full config is printed at the start of a run and saved as <out>/config.json).",
     )
-    parser.add_argument("--toy", action="store_true", help="run on the built-in toy data (generated if missing) "
-                        "with a short schedule and a ResNet-18 that finishes in minutes on a CPU")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="folder holding the dataset folders (default: datasets/, or datasets/toy with --toy)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe>/<model>-s<seed>)")
+    parser.add_argument(
+        "--toy",
+        action="store_true",
+        help="run on the built-in toy data (generated if missing) "
+        "with a short schedule and a ResNet-18 that finishes in minutes on a CPU",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder holding the dataset folders (default: datasets/, or datasets/toy with --toy)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="run folder (default: runs/<recipe>/<model>-s<seed>)"
+    )
     parser.add_argument("--model", choices=MODELS, default="mteb", help="architecture (default: mteb)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
-    parser.add_argument("--tasks", choices=sorted(TASK_SETS), default=None,
-                        help="task set: S-D (SD), S-D-N (SDN), S-D-N-E (SDNE); default: the recipe's")
-    parser.add_argument("--resume", action="store_true", help="resume from the newest usable checkpoint in --out")
+    parser.add_argument(
+        "--tasks",
+        choices=sorted(TASK_SETS),
+        default=None,
+        help="task set: S-D (SD), S-D-N (SDN), S-D-N-E (SDNE); default: the recipe's",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="resume from the newest usable checkpoint in --out"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     return parser
 
@@ -102,8 +120,9 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     if args.seed is not None:
         cfg = replace(cfg, train=replace(cfg.train, seed=args.seed))
     cfg = apply_overrides(cfg, list(args.overrides))
-    name = f"{recipe}-{cfg.model.arch}"
-    out = args.out or REPO_ROOT / "runs" / recipe / f"{cfg.model.arch}-s{cfg.train.seed}"
+    variant = "" if cfg.name == "experiment" else f"{cfg.name}-"
+    name = f"{recipe}-{variant}{cfg.model.arch}"
+    out = args.out or REPO_ROOT / "runs" / recipe / f"{variant}{cfg.model.arch}-s{cfg.train.seed}"
     return replace(cfg, name=name, out=str(out))
 
 
@@ -121,8 +140,17 @@ def run(cfg: ExperimentConfig, resume: bool) -> dict:
 
 def results_table(results: dict[str, dict[str, float]]) -> str:
     """A compact text table of the main metrics per evaluated split."""
-    keys = ["semseg/miou", "semseg/miou_subset", "semseg/pixel_acc", "depth/rmse", "depth/abs_rel", "depth/a1",
-            "normals/mean", "normals/median", "edges/f1"]
+    keys = [
+        "semseg/miou",
+        "semseg/miou_subset",
+        "semseg/pixel_acc",
+        "depth/rmse",
+        "depth/abs_rel",
+        "depth/a1",
+        "normals/mean",
+        "normals/median",
+        "edges/f1",
+    ]
     lines = []
     for split, metrics in results.items():
         shown = [(k, metrics[k]) for k in keys if k in metrics]
@@ -130,8 +158,12 @@ def results_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(build: Callable[[argparse.Namespace], ExperimentConfig], parser: argparse.ArgumentParser,
-         recipe: str, argv: Sequence[str] | None = None) -> dict | None:
+def main(
+    build: Callable[[argparse.Namespace], ExperimentConfig],
+    parser: argparse.ArgumentParser,
+    recipe: str,
+    argv: Sequence[str] | None = None,
+) -> dict | None:
     """Parse, build the config, train; configuration errors exit with one clear line."""
     args = parser.parse_args(argv)
     try:
@@ -140,3 +172,30 @@ def main(build: Callable[[argparse.Namespace], ExperimentConfig], parser: argpar
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return run(cfg, args.resume)
+
+
+def supervised_config(
+    dataset: str, label_set: str, size: tuple[int, int], tasks: str, variation: str = "clone", **optim
+) -> Callable[[argparse.Namespace], ExperimentConfig]:
+    """A fully supervised multi-task recipe on one dataset (paper §4.2): returns the config builder."""
+    from uda.config import OptimConfig, TrainConfig
+
+    def build(args: argparse.Namespace) -> ExperimentConfig:
+        data = DataConfig(
+            dataset=dataset, label_set=label_set, size=size, variation="clone" if args.toy else variation
+        )
+        return ExperimentConfig(
+            tasks=TASK_SETS[tasks],
+            data=data,
+            optim=OptimConfig(**optim),
+            train=TrainConfig(iterations=40000, val_every=2000, ckpt_every=2000),
+        )
+
+    return build
+
+
+def supervised_recipe(
+    recipe: str, doc: str, dataset: str, label_set: str, size: tuple[int, int], tasks: str, **kwargs
+) -> None:
+    """Entry point of a supervised recipe file."""
+    main(supervised_config(dataset, label_set, size, tasks, **kwargs), base_parser(doc), recipe)

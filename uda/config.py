@@ -127,7 +127,10 @@ class AdaptConfig:
     # How BatchNorm sees the domains: "separate" = one forward per domain (per-domain batch statistics, as
     # the authors' code); "joint" = one forward over the concatenated batch (needs equal image sizes).
     bn_mode: Literal["separate", "joint"] = "separate"
-    depth_range: tuple[float, float] = (1.0, 100.0)  # fixed source depth range (m) normalising D's depth input
+    depth_range: tuple[float, float] = (
+        1.0,
+        100.0,
+    )  # fixed source depth range (m) normalising D's depth input
     start_step: int = 0  # adversarial terms switched on from this step
 
 
@@ -138,7 +141,9 @@ class ExperimentConfig:
     name: str = "experiment"
     tasks: tuple[Task, ...] = ("semseg", "depth")
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)  # the labelled (source) data; validation if no target
+    data: DataConfig = field(
+        default_factory=DataConfig
+    )  # the labelled (source) data; validation if no target
     target: DataConfig | None = None  # unlabelled target domain (UDA); validation runs on its val split
     adapt: AdaptConfig | None = None  # None = no adversarial adaptation
     loss: LossConfig = field(default_factory=LossConfig)
@@ -272,7 +277,9 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     data = dataclasses.asdict(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.iterations=100)")
+            raise ConfigError(
+                f"override {item!r} is not of the form section.key=value (e.g. train.iterations=100)"
+            )
         path, value = item.split("=", 1)
         keys = path.strip().split(".")
         node, cls = data, type(cfg)
@@ -304,5 +311,7 @@ def load_config(cls: type, path: str | Path) -> Any:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc}); pass a config.json written by a run") from None
+        raise ConfigError(
+            f"{path}: cannot read config ({exc}); pass a config.json written by a run"
+        ) from None
     return from_dict(cls, data)

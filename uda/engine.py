@@ -25,7 +25,7 @@ from uda.data.labels import get_label_set
 from uda.data.loader import MixedBatches, eval_loader, move_to, train_loader
 from uda.data.readers import build_dataset
 from uda.data.transforms import EvalTransform, TrainTransform
-from uda.evaluate import evaluate, protocol, to_predictions, write_json_atomic, write_report
+from uda.evaluate import evaluate, protocol, write_json_atomic, write_report
 from uda.losses import MultiTaskLoss, default_task_weights
 from uda.losses.adversarial import bce_with_domain, entropy_map, normalise_depth_for_discriminator
 from uda.models import build_model
@@ -59,7 +59,9 @@ def check_output_dir(out: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise TrainingError(f"{out}: run folder is not writable ({exc.strerror}); pass --out to a writable folder") from None
+        raise TrainingError(
+            f"{out}: run folder is not writable ({exc.strerror}); pass --out to a writable folder"
+        ) from None
 
 
 class Trainer:
@@ -100,13 +102,17 @@ class Trainer:
             {"params": groups["decoder"], "lr": cfg.optim.lr_decoder},
         ]
         if cfg.optim.optimizer == "adam":
-            optimizer = torch.optim.Adam(param_groups, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+            optimizer = torch.optim.Adam(
+                param_groups, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+            )
         else:
             optimizer = torch.optim.SGD(
                 param_groups, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
             )
         weights = cfg.loss.weights or default_task_weights(self.tasks)
-        self.criterion = MultiTaskLoss(self.tasks, weights, d_far=cfg.loss.d_far, intermediate_scales=self.intermediate_scales)
+        self.criterion = MultiTaskLoss(
+            self.tasks, weights, d_far=cfg.loss.d_far, intermediate_scales=self.intermediate_scales
+        )
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
         self.discriminators: nn.ModuleDict | None = None
@@ -116,13 +122,17 @@ class Trainer:
             in_ch = task_channels(self.tasks, cfg.data.label_set)
             discs = nn.ModuleDict(
                 {
-                    f"{t}_s{s}": PatchDiscriminator(in_ch[t], self.adapt.disc_channels, self.adapt.spectral_norm)
+                    f"{t}_s{s}": PatchDiscriminator(
+                        in_ch[t], self.adapt.disc_channels, self.adapt.spectral_norm
+                    )
                     for t in self.adapt.tasks
                     if t in self.tasks
                     for s in scales
                 }
             )
-            disc_opt = torch.optim.Adam(discs.parameters(), lr=self.adapt.disc_lr, betas=self.adapt.disc_betas)
+            disc_opt = torch.optim.Adam(
+                discs.parameters(), lr=self.adapt.disc_lr, betas=self.adapt.disc_betas
+            )
             self.discriminators, self.disc_optimizer = acc.prepare(discs, disc_opt)
             self.aligned = [(t, s) for t in self.adapt.tasks if t in self.tasks for s in scales]
         self.step = 0
@@ -220,12 +230,18 @@ class Trainer:
             return F.normalize(output, dim=1)
         raise ValueError(f"no discriminator input defined for task {task!r}")
 
-    def adversarial_loss(self, outputs: Mapping, size: tuple[int, int], is_source: bool, detach: bool) -> torch.Tensor:
+    def adversarial_loss(
+        self, outputs: Mapping, size: tuple[int, int], is_source: bool, detach: bool
+    ) -> torch.Tensor:
         """Mean BCE of the (task, scale) discriminators on outputs, against the source (1) or target (0) label."""
         losses = []
         for task, scale in self.aligned:
             x = self.discriminator_input(task, outputs[task][scale], size)
-            losses.append(bce_with_domain(self.discriminators[f"{task}_s{scale}"](x.detach() if detach else x), is_source))
+            losses.append(
+                bce_with_domain(
+                    self.discriminators[f"{task}_s{scale}"](x.detach() if detach else x), is_source
+                )
+            )
         return torch.stack(losses).mean()
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
@@ -245,7 +261,9 @@ class Trainer:
                 logs["loss/adv"] = adv.detach()
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
-        finite = bool(torch.isfinite(loss.detach()).item()) and bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
+        finite = bool(torch.isfinite(loss.detach()).item()) and bool(
+            torch.isfinite(torch.as_tensor(grad_norm)).item()
+        )
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -275,7 +293,11 @@ class Trainer:
         root = self.out / CHECKPOINTS
         if not root.is_dir():
             return []
-        dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / STATE_FILE).is_file()]
+        dirs = [
+            d
+            for d in root.iterdir()
+            if d.is_dir() and d.name.startswith("step-") and (d / STATE_FILE).is_file()
+        ]
         return sorted(dirs, key=lambda d: int(d.name.split("-")[1]), reverse=True)
 
     def save_checkpoint(self, keep: int = 2) -> Path:
@@ -326,13 +348,17 @@ class Trainer:
         """Evaluate on the validation split (the target's in UDA) and write metrics, report and images."""
         acc, cfg = self.accelerator, self.cfg
         results, protocols, images = {}, {}, []
-        sets = [("target" if cfg.target is not None else "val", self.val_data, 1 if cfg.target is not None else 0)]
+        sets = [
+            ("target" if cfg.target is not None else "val", self.val_data, 1 if cfg.target is not None else 0)
+        ]
         if cfg.target is not None and cfg.target.dataset != cfg.data.dataset:
             sets.append(("source", cfg.data, 0))
         model = acc.unwrap_model(self.model)
         for name, data, domain in sets:
             dataset = self.dataset(data, data.val_split, self.tasks, train=False, domain=domain)
-            loader = eval_loader(dataset, data.batch_size, acc.process_index, acc.num_processes, data.num_workers)
+            loader = eval_loader(
+                dataset, data.batch_size, acc.process_index, acc.num_processes, data.num_workers
+            )
             prefix = f"step{self.step:07d}_{name}"
 
             def write_images(batch, preds, prefix=prefix):
@@ -398,7 +424,9 @@ class Trainer:
                 tqdm.write(f"resumed from {ckpt} at step {self.step}")
         batches = self.batches(self.step)
         self.model.train()
-        bar = tqdm(total=cfg.train.iterations, initial=self.step, disable=not acc.is_main_process, desc=cfg.name)
+        bar = tqdm(
+            total=cfg.train.iterations, initial=self.step, disable=not acc.is_main_process, desc=cfg.name
+        )
         last: dict[str, float] = {}
         started = time.perf_counter()
         start_step = self.step
@@ -411,7 +439,9 @@ class Trainer:
                 self.bad_steps = 0
             else:
                 self.bad_steps += 1
-                tqdm.write(f"step {self.step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)")
+                tqdm.write(
+                    f"step {self.step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)"
+                )
                 if self.bad_steps >= cfg.train.max_bad_steps:
                     ckpt = self.save_checkpoint()
                     raise TrainingError(
@@ -421,15 +451,31 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations:
                 rate = (self.step - start_step) / max(1e-9, time.perf_counter() - started)
-                bar.set_postfix({k.replace("loss/", ""): f"{v:.3g}" for k, v in last.items() if k.startswith("loss/")})
-                acc.log({**{f"train/{k}": v for k, v in last.items()}, "train/it_per_s": rate}, step=self.step)
-            if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.iterations:
+                bar.set_postfix(
+                    {k.replace("loss/", ""): f"{v:.3g}" for k, v in last.items() if k.startswith("loss/")}
+                )
+                acc.log(
+                    {**{f"train/{k}": v for k, v in last.items()}, "train/it_per_s": rate}, step=self.step
+                )
+            if (
+                cfg.train.ckpt_every
+                and self.step % cfg.train.ckpt_every == 0
+                and self.step < cfg.train.iterations
+            ):
                 self.save_checkpoint()
-            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < cfg.train.iterations:
+            if (
+                cfg.train.val_every
+                and self.step % cfg.train.val_every == 0
+                and self.step < cfg.train.iterations
+            ):
                 self.validate()
         bar.close()
         self.save_checkpoint()
         results = self.validate(final=True)
         acc.end_training()
-        return {"results": results, "last_losses": last, "step": self.step, "seconds": time.perf_counter() - started}
-
+        return {
+            "results": results,
+            "last_losses": last,
+            "step": self.step,
+            "seconds": time.perf_counter() - started,
+        }

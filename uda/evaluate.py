@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def to_predictions(
     return preds
 
 
-def protocol(eval_cfg: EvalConfig, dataset: str, split: str, label_set: str, checkpoint: str) -> dict[str, Any]:
+def protocol(
+    eval_cfg: EvalConfig, dataset: str, split: str, label_set: str, checkpoint: str
+) -> dict[str, Any]:
     """Every choice that changes a reported number, logged with the number."""
     return {
         "dataset": dataset,
@@ -155,3 +158,68 @@ def write_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder (its newest complete checkpoint) or a checkpoint folder itself."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    root = path / "checkpoints"
+    found = sorted(
+        (d for d in root.glob("step-*") if (d / "trainer_state.json").is_file()),
+        key=lambda d: int(d.name.split("-")[1]),
+        reverse=True,
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"{path}: no checkpoint found (expected {root}/step-*/); pass a run folder or checkpoint"
+        )
+    return found[0]
+
+
+def load_trained_model(path: str | Path) -> tuple[Any, torch.nn.Module, Path]:
+    """(config, model with trained weights, checkpoint folder) from a run or checkpoint folder.
+
+    Weights are read with safetensors (no code is executed); missing or unexpected keys are an error that
+    names them, since a checkpoint of another model config cannot be evaluated as this one.
+    """
+    from safetensors.torch import load_file
+
+    from uda.config import ExperimentConfig, from_dict
+    from uda.engine import task_channels
+    from uda.models import build_model
+
+    ckpt = find_checkpoint(path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    cfg = from_dict(ExperimentConfig, state["config"])
+    model = build_model(
+        replace(cfg.model, pretrained=False), task_channels(tuple(cfg.tasks), cfg.data.label_set)
+    )
+    weights = ckpt / "model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise ValueError(
+            f"{weights}: cannot read weights ({exc}); the checkpoint is damaged, use an older one"
+        ) from None
+    check_state_dict(model, tensors, weights)
+    model.load_state_dict(tensors)
+    return cfg, model, ckpt
+
+
+def check_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights whose keys or shapes differ from the model's, naming the first mismatches."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                parts.append(f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
+        raise ValueError(
+            f"{source}: weights do not fit this model config ({'; '.join(parts)}); "
+            "evaluate with the config the checkpoint was trained with"
+        )

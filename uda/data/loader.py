@@ -133,7 +133,9 @@ class MixedBatches:
     flag (0 source, 1 target). Without a target stream it yields source-only batches (supervised MTL).
     """
 
-    def __init__(self, source: Iterator[dict[str, Any]], target: Iterator[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, source: Iterator[dict[str, Any]], target: Iterator[dict[str, Any]] | None = None
+    ) -> None:
         self.source, self.target = source, target
 
     def __iter__(self) -> MixedBatches:

@@ -1,0 +1,26 @@
+"""Supervised multi-task learning on Cityscapes, 16 classes, 1024x512, depth from disparity.
+
+    accelerate launch recipes/cityscapes.py [--toy] [--tasks SD|SDN|SDNE] [--model stl|mtl|padnet|3ways-padnet|mteb]
+                                       [--data-root D] [--out O] [key=value ...]
+
+Default task set: SD; task weights: the paper's preset for the task set.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from uda.cli import supervised_recipe  # noqa: E402
+
+if __name__ == "__main__":
+    supervised_recipe(
+        "cityscapes",
+        __doc__,
+        "cityscapes",
+        "cityscapes16",
+        (512, 1024),
+        "SD",
+        lr_backbone=1e-5,
+        lr_decoder=1e-4,
+    )

@@ -1,0 +1,17 @@
+"""Supervised multi-task learning on NYUDv2, 40 classes, 576x448.
+
+    accelerate launch recipes/nyudv2.py [--toy] [--tasks SD|SDN|SDNE] [--model stl|mtl|padnet|3ways-padnet|mteb]
+                                       [--data-root D] [--out O] [key=value ...]
+
+Default task set: SDNE; task weights: the paper's preset for the task set.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from uda.cli import supervised_recipe  # noqa: E402
+
+if __name__ == "__main__":
+    supervised_recipe("nyudv2", __doc__, "nyudv2", "nyudv2_40", (448, 576), "SDNE")

@@ -1,0 +1,17 @@
+"""Supervised multi-task learning on Virtual KITTI 2, 14 classes, 1024x320.
+
+    accelerate launch recipes/vkitti2.py [--toy] [--tasks SD|SDN|SDNE] [--model stl|mtl|padnet|3ways-padnet|mteb]
+                                       [--data-root D] [--out O] [key=value ...]
+
+Default task set: SD; task weights: the paper's preset for the task set.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from uda.cli import supervised_recipe  # noqa: E402
+
+if __name__ == "__main__":
+    supervised_recipe("vkitti2", __doc__, "vkitti2", "vkitti2_14", (320, 1024), "SD", variation="15-deg-left")

@@ -1,0 +1,99 @@
+"""Compare runs: mean +/- std over seeds of the main metrics, and the multi-task delta against STL runs.
+
+    python tools/compare.py runs/synthia2cityscapes/*-s* [--split target] [--baseline NAME] [--out table.md]
+
+Runs are grouped by their config name (recipe, variant, model); seeds of one group are averaged. Delta_T
+(paper Eq. from Vandenhende et al.) is computed per run against the mean of the baseline group: by default
+the STL group of the same recipe and variant (STL-UDA for adaptation runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from uda.metrics import PRIMARY_METRICS, multitask_delta  # noqa: E402
+
+SHOWN = ["semseg/miou", "semseg/miou_subset", "depth/rmse", "depth/abs_rel", "normals/mean", "edges/f1"]
+
+
+def load_run(path: Path, split: str | None) -> tuple[str, dict, list[str], str]:
+    """(group name, metrics of the split, tasks, arch) of one run folder."""
+    metrics_file, config_file = path / "metrics.json", path / "config.json"
+    for f in (metrics_file, config_file):
+        if not f.is_file():
+            raise SystemExit(
+                f"error: {f} not found; pass finished run folders (they hold config.json and metrics.json)"
+            )
+    results = json.loads(metrics_file.read_text())["results"]
+    cfg = json.loads(config_file.read_text())
+    chosen = split or ("target" if "target" in results else next(iter(results)))
+    if chosen not in results:
+        raise SystemExit(
+            f"error: {metrics_file} has no split {chosen!r} (has {', '.join(results)}); use --split"
+        )
+    return cfg["name"], results[chosen], cfg["tasks"], cfg["model"]["arch"]
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders")
+    parser.add_argument(
+        "--split", default=None, help="which evaluated split (default: target if present, else val)"
+    )
+    parser.add_argument(
+        "--baseline", default=None, help="group name used as the Delta_T baseline (default: STL)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the table (Markdown) here")
+    args = parser.parse_args(argv)
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    info: dict[str, tuple[list[str], str]] = {}
+    for run in args.runs:
+        name, metrics, tasks, arch = load_run(run, args.split)
+        groups[name].append(metrics)
+        info[name] = (tasks, arch)
+
+    def baseline_for(name: str) -> str | None:
+        if args.baseline:
+            return args.baseline
+        stem = name.rsplit("-", 1)[0]
+        candidates = [g for g in groups if info[g][1] == "stl" and g.rsplit("-", 1)[0] == stem]
+        return candidates[0] if candidates else None
+
+    columns = [k for k in SHOWN if any(k in m for runs in groups.values() for m in runs)]
+    lines = ["| run | seeds | " + " | ".join(columns) + " | Δ_T (%) |", "|---" * (len(columns) + 3) + "|"]
+    for name, runs in sorted(groups.items()):
+        cells = [
+            mean_std([m[k] for m in runs if k in m]) if any(k in m for m in runs) else "–" for k in columns
+        ]
+        base = baseline_for(name)
+        delta = "–"
+        if base is not None and base in groups:
+            keys = [PRIMARY_METRICS[t] for t in info[name][0] if PRIMARY_METRICS[t] in groups[base][0]]
+            reference = {k: statistics.mean(m[k] for m in groups[base]) for k in keys}
+            delta = mean_std([multitask_delta(m, reference, keys) * 1.0 for m in runs])
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {delta} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Evaluate a trained run (or one checkpoint) on a dataset split; writes metrics.json, report.md and images.
+
+    python tools/evaluate.py runs/synthia2cityscapes/mteb-s42 --dataset cityscapes --split val \
+        [--label-set cityscapes16] [--median-scaling] [--label-resolution] [--size 512 1024] [--out O]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from uda.data.labels import get_label_set  # noqa: E402
+from uda.data.loader import eval_loader  # noqa: E402
+from uda.data.readers import build_dataset  # noqa: E402
+from uda.data.transforms import EvalTransform  # noqa: E402
+from uda.evaluate import evaluate, load_trained_model, protocol, write_report  # noqa: E402
+from uda.visualize import save_prediction_images  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "run", type=Path, help="run folder (its newest checkpoint is used) or checkpoint folder"
+    )
+    parser.add_argument("--dataset", required=True, choices=["synthia", "cityscapes", "vkitti2", "nyudv2"])
+    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="the dataset folder (default: datasets/<dataset>)"
+    )
+    parser.add_argument(
+        "--label-set", default=None, help="label set of the ground truth (default: the run's)"
+    )
+    parser.add_argument(
+        "--median-scaling", action="store_true", help="per-image median scaling of predicted depth"
+    )
+    parser.add_argument(
+        "--label-resolution",
+        action="store_true",
+        help="compare at the label files' native resolution (predictions are upsampled)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="input size (default: the run's working size for that dataset)",
+    )
+    parser.add_argument(
+        "--scale", type=int, default=0, help="output scale to evaluate (default 0, the final)"
+    )
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <run>/eval-<dataset>-<split>)"
+    )
+    args = parser.parse_args(argv)
+
+    cfg, model, ckpt = load_trained_model(args.run)
+    label_set = args.label_set or (
+        cfg.target.label_set if cfg.target and cfg.target.dataset == args.dataset else cfg.data.label_set
+    )
+    data_cfg = cfg.target if cfg.target is not None and cfg.target.dataset == args.dataset else cfg.data
+    size = tuple(args.size) if args.size else data_cfg.size
+    root = args.data_root or (data_cfg.root if data_cfg.dataset == args.dataset else None)
+    eval_cfg = replace(
+        cfg.eval, median_scaling=args.median_scaling, label_resolution=args.label_resolution, scale=args.scale
+    )
+    dataset = build_dataset(
+        args.dataset,
+        args.split,
+        tuple(cfg.tasks),
+        label_set=label_set,
+        root=root,
+        transform=EvalTransform(size, keep_label_resolution=args.label_resolution),
+        variation=data_cfg.variation,
+    )
+    labels = get_label_set(label_set)
+    out = args.out or Path(args.run) / f"eval-{args.dataset}-{args.split}"
+    images: list[str] = []
+
+    def write_images(batch, preds):
+        paths = save_prediction_images(
+            out / "images", f"{args.dataset}_{args.split}", batch, preds, cfg.tasks, labels
+        )
+        images.extend(str(p.relative_to(out)) for p in paths)
+
+    results = evaluate(
+        model,
+        eval_loader(dataset, args.batch_size),
+        tuple(cfg.tasks),
+        labels.num_classes,
+        eval_cfg,
+        cfg.model,
+        cfg.loss.d_far,
+        progress=True,
+        on_first_batch=write_images,
+    )
+    name = f"{args.dataset}/{args.split}"
+    report = write_report(
+        out,
+        f"{cfg.name} on {name}",
+        {name: results},
+        {name: protocol(eval_cfg, args.dataset, args.split, label_set, str(ckpt))},
+        class_names=labels.class_names,
+        images=images,
+    )
+    for key, value in results.items():
+        if "/iou/" not in key:
+            print(f"{key:>24}: {value:.4f}")
+    print(f"wrote {report} and {out / 'metrics.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
