@@ -126,9 +126,10 @@ def test_edges_loss_matches_weighted_two_class_cross_entropy():
 
 def test_default_task_weights():
     assert default_task_weights(["depth", "semseg"]) == {"semseg": 50.0, "depth": 1.0}
-    assert default_task_weights(("semseg", "depth", "normals", "edges")) == TASK_WEIGHT_PRESETS[
-        ("semseg", "depth", "normals", "edges")
-    ]
+    assert (
+        default_task_weights(("semseg", "depth", "normals", "edges"))
+        == TASK_WEIGHT_PRESETS[("semseg", "depth", "normals", "edges")]
+    )
     assert default_task_weights(["depth"]) == {"depth": 1.0}
     assert default_task_weights(["semseg", "edges"]) == {"semseg": 1.0, "edges": 1.0}
     with pytest.raises(ValueError):
@@ -138,9 +139,13 @@ def test_default_task_weights():
 def make_outputs_and_batch(seed: int, batch: int = 3, h: int = 8, w: int = 8):
     g = torch.Generator().manual_seed(seed)
     outputs = {
-        "semseg": {s: torch.randn(batch, 4, h >> s, w >> s, generator=g, requires_grad=True) for s in (0, 1, 2)},
+        "semseg": {
+            s: torch.randn(batch, 4, h >> s, w >> s, generator=g, requires_grad=True) for s in (0, 1, 2)
+        },
         "depth": {s: 5 + 60 * torch.rand(batch, 1, h >> s, w >> s, generator=g) for s in (0, 1, 2)},
-        "normals": {s: torch.randn(batch, 3, h >> s, w >> s, generator=g, requires_grad=True) for s in (0, 1)},
+        "normals": {
+            s: torch.randn(batch, 3, h >> s, w >> s, generator=g, requires_grad=True) for s in (0, 1)
+        },
     }
     for s in outputs["depth"]:
         outputs["depth"][s].requires_grad_(True)
@@ -190,7 +195,8 @@ def test_multitask_loss_ignores_unconfigured_scales_and_missing_labels():
     expected = (
         semseg_loss(outputs["semseg"][0], batch["semseg"])
         + semseg_loss(outputs["semseg"][1], batch["semseg"])
-        + 2 * (depth_loss(outputs["depth"][0], batch["depth"]) + depth_loss(outputs["depth"][1], batch["depth"]))
+        + 2
+        * (depth_loss(outputs["depth"][0], batch["depth"]) + depth_loss(outputs["depth"][1], batch["depth"]))
     )
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert not any(k.startswith("loss/normals") or k.endswith("/s2") for k in logs)
@@ -198,7 +204,9 @@ def test_multitask_loss_ignores_unconfigured_scales_and_missing_labels():
 
 def test_only_labelled_samples_contribute():
     outputs, batch = make_outputs_and_batch(8, batch=4)
-    criterion = MultiTaskLoss(["semseg", "depth", "normals"], {"semseg": 50.0, "depth": 1.0, "normals": 100.0})
+    criterion = MultiTaskLoss(
+        ["semseg", "depth", "normals"], {"semseg": 50.0, "depth": 1.0, "normals": 100.0}
+    )
     labelled = torch.tensor([True, False, True, False])
     total, _ = criterion(outputs, batch, labelled)
 

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, jaccard_score, precision_score, recall_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    jaccard_score,
+    precision_score,
+    recall_score,
+)
 
 from uda.metrics import (
     DepthMetric,
@@ -49,7 +56,9 @@ def test_confusion_and_miou_match_sklearn():
         assert result[f"iou/{c}"] == pytest.approx(iou)
     assert "iou/4" not in result and "iou/5" not in result
     subset = [0, 2, 5]
-    assert metric.miou_subset(subset) == pytest.approx(jaccard_score(t[keep], p[keep], labels=[0, 2], average="macro"))
+    assert metric.miou_subset(subset) == pytest.approx(
+        jaccard_score(t[keep], p[keep], labels=[0, 2], average="macro")
+    )
 
 
 def test_class_only_predicted_counts_with_iou_zero():
@@ -221,7 +230,12 @@ def make_multitask_batch(seed: int, batch: int = 4):
         "normals": pred_n,
         "edges": torch.randn(batch, 1, 6, 7, generator=g),
     }
-    labels = {"semseg": target_s, "depth": gt_d, "normals": gt_n, "edges": (torch.rand(batch, 1, 6, 7) > 0.7).float()}
+    labels = {
+        "semseg": target_s,
+        "depth": gt_d,
+        "normals": gt_n,
+        "edges": (torch.rand(batch, 1, 6, 7, generator=g) > 0.7).float(),
+    }
     return outputs, labels
 
 
@@ -231,7 +245,8 @@ def test_two_process_states_sum_to_the_whole(per_image):
         return MultiTaskMetrics(
             ["semseg", "depth", "normals", "edges"],
             num_classes=5,
-            depth_kwargs={"median_scaling": True, "per_image": per_image},
+            median_scaling=True,
+            per_image=per_image,
         )
 
     outputs, batch = make_multitask_batch(3)

@@ -91,6 +91,7 @@ def evaluate(
         max_depth=eval_cfg.max_depth,
         median_scaling=eval_cfg.median_scaling,
         per_image=eval_cfg.per_image,
+        device=torch.device(device),
     )
     for i, batch in enumerate(tqdm(batches, desc="evaluate", leave=False, disable=not progress)):
         if max_batches is not None and i >= max_batches:

@@ -4,13 +4,14 @@ Every metric accumulates counts and sums only; `sync(reduce_fn)` with e.g.
 `lambda s: accelerator.reduce(s, "sum")` turns a per-process state into the global one. Ratios
 (IoU, accuracy, F1, delta thresholds, % of normals under an angle) are fractions in [0, 1], depth
 errors are in metres, angles in degrees. An undefined value (nothing measured) is NaN.
+The state lives on `device` (default CPU) and follows the device of the updates; for an NCCL reduce
+create the metrics with `device=accelerator.device`, so a process that saw no batch is on it too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,10 @@ def _div(num: float, den: float) -> float:
 class StreamingMetric:
     """Base class: a named set of float64 sum tensors with update / state / load_state / sync / reset."""
 
-    def __init__(self) -> None:
-        self._state: State = self._empty_state()
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device if device is not None else "cpu")
+        self._state: State = {}
+        self.reset()
 
     def _empty_state(self) -> State:
         raise NotImplementedError
@@ -45,7 +48,7 @@ class StreamingMetric:
 
     def reset(self) -> None:
         """Forget everything accumulated."""
-        self._state = self._empty_state()
+        self._state = {k: v.to(self.device) for k, v in self._empty_state().items()}
 
     def state(self) -> State:
         """The accumulated sums (float64 tensors); summing states of disjoint data gives the joint state."""
@@ -77,10 +80,12 @@ class StreamingMetric:
 class SegmentationMetric(StreamingMetric):
     """Confusion-matrix segmentation metrics: mIoU over classes in GT or prediction, pixel accuracy."""
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None
+    ) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        super().__init__()
+        super().__init__(device)
 
     def _empty_state(self) -> State:
         # Rows: ground truth class, columns: predicted class.
@@ -151,12 +156,13 @@ class DepthMetric(StreamingMetric):
         max_depth: float = 80.0,
         median_scaling: bool = False,
         per_image: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         self.min_depth = min_depth
         self.max_depth = max_depth
         self.median_scaling = median_scaling
         self.per_image = per_image
-        super().__init__()
+        super().__init__(device)
 
     def _empty_state(self) -> State:
         keys = (*_DEPTH_TERMS, "rmse", "rmse_log", "median_scale", "count", "images")
@@ -262,7 +268,7 @@ class NormalsMetric(StreamingMetric):
             ranks = [(count + 1) // 2] if count % 2 else [count // 2, count // 2 + 1]
             cumulative = s["hist"].cpu().cumsum(0)
             bins = torch.searchsorted(cumulative, torch.tensor(ranks, dtype=torch.float64))
-            out["median"] = float((bins.double() + 0.5)[0]) * self.BIN_DEG
+            out["median"] = float((bins.double() + 0.5).mean()) * self.BIN_DEG
         else:
             out["median"] = math.nan
         out.update({f"within_{t}": _div(float(s[f"within_{t}"]), n) for t in self.THRESHOLDS})
@@ -276,9 +282,9 @@ class EdgesMetric(StreamingMetric):
     other than 0 and 1 are ignored.
     """
 
-    def __init__(self, threshold: float = 0.5) -> None:
+    def __init__(self, threshold: float = 0.5, device: torch.device | str | None = None) -> None:
         self.threshold = threshold
-        super().__init__()
+        super().__init__(device)
 
     def _empty_state(self) -> State:
         return {k: torch.zeros((), dtype=torch.float64) for k in ("tp", "fp", "fn", "tn")}
@@ -385,23 +391,36 @@ class MultiTaskMetrics:
         tasks: Sequence[str],
         num_classes: int | None = None,
         ignore_index: int = IGNORE_INDEX,
-        depth_kwargs: Mapping[str, Any] | None = None,
+        min_depth: float = 1e-3,
+        max_depth: float = 80.0,
+        median_scaling: bool = False,
+        per_image: bool = True,
         edge_threshold: float = 0.5,
+        device: torch.device | str | None = None,
     ) -> None:
         self.metrics: dict[str, StreamingMetric] = {}
         for task in tasks:
             if task == "semseg":
                 if num_classes is None:
                     raise ValueError("semseg metrics need num_classes")
-                self.metrics[task] = SegmentationMetric(num_classes, ignore_index)
+                self.metrics[task] = SegmentationMetric(num_classes, ignore_index, device=device)
             elif task == "depth":
-                self.metrics[task] = DepthMetric(**(depth_kwargs or {}))
+                self.metrics[task] = DepthMetric(
+                    min_depth, max_depth, median_scaling, per_image, device=device
+                )
             elif task == "normals":
-                self.metrics[task] = NormalsMetric()
+                self.metrics[task] = NormalsMetric(device=device)
             elif task == "edges":
-                self.metrics[task] = EdgesMetric(edge_threshold)
+                self.metrics[task] = EdgesMetric(edge_threshold, device=device)
             else:
                 raise ValueError(f"unknown task {task!r}")
+
+    @property
+    def segmentation(self) -> SegmentationMetric:
+        """The semseg metric (for per-class IoU and mIoU over class subsets)."""
+        metric = self.metrics["semseg"]
+        assert isinstance(metric, SegmentationMetric)
+        return metric
 
     def update(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> None:
         """Add final predictions {task: tensor} (depth in METRES) for tasks whose label is in `batch`."""
