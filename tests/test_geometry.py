@@ -277,7 +277,9 @@ def test_warp_general_pose_samples_where_the_camera_sees():
     source = torch.stack((u, v))[None]
     torch.manual_seed(2)
     depth = torch.rand(1, 1, H, W, dtype=torch.float64) * 2 + 3
-    T = pose_vec_to_mat(torch.tensor([[0.02, -0.05, 0.03]]).double(), torch.tensor([[0.1, 0.05, -0.2]]).double())
+    T = pose_vec_to_mat(
+        torch.tensor([[0.02, -0.05, 0.03]]).double(), torch.tensor([[0.1, 0.05, -0.2]]).double()
+    )
     warped, in_bounds = warp_frame(source, depth, T, K)
     assert 0.5 * H * W < in_bounds.sum() < H * W
     for vi, ui in [(4, 5), (2, 3), (6, 8)]:

@@ -184,7 +184,9 @@ def depth_to_disparity(depth: torch.Tensor, min_depth: float = 0.1, max_depth: f
 # ---------------------------------------------------------------------------------------------------------
 
 
-def pose_vec_to_mat(axis_angle: torch.Tensor, translation: torch.Tensor, invert: bool = False) -> torch.Tensor:
+def pose_vec_to_mat(
+    axis_angle: torch.Tensor, translation: torch.Tensor, invert: bool = False
+) -> torch.Tensor:
     """4x4 rigid transforms [B,4,4] from axis-angle (radians) [B,3] and translation (metres) [B,3].
 
     T = [R | t]; with invert=True the exact inverse [R^T | -R^T t] (pose net fed the frames in reverse order).
