@@ -1,0 +1,298 @@
+"""Models: encoder, 3-ways decoder, exchange blocks (xTAM, mTEB, PAD-Net), assembled models, discriminator."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models import resnet18
+
+from uda.config import ModelConfig
+from uda.models import (
+    MTEB,
+    XTAM,
+    PADNetDistillation,
+    PatchDiscriminator,
+    PretrainedWeightsError,
+    ResNetEncoder,
+    build_exchange,
+    build_model,
+)
+
+SD = {"semseg": 5, "depth": 1}
+SDNE = {"semseg": 5, "depth": 1, "normals": 3, "edges": 1}
+SMALL = (8, 16, 16, 32, 32)  # small decoder widths keep the training tests fast on 2 CPU cores
+H, W = 64, 128
+
+
+def _cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"backbone": "resnet18", "pretrained": False, **kw})
+
+
+def _shapes(out) -> dict:
+    return {t: {s: tuple(v.shape) for s, v in d.items()} for t, d in out.items()}
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+@pytest.mark.parametrize(
+    ("name", "channels"), [("resnet18", [64, 64, 128, 256, 512]), ("resnet50", [64, 256, 512, 1024, 2048])]
+)
+def test_encoder_output_stride_16(name, channels):
+    enc = ResNetEncoder(name).eval()
+    assert enc.channels == channels
+    with torch.no_grad():
+        feats = enc(torch.rand(1, 3, H, W))
+    sizes = [(H // 2, W // 2), (H // 4, W // 4), (H // 8, W // 8), (H // 16, W // 16), (H // 16, W // 16)]
+    assert [tuple(f.shape[1:]) for f in feats] == [(c, *s) for c, s in zip(channels, sizes)]
+
+
+def test_pretrained_download_failure_explains_the_fix(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(PretrainedWeightsError) as err:
+        ResNetEncoder("resnet18", pretrained=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "model.pretrained=false" in message and "model.weights_path=" in message
+    assert torch.hub.get_dir() in message and "resnet18-" in message
+
+
+def test_weights_path_loads_a_torchvision_state_dict(tmp_path):
+    reference = resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    enc = ResNetEncoder("resnet18", pretrained=True, weights_path=str(path))
+    assert torch.equal(enc.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    with pytest.raises(PretrainedWeightsError, match="model.pretrained=false"):
+        ResNetEncoder("resnet18", weights_path=str(tmp_path / "missing.pth"))
+
+
+# --------------------------------------------------------------------------- xTAM
+
+
+def test_xtam_correlation_branch_is_silent_at_init_but_alpha_learns():
+    torch.manual_seed(0)
+    xtam = XTAM(16, downscale=4)
+    f_i, f_j = torch.randn(2, 16, 12, 20), torch.randn(2, 16, 12, 20)
+    out = xtam(f_i, f_j)
+    with torch.no_grad():
+        for proj in (xtam.query, xtam.key, xtam.value):
+            proj[0].weight.add_(torch.randn_like(proj[0].weight))
+    assert torch.equal(xtam(f_i, f_j), out)
+    xtam.correlation = lambda f, g: torch.zeros_like(f)  # the branch removed altogether
+    assert torch.equal(xtam(f_i, f_j), out)
+    del xtam.correlation
+    xtam.zero_grad()
+    xtam(f_i, f_j).square().mean().backward()
+    assert xtam.alpha.grad.abs().sum() > 0
+    assert xtam.query[0].weight.grad.abs().sum() == 0  # reached only through alpha, which is zero
+
+
+@pytest.mark.parametrize("attention", ["spatial", "channel", "both"])
+def test_xtam_correlation_matches_the_formula(attention):
+    torch.manual_seed(0)
+    xtam = XTAM(8, downscale=2, attention=attention).eval()
+    f_i, g = torch.randn(1, 8, 6, 10), torch.randn(1, 8, 6, 10)
+    q = xtam.query(f_i[..., ::2, ::2]).flatten(2)[0]  # [C,N]: nearest downscale by 2
+    src = F.max_pool2d(g, 2)
+    k, v = xtam.key(src).flatten(2)[0], xtam.value(src).flatten(2)[0]
+    c, n = q.shape
+    expected = torch.zeros(c, n)
+    if attention in ("spatial", "both"):
+        expected += v @ torch.softmax(q.T @ k / math.sqrt(c), dim=1).T
+    if attention in ("channel", "both"):
+        expected += torch.softmax(q @ k.T / math.sqrt(n), dim=1) @ v
+    expected = expected.view(1, c, 3, 5).repeat_interleave(2, -2).repeat_interleave(2, -1)
+    torch.testing.assert_close(xtam.correlation(f_i, g), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(12, 20), (13, 21), (3, 5)])
+@pytest.mark.parametrize("attention", ["spatial", "channel", "both"])
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_xtam_standalone_any_size_and_options(size, attention, self_attention):
+    torch.manual_seed(0)
+    xtam = XTAM(6, downscale=4, attention=attention, self_attention=self_attention)
+    f_i, f_j = torch.randn(2, 6, *size), torch.randn(2, 6, *size)
+    out = xtam(f_i, f_j)
+    assert out.shape == f_i.shape
+    with torch.no_grad():
+        xtam.alpha.fill_(1.0)  # once alpha is on, the correlation path changes the output
+        before = xtam(f_i, f_j)
+        xtam.query[0].weight.mul_(-3.0)
+        assert not torch.allclose(xtam(f_i, f_j), before)
+
+
+def test_xtam_rejects_bad_options():
+    with pytest.raises(ValueError, match="spatial"):
+        XTAM(8, attention="temporal")
+    with pytest.raises(ValueError, match="equal shape"):
+        XTAM(8)(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 6))
+
+
+# --------------------------------------------------------------------------- mTEB and other blocks
+
+
+def test_mteb_parameter_count_matches_paper_table3():
+    block = MTEB(["semseg", "depth"], 128, downscale=4)
+    count = sum(p.numel() for p in block.parameters())
+    assert count == 773_120  # per direction: extract 147584, SA 147456, xTAM 50048, proj 24832; post 16640
+    assert 0.77e6 * 0.98 <= count <= 0.77e6 * 1.02
+
+
+@pytest.mark.parametrize("fusion", ["add", "prod", "concat"])
+@pytest.mark.parametrize("attention", ["spatial", "channel", "both"])
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_mteb_options_keep_shapes(fusion, attention, self_attention):
+    torch.manual_seed(0)
+    tasks = ["semseg", "depth", "normals"]
+    block = build_exchange(
+        "mteb", tasks, 8, downscale=2, fusion=fusion, attention=attention, self_attention=self_attention
+    )
+    assert len(block.xtam) == 6  # one per ordered pair
+    feats = {t: torch.randn(2, 8, 9, 14) for t in tasks}
+    out = block(feats)
+    assert set(out) == set(tasks) and all(out[t].shape == feats[t].shape for t in tasks)
+    if fusion == "add":  # post's ReLU output is >= 0, added as a residual
+        assert all((out[t] >= feats[t] - 1e-6).all() for t in tasks)
+
+
+def test_padnet_distillation_is_a_residual_of_gated_messages():
+    torch.manual_seed(0)
+    block = PADNetDistillation(["semseg", "depth"], 8)
+    feats = {"semseg": torch.randn(2, 8, 6, 6), "depth": torch.randn(2, 8, 6, 6)}
+    gate = block.gates["depth_to_semseg"]
+    expected = feats["semseg"] + gate.feature(feats["depth"]) * torch.sigmoid(gate.mask(feats["depth"]))
+    torch.testing.assert_close(block(feats)["semseg"], expected)
+    with torch.no_grad():
+        for g in block.gates.values():
+            g.feature.weight.zero_()
+    assert all(torch.equal(v, feats[t]) for t, v in block(feats).items())
+
+
+def test_build_exchange_registry():
+    feats = {"semseg": torch.randn(1, 4, 3, 3), "depth": torch.randn(1, 4, 3, 3)}
+    assert build_exchange("none", list(feats), 4)(feats) == feats
+    with pytest.raises(ValueError, match="mteb"):
+        build_exchange("mti-net", list(feats), 4)
+    with pytest.raises(ValueError, match=">= 2"):
+        build_exchange("mteb", ["semseg"], 4)
+
+
+# --------------------------------------------------------------------------- assembled models
+
+
+def _loss(out, targets) -> torch.Tensor:
+    total = 0.0
+    for task, scales in out.items():
+        for pred in scales.values():
+            target = F.interpolate(targets[task], size=pred.shape[-2:], mode="nearest")
+            if task == "semseg":
+                total = total + F.cross_entropy(pred, target[:, 0].long())
+            else:
+                total = total + F.l1_loss(pred, target)
+    return total
+
+
+EXPECTED_SCALES = {"stl": (1, 0), "mtl": (1, 0), "3ways-padnet": (1, 0), "mteb": (1, 0), "padnet": (4, 0)}
+
+
+@pytest.mark.parametrize("tasks", [SD, SDNE], ids=["SD", "SDNE"])
+@pytest.mark.parametrize("arch", list(EXPECTED_SCALES))
+def test_every_arch_trains_with_exact_output_shapes(arch, tasks):
+    torch.manual_seed(0)
+    model = build_model(_cfg(arch=arch, decoder_channels=SMALL), tasks)
+    image = torch.rand(2, 3, H, W)
+    targets = {
+        "semseg": torch.randint(0, 5, (2, 1, H, W)).float(),
+        "depth": torch.rand(2, 1, H, W),
+        "normals": F.normalize(torch.randn(2, 3, H, W), dim=1),
+        "edges": (torch.rand(2, 1, H, W) > 0.9).float(),
+    }
+    out = model(image)
+    assert _shapes(out) == {
+        t: {s: (2, n, H >> s, W >> s) for s in EXPECTED_SCALES[arch]} for t, n in tasks.items()
+    }
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(4):
+        loss = _loss(model(image), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+def test_exchange_at_several_scales_emits_intermediates_there():
+    torch.manual_seed(0)
+    model = build_model(_cfg(arch="mteb", exchange_scales=(1, 2)), SD)  # default decoder widths
+    assert set(model.exchange) == {"1", "2"}
+    assert model.exchange["2"].channels == 128 and model.exchange["2"].xtam["depth_to_semseg"].downscale == 2
+    out = model(torch.rand(2, 3, H, W))
+    assert _shapes(out) == {t: {s: (2, n, H >> s, W >> s) for s in (2, 1, 0)} for t, n in SD.items()}
+    odd = model(torch.rand(2, 3, 70, 130))  # sizes not divisible by 2^s: scale 0 is still the input size
+    assert odd["depth"][0].shape[-2:] == (70, 130) and odd["depth"][1].shape[-2:] == (35, 65)
+
+
+def test_intermediate_outputs_come_before_the_exchange():
+    torch.manual_seed(0)
+    model = build_model(_cfg(arch="mtl", decoder_channels=SMALL), SD).eval()
+    image = torch.rand(1, 3, H, W)
+    with torch.no_grad():
+        plain = model(image)
+        model.exchange["1"].forward = lambda feats: {t: torch.zeros_like(f) for t, f in feats.items()}
+        zeroed = model(image)
+    for t in SD:
+        assert torch.equal(plain[t][1], zeroed[t][1])
+        assert not torch.allclose(plain[t][0], zeroed[t][0])
+
+
+def test_disparity_heads_and_output_scales():
+    torch.manual_seed(0)
+    cfg = _cfg(arch="mteb", decoder_channels=SMALL, depth_output="disparity", output_scales=(0, 1, 2, 3))
+    out = build_model(cfg, SD)(torch.rand(2, 3, H, W))
+    assert sorted(out["depth"]) == [0, 1, 2, 3] and sorted(out["semseg"]) == [0, 1, 2, 3]
+    assert all(((v > 0) & (v < 1)).all() for v in out["depth"].values())
+    assert (out["semseg"][0] < 0).any()  # semseg stays raw logits
+
+
+@pytest.mark.parametrize("arch", ["mteb", "stl", "padnet"])
+def test_param_groups_split_backbone_from_decoder(arch):
+    model = build_model(_cfg(arch=arch, decoder_channels=SMALL), SD)
+    groups = model.param_groups()
+    backbone, decoder = {id(p) for p in groups["backbone"]}, {id(p) for p in groups["decoder"]}
+    assert not backbone & decoder and backbone | decoder == {id(p) for p in model.parameters()}
+    encoders = [m for m in model.modules() if isinstance(m, ResNetEncoder)]
+    assert len(encoders) == (2 if arch == "stl" else 1)
+    assert backbone == {id(p) for e in encoders for p in e.parameters()}
+
+
+def test_bad_model_configs_are_rejected():
+    with pytest.raises(ValueError, match="exchange_scales"):
+        build_model(_cfg(arch="mteb", exchange_scales=(0,)), SD)
+    with pytest.raises(ValueError, match="arch"):
+        build_model(dataclasses.replace(_cfg(), arch="mti-net"), SD)
+
+
+# --------------------------------------------------------------------------- discriminator
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_patch_discriminator(spectral_norm):
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(5, ndf=16, spectral_norm=spectral_norm)
+    x = torch.randn(2, 5, H, W)
+    for _ in range(30):  # power iterations of the spectral norm run in train-mode forwards
+        out = disc(x)
+    assert out.shape == (2, 1, 2, 4)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    sigma = torch.linalg.matrix_norm(convs[1].weight.detach().flatten(1), ord=2)
+    assert (abs(sigma.item() - 1.0) < 0.05) == spectral_norm
