@@ -76,20 +76,22 @@ def prediction_panel(
     tasks: Sequence[str],
     label_set=None,
 ) -> np.ndarray:
-    """A grid: first column the input, then one row pair per task (ground truth above, prediction below)."""
+    """One sample as a grid: the input on top, then per task the ground truth (left) and prediction (right).
+
+    Maps are per sample: semseg [H,W] class ids, depth [1,H,W] metres, normals [3,H,W], edges [1,H,W].
+    """
     size = tuple(image.shape[-2:])
-    rows = []
+
+    def tile(task: str, value: torch.Tensor, name: str) -> np.ndarray:
+        value = _to_hw(value[None] if task == "semseg" else value, size, nearest=True)
+        return _label(task_rgb(task, value[0] if task == "semseg" else value, label_set), name)
+
+    rgb = image_rgb(image)
+    rows = [np.concatenate([_label(rgb, "input"), np.zeros_like(rgb)], axis=1)]
     for task in tasks:
-        pred = _to_hw(predictions[task].float(), size, nearest=task == "semseg")
-        pred_img = _label(task_rgb(task, pred[0] if task == "semseg" else pred, label_set), f"{task} pred")
-        if task in targets:
-            gt = _to_hw(targets[task].float(), size, nearest=True)
-            gt_img = _label(task_rgb(task, gt[0] if task == "semseg" else gt, label_set), f"{task} gt")
-        else:
-            gt_img = np.zeros_like(pred_img)
-        rows.append(np.concatenate([gt_img, pred_img], axis=1))
-    top = np.concatenate([_label(image_rgb(image), "input"), np.zeros_like(image_rgb(image))], axis=1)
-    return np.concatenate([top, *rows], axis=0)
+        gt = tile(task, targets[task], f"{task} gt") if task in targets else np.zeros_like(rgb)
+        rows.append(np.concatenate([gt, tile(task, predictions[task], f"{task} pred")], axis=1))
+    return np.concatenate(rows, axis=0)
 
 
 def save_prediction_images(
@@ -101,13 +103,16 @@ def save_prediction_images(
     label_set=None,
     max_images: int = 2,
 ) -> list[Path]:
-    """Write one panel PNG per sample (at most max_images) and return the paths."""
+    """Write one panel PNG per sample (at most max_images) and return the paths.
+
+    `predictions` are batched in sample units (semseg logits [B,C,H,W], metres, unit normals, edge prob).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(min(max_images, batch["image"].shape[0])):
-        targets = {t: batch[t][i : i + 1] if t == "semseg" else batch[t][i] for t in tasks if t in batch}
-        preds = {t: predictions[t][i : i + 1] if t == "semseg" else predictions[t][i] for t in tasks}
+        targets = {t: batch[t][i] for t in tasks if t in batch}
+        preds = {t: predictions[t][i].argmax(0) if t == "semseg" else predictions[t][i] for t in tasks}
         panel = prediction_panel(batch["image"][i], targets, preds, tasks, label_set)
         path = folder / f"{prefix}_{i}.png"
         cv2.imwrite(str(path), panel[..., ::-1])

@@ -1,4 +1,4 @@
-"""Label sets and class mappings, read from the data files in datasets/ (labelsets/, mappings/, <dataset>/classes.json).
+"""Label sets and class mappings, read from the data files datasets/{labelsets,mappings,classes}/*.json.
 
 A *dataset id table* lists the ids a dataset stores on disk (e.g. Cityscapes labelIds -1..33).
 A *label set* is the experiment's class list (train ids 0..C-1, 255 = ignore).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: catalogue file missing; the datasets/ folder of the repo is incomplete") from None
+        raise FileNotFoundError(
+            f"{path}: catalogue file missing; the datasets/ folder of the repo is incomplete"
+        ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e}); fix the file") from None
 
@@ -110,12 +112,12 @@ class ClassMap:
             shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
             raise ValueError(
                 f"label ids {shown} are not {self.dataset} class ids "
-                f"(valid: {min(self.id_table.ids)}..{max(self.id_table.ids)} as in datasets/{self.dataset}/classes.json)"
+                f"(valid: {min(self.id_table.ids)}..{max(self.id_table.ids)}, see datasets/classes/{self.dataset}.json)"
             )
         return self._lut[idx]
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_label_set(name: str) -> LabelSet:
     """The label set called name, read from datasets/labelsets/<name>.json."""
     _check_name("label set", name, LABEL_SETS)
@@ -132,11 +134,11 @@ def get_label_set(name: str) -> LabelSet:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_id_table(dataset: str) -> IdTable:
-    """The ids a dataset stores on disk, read from datasets/<dataset>/classes.json."""
+    """The ids a dataset stores on disk, read from datasets/classes/<dataset>.json."""
     _check_name("dataset", dataset, DATASETS)
-    path = CATALOGUE_DIR / dataset / "classes.json"
+    path = CATALOGUE_DIR / "classes" / f"{dataset}.json"
     classes = _read_json(path)["classes"]
     ids = tuple(int(c["id"]) for c in classes)
     if len(set(ids)) != len(ids):
@@ -152,17 +154,21 @@ def get_id_table(dataset: str) -> IdTable:
 def available_label_sets(dataset: str) -> tuple[str, ...]:
     """Names of the label sets a dataset has a mapping to (datasets/mappings/<dataset>__<label set>.json)."""
     _check_name("dataset", dataset, DATASETS)
-    return tuple(sorted(p.stem.split("__", 1)[1] for p in (CATALOGUE_DIR / "mappings").glob(f"{dataset}__*.json")))
+    return tuple(
+        sorted(p.stem.split("__", 1)[1] for p in (CATALOGUE_DIR / "mappings").glob(f"{dataset}__*.json"))
+    )
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_class_map(dataset: str, label_set: str) -> ClassMap:
     """The map from a dataset's own ids to the train ids of label_set (unlisted dataset ids -> 255)."""
     _check_name("dataset", dataset, DATASETS)
     _check_name("label set", label_set, LABEL_SETS)
     valid = available_label_sets(dataset)
     if label_set not in valid:
-        raise ValueError(f"no mapping from {dataset} to label set {label_set!r}; valid for {dataset}: {', '.join(valid)}")
+        raise ValueError(
+            f"no mapping from {dataset} to label set {label_set!r}; valid for {dataset}: {', '.join(valid)}"
+        )
     path = CATALOGUE_DIR / "mappings" / f"{dataset}__{label_set}.json"
     labels = get_label_set(label_set)
     table = get_id_table(dataset)
@@ -171,7 +177,9 @@ def get_class_map(dataset: str, label_set: str) -> ClassMap:
         if k not in table.ids:
             raise ValueError(f"{path}: {k} is not a {dataset} id; fix the file")
         if not 0 <= v < labels.num_classes:
-            raise ValueError(f"{path}: train id {v} outside 0..{labels.num_classes - 1} of {label_set}; fix the file")
+            raise ValueError(
+                f"{path}: train id {v} outside 0..{labels.num_classes - 1} of {label_set}; fix the file"
+            )
     offset = min(table.ids)
     lut = np.full(max(table.ids) - offset + 1, IGNORE_INDEX, np.uint8)
     known = np.zeros(len(lut), bool)

@@ -1,0 +1,342 @@
+"""Dataset readers on tiny datasets written in the real formats (tests/fakes.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from fakes import (
+    CS_CAMERA,
+    cs_name,
+    load_tool,
+    make_cityscapes,
+    make_nyudv2,
+    make_synthia,
+    make_vkitti2,
+    write_png,
+)
+
+from uda.data.decode import DataError, semantic_edges
+from uda.data.labels import CATALOGUE_DIR, get_class_map
+from uda.data.readers import build_dataset
+from uda.data.splits import read_split_file, split_ids
+from uda.geometry import normals_from_depth
+
+
+def close(a: torch.Tensor, b: np.ndarray, rtol: float = 1e-6) -> bool:
+    return np.allclose(a.numpy(), b, rtol=rtol, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ SYNTHIA
+
+
+def test_synthia_decodes_16bit_label_channel_and_depth_cm(tmp_path: Path) -> None:
+    gt = make_synthia(tmp_path)
+    ds = build_dataset("synthia", "train", ("semseg", "depth"), "synthia16", root=tmp_path)
+    assert ds.ids == ["0000000", "0000001", "0000002"]
+    s = ds[1]
+    g = gt["0000001"]
+    assert set(s) == {"image", "K", "semseg", "depth", "domain", "meta"}
+    assert s["image"].dtype == torch.float32 and s["image"].shape == (3, 8, 12)
+    assert 0.0 <= s["image"].min() and s["image"].max() <= 1.0
+    assert s["semseg"].dtype == torch.int64
+    assert np.array_equal(s["semseg"].numpy(), get_class_map("synthia", "synthia16").apply(g["label"]))
+    assert s["depth"].shape == (1, 8, 12) and close(s["depth"][0], g["depth"])
+    # The published 1280x760 intrinsics scaled to this 12x8 image.
+    K = s["K"].numpy()
+    assert np.allclose(
+        K, [[532.740352 * 12 / 1280, 0, 640 * 12 / 1280], [0, 532.740352 * 8 / 760, 380 * 8 / 760], [0, 0, 1]]
+    )
+    assert s["meta"] == {"dataset": "synthia", "id": "0000001", "split": "train"}
+    assert s["domain"] == 0
+
+
+def test_synthia_loads_only_what_tasks_need(tmp_path: Path) -> None:
+    make_synthia(tmp_path)
+    for f in (tmp_path / "Depth" / "Depth").iterdir():
+        f.unlink()
+    (tmp_path / "Depth" / "Depth").rmdir()
+    s = build_dataset("synthia", "val", ("semseg",), root=tmp_path, domain=1)[0]
+    assert "depth" not in s and "semseg" in s and s["domain"] == 1
+    assert "semseg" not in build_dataset("synthia", "val", (), root=tmp_path)[0]
+    with pytest.raises(DataError, match=r"Depth/Depth: missing folder \(depth\)"):
+        build_dataset("synthia", "val", ("depth",), root=tmp_path)
+
+
+def test_synthia_8bit_label_and_depth_are_refused(tmp_path: Path) -> None:
+    make_synthia(tmp_path, n=3)
+    write_png(tmp_path / "GT" / "LABELS" / "0000000.png", np.zeros((8, 12, 3), np.uint8))
+    write_png(tmp_path / "Depth" / "Depth" / "0000000.png", np.zeros((8, 12, 3), np.uint8))
+    with pytest.raises(DataError, match="0000000.png: label PNG is 8-bit colour"):
+        build_dataset("synthia", "train", ("semseg",), root=tmp_path)[0]
+    with pytest.raises(DataError, match="0000000.png: depth PNG is 8-bit, expected 16-bit"):
+        build_dataset("synthia", "train", ("depth",), root=tmp_path)[0]
+
+
+def test_normals_and_edges_derived_from_depth_and_labels(tmp_path: Path) -> None:
+    make_synthia(tmp_path, n=3, h=10, w=14)
+    # A fronto-parallel wall at 12.34 m: normals point at the camera, (0, 0, -1), inside the border.
+    write_png(tmp_path / "Depth" / "Depth" / "0000000.png", np.full((10, 14, 3), 1234, np.uint16))
+    label = np.full((10, 14), 3, np.uint16)  # road
+    label[:, 9:] = 1  # sky
+    label[0, 0] = 13  # parking-slot: ignored in synthia16, still a boundary
+    write_png(tmp_path / "GT" / "LABELS" / "0000000.png", np.stack([label * 0, label * 0, label], -1))
+    s = build_dataset("synthia", "train", ("normals", "edges"), root=tmp_path)[0]
+    assert set(s) == {"image", "K", "normals", "edges", "domain", "meta"}
+    n = s["normals"]
+    assert n.shape == (3, 10, 14) and n.dtype == torch.float32
+    assert torch.allclose(n[:, 1:-1, 1:-1], torch.tensor([0.0, 0.0, -1.0])[:, None, None], atol=1e-5)
+    assert (n[:, 0] == 0).all() and (n[:, :, -1] == 0).all()  # border unknown
+    expected = np.zeros((10, 14), np.float32)
+    expected[:, 8:10] = 1.0
+    expected[0, 1] = expected[1, 0] = expected[0, 0] = 1.0
+    assert np.array_equal(s["edges"][0].numpy(), expected)
+
+
+def test_normals_match_geometry_on_real_depth(tmp_path: Path) -> None:
+    gt = make_synthia(tmp_path, n=3)
+    s = build_dataset("synthia", "train", ("normals",), root=tmp_path)[0]
+    depth = torch.from_numpy(gt["0000000"]["depth"]).float()[None, None]
+    n, valid = normals_from_depth(depth, s["K"][None])
+    assert torch.allclose(s["normals"], (n * valid)[0], atol=1e-5)
+
+
+def test_semantic_edges_mark_both_sides() -> None:
+    label = np.array([[1, 1, 2], [1, 1, 2], [3, 3, 3]])
+    assert semantic_edges(label).tolist() == [[0, 1, 1], [1, 1, 1], [1, 1, 1]]
+    assert semantic_edges(np.zeros((3, 3), int)).sum() == 0
+
+
+# ------------------------------------------------------------------------------------------------ Cityscapes
+
+
+def test_cityscapes_disparity_and_camera_to_metres(tmp_path: Path) -> None:
+    gt = make_cityscapes(tmp_path, frames=())
+    ds = build_dataset("cityscapes", "train", ("semseg", "depth"), "cityscapes19", root=tmp_path)
+    assert ds.ids == ["aachen/aachen_000000_000019", "bochum/bochum_000000_000313"]
+    for i, id in enumerate(ds.ids):
+        s = ds[i]
+        assert close(s["depth"][0], gt[id]["depth"], rtol=1e-5)
+        assert np.array_equal(
+            s["semseg"].numpy(), get_class_map("cityscapes", "cityscapes19").apply(gt[id]["label"])
+        )
+    d = ds[0]["depth"][0]
+    # png 0 (no measurement) and 1 (zero disparity) give 0; png 2 is disparity 1/256 px.
+    assert d[0, 0] == 0 and d[0, 1] == 0
+    assert d[0, 2].item() == pytest.approx(CS_CAMERA["baseline"] * CS_CAMERA["fx"] * 256, rel=1e-6)
+    # The json intrinsics are for 2048x1024; this image is 16x8.
+    K = ds[0]["K"].numpy()
+    assert K[0, 0] == pytest.approx(CS_CAMERA["fx"] * 16 / 2048) and K[1, 2] == pytest.approx(
+        CS_CAMERA["v0"] * 8 / 1024
+    )
+
+
+def test_cityscapes_json_at_image_resolution_is_not_rescaled(tmp_path: Path) -> None:
+    camera = {"baseline": 0.5, "fx": 20.0, "fy": 21.0, "u0": 8.5, "v0": 4.25}
+    gt = make_cityscapes(tmp_path, camera=camera, frames=())
+    s = build_dataset("cityscapes", "train", ("depth",), root=tmp_path)[0]
+    assert np.allclose(s["K"].numpy(), [[20.0, 0, 8.5], [0, 21.0, 4.25], [0, 0, 1]])
+    assert close(s["depth"][0], gt["aachen/aachen_000000_000019"]["depth"], rtol=1e-5)
+
+
+def test_cityscapes_without_disparity_still_serves_semseg(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path, disparity=False, frames=())
+    s = build_dataset("cityscapes", "train", ("semseg",), root=tmp_path)[0]
+    assert s["semseg"].shape == (8, 16) and "depth" not in s
+    with pytest.raises(
+        DataError, match=r"disparity/train: missing folder \(depth\).*datasets/cityscapes/README.md"
+    ):
+        build_dataset("cityscapes", "train", ("depth",), root=tmp_path)
+
+
+def test_cityscapes_sequence_frames(tmp_path: Path) -> None:
+    gt = make_cityscapes(tmp_path, frames=(-2, 1))
+    ds = build_dataset("cityscapes", "train", (), root=tmp_path, frames=(-2, 1), domain=1)
+    s = ds[1]
+    g = gt["bochum/bochum_000000_000313"]
+    assert set(s["frames"]) == {-2, 1}
+    for k in (-2, 1):
+        assert np.array_equal((s["frames"][k] * 255).round().byte().permute(1, 2, 0).numpy(), g["frames"][k])
+    assert np.array_equal((s["image"] * 255).round().byte().permute(1, 2, 0).numpy(), g["frames"][0])
+    missing = (
+        tmp_path
+        / "leftImg8bit_sequence/train/bochum"
+        / f"{cs_name('bochum_000000_000313', 1)}_leftImg8bit.png"
+    )
+    missing.unlink()
+    with pytest.raises(DataError, match="bochum_000000_000314_leftImg8bit.png: missing image file"):
+        ds[1]
+    with pytest.raises(ValueError, match="synthia has no video frames"):
+        build_dataset("synthia", "train", (), frames=(-1, 1))
+
+
+def test_cityscapes_splits_from_folders_and_all(tmp_path: Path) -> None:
+    make_cityscapes(
+        tmp_path, "train", ids=("zurich/zurich_000001_000019", "aachen/aachen_000002_000019"), frames=()
+    )
+    make_cityscapes(tmp_path, "val", ids=("lindau/lindau_000000_000019",), frames=())
+    tr = build_dataset("cityscapes", "train", ("semseg",), root=tmp_path)
+    assert tr.ids == ["aachen/aachen_000002_000019", "zurich/zurich_000001_000019"]
+    al = build_dataset("cityscapes", "all", ("semseg", "depth"), root=tmp_path)
+    assert al.ids == [
+        "aachen/aachen_000002_000019",
+        "lindau/lindau_000000_000019",
+        "zurich/zurich_000001_000019",
+    ]
+    assert al[1]["depth"].shape == (1, 8, 16)  # the val item resolves its files under val/
+    with pytest.raises(DataError, match="valid splits: train, val, all"):
+        build_dataset("cityscapes", "test", (), root=tmp_path)
+    (tmp_path / "leftImg8bit" / "test").mkdir()
+    with pytest.raises(DataError, match="split 'test' of cityscapes is empty"):
+        build_dataset("cityscapes", "test", (), root=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ VKITTI2
+
+
+def test_vkitti2_colour_labels_depth_and_intrinsics(tmp_path: Path) -> None:
+    gt = make_vkitti2(tmp_path)
+    ds = build_dataset("vkitti2", "all", ("semseg", "depth"), "vkitti2_14", root=tmp_path)
+    assert ds.ids == ["Scene01/00000", "Scene01/00001", "Scene01/00002", "Scene02/00000", "Scene02/00001"]
+    for i, id in enumerate(ds.ids):
+        s = ds[i]
+        assert np.array_equal(
+            s["semseg"].numpy(), get_class_map("vkitti2", "vkitti2_14").apply(gt[id]["label"])
+        )
+        assert close(s["depth"][0], gt[id]["depth"])
+        assert np.allclose(s["K"].numpy(), gt[id]["K"])
+    assert ds[0]["depth"][0, 0, 0] == 0  # 65535 = sky/far -> no measurement
+
+
+def test_vkitti2_unknown_colour_names_the_file(tmp_path: Path) -> None:
+    make_vkitti2(tmp_path)
+    path = tmp_path / "Scene01/clone/frames/classSegmentation/Camera_0/classgt_00001.png"
+    bad = cv2.imread(str(path))
+    bad[2, 3] = (1, 2, 3)
+    cv2.imwrite(str(path), bad)
+    ds = build_dataset("vkitti2", "train", ("semseg",), root=tmp_path)
+    with pytest.raises(
+        DataError, match=r"classgt_00001.png: colour \(3, 2, 1\) at 1 pixels is not in colors.txt"
+    ):
+        ds[1]
+
+
+def test_vkitti2_frames_drop_scene_ends(tmp_path: Path) -> None:
+    make_vkitti2(tmp_path, scenes={"Scene01": 4})
+    with pytest.warns(UserWarning, match="2 of 4 ids lack the frames"):
+        ds = build_dataset("vkitti2", "all", ("depth",), root=tmp_path, frames=(-1, 1))
+    assert ds.ids == ["Scene01/00001", "Scene01/00002"]
+    assert set(ds[0]["frames"]) == {-1, 1}
+
+
+# ------------------------------------------------------------------------------------------------ NYUDv2
+
+
+def test_nyudv2_decoding(tmp_path: Path) -> None:
+    gt = make_nyudv2(tmp_path)
+    ds = build_dataset("nyudv2", "train", ("semseg", "depth", "normals", "edges"), root=tmp_path)
+    assert ds.ids == ["0001", "0002"]
+    s = ds[0]
+    g = gt["0001"]
+    expected = np.where(g["label"] == 0, 255, g["label"] - 1)
+    assert np.array_equal(s["semseg"].numpy(), expected)
+    assert s["depth"][0, 0, 0] == 0 and close(s["depth"][0, 1:], g["depth"][1:])
+    n = s["normals"].numpy()
+    assert np.all(n[:, 0, 0] == 0)
+    assert np.allclose(np.linalg.norm(n, axis=0).ravel()[1:], 1.0, atol=1e-5)
+    cos = (n * g["normals"]).sum(0).ravel()[1:]
+    assert cos.min() > np.cos(np.deg2rad(1.0))  # 8-bit quantisation only
+    assert np.array_equal(s["edges"][0].numpy() > 0, g["edges"])
+    assert np.allclose(s["K"].numpy()[0], [518.86 * 8 / 640, 0, 325.58 * 8 / 640])
+    assert build_dataset("nyudv2", "val", (), root=tmp_path).ids == ["0003"]
+
+
+# ------------------------------------------------------------------------------------------------ splits and errors
+
+
+def test_shipped_splits_disjoint_sorted_stable() -> None:
+    for dataset, n in (("synthia", 9400), ("vkitti2", 2126)):
+        folder = CATALOGUE_DIR / dataset / "splits"
+        train, val = read_split_file(folder / "train.txt"), read_split_file(folder / "val.txt")
+        assert train == sorted(train) and val == sorted(val)
+        assert not set(train) & set(val)
+        assert len(train) + len(val) == n and len(val) == round(0.2 * n)
+        # Regenerating gives the same files: the split is a function of the ids and the seed only.
+        assert split_ids(load_tool("make_splits").known_ids(dataset)) == {"train": train, "val": val}
+    assert "0009399" in read_split_file(CATALOGUE_DIR / "synthia/splits/train.txt") + read_split_file(
+        CATALOGUE_DIR / "synthia/splits/val.txt"
+    )
+
+
+def test_split_id_missing_on_disk_is_an_error(tmp_path: Path) -> None:
+    make_synthia(tmp_path, n=4)
+    (tmp_path / "RGB" / "0000001.png").unlink()
+    with pytest.raises(DataError, match=r"0000001.png: missing image for 1 of 2 ids of split 'train'"):
+        build_dataset("synthia", "train", (), root=tmp_path)
+    (tmp_path / "splits" / "val.txt").write_text("\n")
+    with pytest.raises(ValueError, match="split file is empty"):
+        build_dataset("synthia", "val", (), root=tmp_path)
+
+
+def test_missing_dataset_and_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"synthia not found \(no RGB/ folder\).*--data-root.*README.md"):
+        build_dataset("synthia", "train", (), root=tmp_path / "nowhere")
+    make_synthia(tmp_path, n=3)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        build_dataset("synthia", "train", ("segmentation",), root=tmp_path)
+    with pytest.raises(ValueError, match="valid names: synthia, cityscapes, vkitti2, nyudv2"):
+        build_dataset("kitti", "train", ())
+
+
+def test_size_mismatch_and_truncated_file(tmp_path: Path) -> None:
+    make_synthia(tmp_path, n=3)
+    write_png(tmp_path / "Depth" / "Depth" / "0000000.png", np.zeros((4, 12, 3), np.uint16))
+    with pytest.raises(DataError, match=r"0000000.png: size 12x4 differs from image 0000000.png \(12x8\)"):
+        build_dataset("synthia", "train", ("depth",), root=tmp_path)[0]
+    path = tmp_path / "RGB" / "0000000.png"
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(DataError, match="RGB/0000000.png: truncated PNG"):
+        build_dataset("synthia", "train", (), root=tmp_path)[0]
+
+
+def test_transform_is_applied(tmp_path: Path) -> None:
+    make_synthia(tmp_path, n=3)
+
+    def tag(sample: dict) -> dict:
+        sample["image"] = sample["image"] * 0
+        return sample
+
+    assert build_dataset("synthia", "train", (), root=tmp_path, transform=tag)[0]["image"].abs().sum() == 0
+
+
+def test_unknown_label_ids_name_the_file(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path, frames=())
+    path = tmp_path / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png"
+    cv2.imwrite(str(path), np.full((8, 16), 40, np.uint8))
+    with pytest.raises(
+        DataError, match=r"aachen_000000_000019_gtFine_labelIds.png: label ids 40 are not cityscapes"
+    ):
+        build_dataset("cityscapes", "train", ("semseg",), root=tmp_path)[0]
+
+
+def test_camera_json_is_read_exactly(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path, frames=())
+    path = tmp_path / "camera/train/aachen/aachen_000000_000019_camera.json"
+    data = json.loads(path.read_text())
+    data["extrinsic"]["baseline"] = 2 * CS_CAMERA["baseline"]
+    path.write_text(json.dumps(data))
+    ds = build_dataset("cityscapes", "train", ("depth",), root=tmp_path)
+    png = cv2.imread(
+        str(tmp_path / "disparity/train/aachen/aachen_000000_000019_disparity.png"), cv2.IMREAD_UNCHANGED
+    )
+    valid = png > 1
+    expected = 2 * CS_CAMERA["baseline"] * CS_CAMERA["fx"] * 256.0 / (png[valid].astype(np.float64) - 1)
+    assert np.allclose(ds[0]["depth"][0].numpy()[valid], expected, rtol=1e-5)
+    del data["intrinsic"]["fx"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="aachen_000000_000019_camera.json: malformed camera json"):
+        ds[0]

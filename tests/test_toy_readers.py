@@ -1,0 +1,71 @@
+"""Readers against the toy renderer's exact ground truth: the files written by uda.data.toy decode back to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uda.data.labels import get_class_map
+from uda.data.readers import build_dataset
+from uda.data.toy import make_toy_data, render_frame, vkitti2_name
+
+FRAMES, H, W = 6, 64, 128
+LABEL_SETS = {"synthia": "synthia16", "cityscapes": "cityscapes16", "vkitti2": "vkitti2_8"}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_data(out, frames=FRAMES, height=H, width=W, workers=1, progress=False)
+    return out
+
+
+def frame_index(domain: str, id: str) -> int:
+    """The toy's labelled-frame index of a reader id."""
+    if domain == "synthia":
+        return int(id)
+    if domain == "cityscapes":
+        return int(id.split("_")[1])  # <city>/<city>_<seq>_000019, seq = index
+    return next(i for i in range(FRAMES) if "{}/{:05d}".format(*vkitti2_name(i)) == id)
+
+
+@pytest.mark.parametrize("domain", ["synthia", "cityscapes", "vkitti2"])
+def test_depth_labels_normals_and_K_match_the_render(toy: Path, domain: str) -> None:
+    ds = build_dataset(domain, "all", ("semseg", "depth", "normals"), LABEL_SETS[domain], root=toy / domain)
+    assert len(ds) == FRAMES
+    cmap = get_class_map(domain, LABEL_SETS[domain])
+    for i, id in enumerate(ds.ids):
+        truth = render_frame(domain, frame_index(domain, id), 0, H, W)
+        s = ds[i]
+        assert np.allclose(s["K"].numpy(), truth["K"], rtol=1e-5)
+        assert np.array_equal(s["semseg"].numpy(), cmap.apply(truth["label"]))
+        depth = s["depth"][0].numpy()
+        valid = depth > 0
+        assert valid.mean() > 0.5, "most pixels should carry depth"
+        # 1 % plus half a centimetre: the PNGs store whole centimetres (or 1/256 px of disparity).
+        assert np.all(np.abs(depth[valid] - truth["depth"][valid]) <= 0.01 * truth["depth"][valid] + 0.005)
+        normals = s["normals"].numpy()
+        known = np.abs(normals).sum(0) > 0
+        cos = (normals * truth["normals"].transpose(2, 0, 1)).sum(0)[known]
+        assert known.mean() > 0.4
+        assert np.median(np.degrees(np.arccos(np.clip(cos, -1, 1)))) < 2.0
+
+
+def test_cityscapes_sequence_frames_are_the_rendered_neighbours(toy: Path) -> None:
+    ds = build_dataset("cityscapes", "train", (), root=toy / "cityscapes", frames=(-1, 1), domain=1)
+    s = ds[0]
+    index = frame_index("cityscapes", ds.ids[0])
+    for k in (-1, 1):
+        expected = render_frame("cityscapes", index, 0, H, W, offset=k)["image"]
+        got = (s["frames"][k].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert np.array_equal(got, expected)
+    assert s["domain"] == 1 and set(s) == {"image", "K", "frames", "domain", "meta"}
+
+
+def test_toy_split_files_are_used(toy: Path) -> None:
+    for domain in ("synthia", "vkitti2"):
+        train = build_dataset(domain, "train", (), root=toy / domain).ids
+        val = build_dataset(domain, "val", (), root=toy / domain).ids
+        assert not set(train) & set(val) and len(train) + len(val) == FRAMES

@@ -1,0 +1,263 @@
+"""Writers of the toy datasets in the real SYNTHIA, Cityscapes and VKITTI2 on-disk formats, and the driver."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from uda.data.splits import split_ids, write_split_files
+from uda.data.toy.render import render, render_frame
+from uda.data.toy.scene import (
+    CS_BASELINE,
+    CS_LABELLED_FRAME,
+    CS_MAX_DEPTH,
+    CS_MIN_DISPARITY,
+    CS_TRAIN_CITIES,
+    CS_VAL_CITY,
+    DOMAINS,
+    EGO,
+    SKY,
+    SKY_DEPTH,
+    VERSION,
+    VK_BASELINE,
+    VK_FRAMES_PER_SCENE,
+    VKITTI2_CATEGORIES,
+    camera_pose,
+    check_domain,
+    check_size,
+    domain_size,
+    intrinsics,
+    rng_for,
+    street_for,
+    street_of,
+)
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"{path}: cv2.imwrite failed; check that the folder is writable")
+
+
+def _centimetres(depth: np.ndarray) -> np.ndarray:
+    """Depth in metres -> uint16 centimetres, clipped to 65535 (the SYNTHIA and VKITTI2 encoding)."""
+    return np.clip(np.round(depth.astype(np.float64) * 100), 0, 65535).astype(np.uint16)
+
+
+def _write_synthia(out: Path, index: int, seed: int, height: int, width: int) -> None:
+    f = render_frame("synthia", index, seed, height, width)
+    name = f"{index:07d}.png"
+    _write_png(out / "RGB" / name, f["image"][..., ::-1])
+    label = np.zeros(f["label"].shape + (3,), np.uint16)
+    label[..., 2] = f["label"]  # cv2 writes BGR: array channel 2 is the PNG's first (R) channel
+    label[..., 1] = f["instance"]
+    _write_png(out / "GT" / "LABELS" / name, label)
+    # three equal 16-bit channels: cv2.IMREAD_ANYDEPTH (grey) and any single channel give the centimetres
+    _write_png(out / "Depth" / "Depth" / name, np.repeat(_centimetres(f["depth"])[..., None], 3, axis=2))
+
+
+def cityscapes_disparity(
+    depth: np.ndarray, classes: np.ndarray, fx: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Cityscapes disparity PNG values uint16 (disparity px * 256 + 1; 0 = invalid) from depth in metres.
+
+    Invalid as in SGM output: sky, ego vehicle, beyond CS_MAX_DEPTH or below CS_MIN_DISPARITY, a left
+    border without a match in the right image, and a few random holes.
+    """
+    h, w = depth.shape
+    disp = CS_BASELINE * fx / depth.astype(np.float64)
+    valid = (classes != SKY) & (classes != EGO) & (depth <= CS_MAX_DEPTH) & (disp >= CS_MIN_DISPARITY)
+    valid[:, : max(1, round(0.04 * w))] = False
+    holes = np.zeros((h, w), np.uint8)
+    for _ in range(int(rng.integers(2, 6))):
+        centre = (int(rng.integers(w)), int(rng.integers(h // 3, h)))
+        axes = (int(rng.integers(2, max(3, w // 30))), int(rng.integers(2, max(3, h // 30))))
+        cv2.ellipse(holes, centre, axes, 0, 0, 360, 1, -1)
+    valid &= holes == 0
+    return np.where(valid, np.clip(np.round(disp * 256) + 1, 1, 65535), 0).astype(np.uint16)
+
+
+def cityscapes_name(index: int) -> tuple[str, str, int]:
+    """(split, city, sequence number) of Cityscapes labelled frame `index`: every 5th frame is val."""
+    if index % 5 == 4:
+        return "val", CS_VAL_CITY, index
+    return "train", CS_TRAIN_CITIES[(index % 5) % len(CS_TRAIN_CITIES)], index
+
+
+def _write_cityscapes(out: Path, index: int, seed: int, height: int, width: int) -> None:
+    split, city, seq = cityscapes_name(index)
+    f = render_frame("cityscapes", index, seed, height, width)
+    stem = f"{city}_{seq:06d}_{CS_LABELLED_FRAME:06d}"
+    sub = Path(split) / city
+    _write_png(out / "leftImg8bit" / sub / f"{stem}_leftImg8bit.png", f["image"][..., ::-1])
+    _write_png(out / "gtFine" / sub / f"{stem}_gtFine_labelIds.png", f["label"].astype(np.uint8))
+    K = f["K"]
+    disp = cityscapes_disparity(
+        f["depth"], f["classes"], float(K[0, 0]), rng_for(seed, "cityscapes", index, 3)
+    )
+    _write_png(out / "disparity" / sub / f"{stem}_disparity.png", disp)
+    forward = f["pose"][:3, 2]
+    camera = {
+        "extrinsic": {"baseline": CS_BASELINE, "pitch": math.asin(float(forward[1])), "roll": 0.0, "x": 1.7,
+                      "y": 0.1, "yaw": 0.0, "z": float(-f["pose"][1, 3])},
+        "intrinsic": {"fx": float(K[0, 0]), "fy": float(K[1, 1]), "u0": float(K[0, 2]), "v0": float(K[1, 2])},
+    }  # fmt: skip
+    path = out / "camera" / sub / f"{stem}_camera.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(camera, indent=4) + "\n")
+    for offset in (-1, 0, 1):  # the sequence folder holds the labelled frame too, as in the real dataset
+        img = (
+            f["image"]
+            if offset == 0
+            else render_frame("cityscapes", index, seed, height, width, offset)["image"]
+        )
+        name = f"{city}_{seq:06d}_{CS_LABELLED_FRAME + offset:06d}_leftImg8bit.png"
+        _write_png(out / "leftImg8bit_sequence" / sub / name, img[..., ::-1])
+
+
+def vkitti2_name(index: int) -> tuple[str, int]:
+    """(scene folder, frame number) of VKITTI2 labelled frame `index`, e.g. ("Scene01", 42)."""
+    scene, frame = street_of("vkitti2", index)
+    return f"Scene{scene + 1:02d}", frame
+
+
+def _write_vkitti2(out: Path, index: int, seed: int, height: int, width: int) -> None:
+    scene, frame = vkitti2_name(index)
+    h, w = domain_size("vkitti2", height, width)
+    f, jpeg = render("vkitti2", index, seed, h, w, 0)
+    root = out / scene / "clone" / "frames"
+    path = root / "rgb" / "Camera_0" / f"rgb_{frame:05d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(jpeg)
+    _write_png(root / "depth" / "Camera_0" / f"depth_{frame:05d}.png", _centimetres(f["depth"]))
+    colours = np.array([c for _, c in VKITTI2_CATEGORIES], np.uint8)
+    _write_png(
+        root / "classSegmentation" / "Camera_0" / f"classgt_{frame:05d}.png", colours[f["label"]][..., ::-1]
+    )
+
+
+def _write_vkitti2_scene_files(out: Path, frames: int, seed: int, height: int, width: int) -> None:
+    """colors.txt, intrinsic.txt and extrinsic.txt (world-to-camera, both cameras) of every scene."""
+    h, w = domain_size("vkitti2", height, width)
+    K = intrinsics("vkitti2", h, w)
+    scenes: dict[str, list[int]] = {}
+    for index in range(frames):
+        scenes.setdefault(vkitti2_name(index)[0], []).append(index)
+    colours = "Category r g b\n" + "".join(f"{n} {r} {g} {b}\n" for n, (r, g, b) in VKITTI2_CATEGORIES)
+    for scene, indices in scenes.items():
+        folder = out / scene / "clone"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "colors.txt").write_text(colours)
+        intr = ["frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]"]
+        extr = ["frame cameraID r1,1 r1,2 r1,3 t1 r2,1 r2,2 r2,3 t2 r3,1 r3,2 r3,3 t3 0 0 0 1"]
+        street = street_for("vkitti2", indices[0], seed)
+        for index in indices:
+            frame = vkitti2_name(index)[1]
+            world_to_cam = np.linalg.inv(camera_pose("vkitti2", index, 0, seed, street))
+            for cam in (0, 1):
+                m = world_to_cam.copy()
+                m[0, 3] -= cam * VK_BASELINE  # Camera_1 sits VK_BASELINE to the right of Camera_0
+                intr.append(f"{frame} {cam} {K[0, 0]:.6f} {K[1, 1]:.6f} {K[0, 2]:.6f} {K[1, 2]:.6f}")
+                extr.append(f"{frame} {cam} " + " ".join(f"{x:.6f}" for x in m.ravel()))
+        (folder / "intrinsic.txt").write_text("\n".join(intr) + "\n")
+        (folder / "extrinsic.txt").write_text("\n".join(extr) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+_WRITERS = {"synthia": _write_synthia, "cityscapes": _write_cityscapes, "vkitti2": _write_vkitti2}
+
+
+def _task(args: tuple) -> str:
+    out, domain, index, seed, height, width = args
+    _WRITERS[domain](Path(out) / domain, index, seed, height, width)
+    return domain
+
+
+def _worker_init() -> None:
+    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would only oversubscribe
+
+
+def make_toy_data(
+    out: str | Path,
+    frames: int = 240,
+    height: int = 256,
+    width: int = 512,
+    seed: int = 0,
+    domains: Sequence[str] = DOMAINS,
+    workers: int | None = None,
+    progress: bool = True,
+) -> None:
+    """Render `frames` labelled frames per domain and write them in the real on-disk formats under out/.
+
+    height, width: the Cityscapes (target) size in pixels; sources use `domain_size`. Bit-identical for a
+    given (seed, frames, size). Writes out/<domain>/..., split files, and out/toy_info.json last.
+    An existing toy dataset in out/ is replaced; a folder with other data is never touched.
+    """
+    out = Path(out)
+    domains = tuple(domains)
+    for d in domains:
+        check_domain(d)
+    check_size(height, width)
+    if frames < 1:
+        raise ValueError(f"frames={frames}: need at least one labelled frame per domain")
+    workers = os.cpu_count() or 1 if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers={workers}: need at least one worker process")
+    info_path = out / "toy_info.json"
+    for d in domains:
+        if (out / d).exists():
+            if not info_path.is_file():
+                raise FileExistsError(
+                    f"{out / d}: exists and is not toy data (no {info_path}); pick another --out"
+                )
+            shutil.rmtree(out / d)
+    if info_path.is_file():
+        info_path.unlink()  # re-written last, so its presence means a complete dataset
+    out.mkdir(parents=True, exist_ok=True)
+    # interleave domains so every worker gets a similar mix of cheap and expensive frames
+    tasks = [(str(out), d, i, seed, height, width) for i in range(frames) for d in domains]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="toy data", unit="frame", disable=not progress)
+    if workers == 1:
+        _worker_init()
+        for t in tasks:
+            _task(t)
+            bar.update()
+    else:
+        ctx = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        )
+        with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
+            for _ in pool.imap_unordered(_task, tasks, chunksize=2):
+                bar.update()
+    bar.close()
+    if "synthia" in domains:
+        write_split_files(out / "synthia" / "splits", split_ids(f"{i:07d}" for i in range(frames)))
+    if "vkitti2" in domains:
+        _write_vkitti2_scene_files(out / "vkitti2", frames, seed, height, width)
+        ids = [f"{s}/{f:05d}" for s, f in map(vkitti2_name, range(frames))]
+        write_split_files(out / "vkitti2" / "splits", split_ids(ids))
+    info = {
+        "generator": "uda.data.toy",
+        "version": VERSION,
+        "seed": seed,
+        "frames": frames,
+        "target_size": [height, width],
+        "sizes": {d: list(domain_size(d, height, width)) for d in domains},
+        "domains": list(domains),
+        "sky_depth_m": SKY_DEPTH,
+        "vkitti2_frames_per_scene": VK_FRAMES_PER_SCENE,
+    }
+    tmp = info_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.replace(info_path)
