@@ -96,6 +96,8 @@ def train_loader(
         collate_fn=collate,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)
 
@@ -123,6 +125,7 @@ def eval_loader(
         sampler=ShardedEval(len(dataset), rank, world_size),  # type: ignore[arg-type]
         num_workers=num_workers,
         collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),  # leaves the global RNG (training state) untouched
     )
 
 
