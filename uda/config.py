@@ -39,6 +39,8 @@ class ModelConfig:
     downscale: int = 4  # xTAM token downscale s
     depth_output: Literal["inverse", "disparity"] = "inverse"  # linear d_far/d, or sigmoid disparity (SDE)
     output_scales: tuple[int, ...] | None = None  # side outputs; None = exchange scales + final scale 0
+    # Initial raw depth output (inverse normalised depth d_far/d): 32.768 = 20 m with d_far = 655.36 m.
+    depth_init: float = 32.768
 
 
 @dataclass

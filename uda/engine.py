@@ -137,7 +137,8 @@ class Trainer:
             self.aligned = [(t, s) for t in self.adapt.tasks if t in self.tasks for s in scales]
         self.step = 0
         self.bad_steps = 0
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # validation results
+        self.loss_log: list[dict[str, float]] = []  # training losses of this process, per step
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -244,44 +245,65 @@ class Trainer:
             )
         return torch.stack(losses).mean()
 
-    def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """One optimisation step: model update (task + adversarial loss), then discriminator update."""
+    def adapting(self) -> bool:
+        """Whether the adversarial terms are on at the current step."""
+        return self.adapt is not None and self.step >= self.adapt.start_step and self.adapt.lambda_adv > 0
+
+    def model_update(
+        self, batch: Mapping[str, Any]
+    ) -> tuple[dict, dict | None, dict[str, torch.Tensor], bool]:
+        """Update the multi-task model on the task loss (+ adversarial loss on target outputs, discriminators frozen).
+
+        Returns the outputs of both domains, the detached logs and whether the step was finite (applied).
+        """
         acc = self.accelerator
-        adapting = self.adapt is not None and self.step >= self.adapt.start_step and self.adapt.lambda_adv > 0
-        self.set_learning_rates(self.step)
         if self.discriminators is not None:
             self.discriminators.requires_grad_(False)
         with acc.autocast():
             out_src, out_tgt = self.forward_domains(batch)
             loss, logs = self.criterion(out_src, batch["source"])
-            if adapting:
+            if self.adapting():
                 size = tuple(batch["target"]["image"].shape[-2:])
                 adv = self.adversarial_loss(out_tgt, size, is_source=True, detach=False)
                 loss = loss + self.adapt.lambda_adv * adv
                 logs["loss/adv"] = adv.detach()
         acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
-        finite = bool(torch.isfinite(loss.detach()).item()) and bool(
-            torch.isfinite(torch.as_tensor(grad_norm)).item()
+        grad_norm = torch.as_tensor(
+            acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
         )
+        # The gradient norm is taken after the all-reduce, so every process takes the same decision.
+        finite = bool(torch.isfinite(loss.detach()).item()) and bool(torch.isfinite(grad_norm).item())
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if adapting and finite:
-            self.discriminators.requires_grad_(True)
-            with acc.autocast():
-                size_s = tuple(batch["source"]["image"].shape[-2:])
-                size_t = tuple(batch["target"]["image"].shape[-2:])
-                d_loss = 0.5 * (
-                    self.adversarial_loss(out_src, size_s, is_source=True, detach=True)
-                    + self.adversarial_loss(out_tgt, size_t, is_source=False, detach=True)
-                )
-            acc.backward(d_loss)
-            self.disc_optimizer.step()
-            self.disc_optimizer.zero_grad(set_to_none=True)
-            logs["loss/disc"] = d_loss.detach()
         logs["loss/total"] = loss.detach()
-        logs["grad_norm"] = torch.as_tensor(grad_norm).detach()
+        logs["grad_norm"] = grad_norm.detach()
+        return out_src, out_tgt, logs, finite
+
+    def discriminator_update(
+        self, batch: Mapping[str, Any], out_src: Mapping, out_tgt: Mapping
+    ) -> torch.Tensor:
+        """Update the discriminators on detached outputs: source -> 1, target -> 0 (paper Eq. 7)."""
+        acc = self.accelerator
+        self.discriminators.requires_grad_(True)
+        with acc.autocast():
+            size_s = tuple(batch["source"]["image"].shape[-2:])
+            size_t = tuple(batch["target"]["image"].shape[-2:])
+            d_loss = 0.5 * (
+                self.adversarial_loss(out_src, size_s, is_source=True, detach=True)
+                + self.adversarial_loss(out_tgt, size_t, is_source=False, detach=True)
+            )
+        acc.backward(d_loss)
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return d_loss.detach()
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """One optimisation step: model update, then (when adapting) discriminator update."""
+        self.set_learning_rates(self.step)
+        out_src, out_tgt, logs, finite = self.model_update(batch)
+        if self.adapting() and finite:
+            logs["loss/disc"] = self.discriminator_update(batch, out_src, out_tgt)
         values = {k: float(v) for k, v in logs.items()}
         values["finite"] = float(finite)
         return values
@@ -435,6 +457,7 @@ class Trainer:
             batch = move_to(next(batches), acc.device)
             last = self.train_step(batch)
             self.step += 1
+            self.loss_log.append({"step": self.step, **last})
             if last["finite"]:
                 self.bad_steps = 0
             else:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from uda.config import EvalConfig, ModelConfig
 from uda.geometry import disparity_to_depth, inverse_normalised_to_depth
-from uda.metrics import MultiTaskMetrics
+from uda.metrics import DepthMetric, MultiTaskMetrics
 
 
 def to_predictions(
@@ -93,6 +93,12 @@ def evaluate(
         per_image=eval_cfg.per_image,
         device=torch.device(device),
     )
+    # With median scaling, absolute (unscaled) depth errors are reported too, as depth_unscaled/*.
+    unscaled = None
+    if eval_cfg.median_scaling and "depth" in tasks:
+        unscaled = DepthMetric(
+            eval_cfg.min_depth, eval_cfg.max_depth, False, eval_cfg.per_image, torch.device(device)
+        )
     for i, batch in enumerate(tqdm(batches, desc="evaluate", leave=False, disable=not progress)):
         if max_batches is not None and i >= max_batches:
             break
@@ -100,12 +106,18 @@ def evaluate(
         outputs = model(batch["image"])
         preds = to_predictions(outputs, eval_cfg.scale, model_cfg, d_far)
         metrics.update(preds, batch)
+        if unscaled is not None:
+            unscaled.update(preds["depth"], batch["depth"])
         if i == 0 and on_first_batch is not None:
             on_first_batch(batch, preds)
     if reduce is not None:
         metrics.sync(reduce)
+        if unscaled is not None:
+            unscaled.sync(reduce)
     model.train(was_training)
     results = metrics.compute()
+    if unscaled is not None:
+        results.update({f"depth_unscaled/{k}": v for k, v in unscaled.compute().items()})
     if eval_cfg.subset_classes and "semseg" in tasks:
         results["semseg/miou_subset"] = metrics.segmentation.miou_subset(list(eval_cfg.subset_classes))
     return results

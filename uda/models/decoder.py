@@ -23,18 +23,25 @@ class ConvBlock(nn.Sequential):
         super().__init__(nn.ReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, 3), nn.ELU(inplace=True))
 
 
-def output_head(in_channels: int, out_channels: int, sigmoid: bool) -> nn.Module:
-    """Side output: 1x1 conv (raw output), or 3x3 reflection-padded conv + sigmoid (disparity)."""
+def output_head(in_channels: int, out_channels: int, sigmoid: bool, bias: float | None = None) -> nn.Module:
+    """Side output: 1x1 conv (raw output), or 3x3 reflection-padded conv + sigmoid (disparity).
+
+    `bias` sets the initial output of a raw head (e.g. a plausible inverse depth instead of 0 = infinitely far).
+    """
     if sigmoid:
         return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, 3), nn.Sigmoid())
-    return nn.Conv2d(in_channels, out_channels, 1)
+    conv = nn.Conv2d(in_channels, out_channels, 1)
+    if bias is not None:
+        nn.init.constant_(conv.bias, bias)
+    return conv
 
 
 class TaskDecoder(nn.Module):
     """One task's decoder. Stage s yields `channels[s]` channels at 1/2^s of the input (s = 4 ... 0).
 
     encoder_channels: channels of the five encoder maps (strides 2, 4, 8, 16, 16).
-    head_scales: scales that get a side output head; sigmoid: disparity heads instead of raw 1x1 convs.
+    head_scales: scales that get a side output head; sigmoid: disparity heads instead of raw 1x1 convs;
+    bias: initial output of raw heads (see `output_head`).
     """
 
     def __init__(
@@ -44,6 +51,7 @@ class TaskDecoder(nn.Module):
         channels: Sequence[int] = (64, 128, 128, 256, 256),
         head_scales: Sequence[int] = (0,),
         sigmoid: bool = False,
+        bias: float | None = None,
     ):
         super().__init__()
         if len(encoder_channels) != 5 or len(channels) != 5:
@@ -60,7 +68,7 @@ class TaskDecoder(nn.Module):
         self.first = nn.ModuleList(first)
         self.second = nn.ModuleList(second)
         self.heads = nn.ModuleDict(
-            {str(s): output_head(channels[s], out_channels, sigmoid) for s in head_scales}
+            {str(s): output_head(channels[s], out_channels, sigmoid, bias) for s in head_scales}
         )
 
     def stage(

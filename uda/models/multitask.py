@@ -38,6 +38,11 @@ def _sigmoid_head(task: str, cfg: ModelConfig) -> bool:
     return task == "depth" and cfg.depth_output == "disparity"
 
 
+def _head_bias(task: str, cfg: ModelConfig) -> float | None:
+    """Raw inverse-depth heads start at cfg.depth_init (a mid-range depth), not at 0 (infinitely far)."""
+    return cfg.depth_init if task == "depth" and cfg.depth_output == "inverse" else None
+
+
 def _split_params(model: nn.Module, backbones: list[nn.Module]) -> dict[str, list[nn.Parameter]]:
     """{"backbone": parameters of `backbones`, "decoder": every other parameter of `model`}."""
     backbone = [p for m in backbones for p in m.parameters()]
@@ -63,7 +68,12 @@ class MultiTaskModel(nn.Module):
         self.decoders = nn.ModuleDict(
             {
                 t: TaskDecoder(
-                    self.encoder.channels, n, cfg.decoder_channels, self.scales, _sigmoid_head(t, cfg)
+                    self.encoder.channels,
+                    n,
+                    cfg.decoder_channels,
+                    self.scales,
+                    _sigmoid_head(t, cfg),
+                    _head_bias(t, cfg),
                 )
                 for t, n in tasks.items()
             }
@@ -142,12 +152,12 @@ class PADNet(nn.Module):
         deepest = self.encoder.channels[-1]
         self.initial = nn.ModuleDict({t: _bottlenecks(deepest, width) for t in self.tasks})
         self.initial_head = nn.ModuleDict(
-            {t: output_head(width, n, _sigmoid_head(t, cfg)) for t, n in tasks.items()}
+            {t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg)) for t, n in tasks.items()}
         )
         self.distill = PADNetDistillation(self.tasks, width)
         self.final = nn.ModuleDict({t: _bottlenecks(width, width) for t in self.tasks})
         self.final_head = nn.ModuleDict(
-            {t: output_head(width, n, _sigmoid_head(t, cfg)) for t, n in tasks.items()}
+            {t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg)) for t, n in tasks.items()}
         )
 
     def forward(self, image: Tensor) -> Outputs:

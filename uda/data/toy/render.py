@@ -49,7 +49,7 @@ from uda.data.toy.scene import (
 SKY_HIT, GROUND_HIT, EGO_HIT = -1, -2, -3  # hit ids that are not primitives
 
 # The Cityscapes ego-vehicle bonnet: an ellipsoid fixed in the camera frame (centre, radii in metres).
-EGO_CENTRE = np.array([0.0, 1.0, 1.2], dtype=np.float32)
+EGO_CENTRE = np.array([0.0, 1.0, 1.0], dtype=np.float32)
 EGO_RADII = np.array([1.3, 0.68, 2.1], dtype=np.float32)
 
 
@@ -429,46 +429,50 @@ def shade(domain: str, street: Street, pose: np.ndarray, K: np.ndarray, depth, h
     [h,w,3] of a cast frame."""
     st = STYLES[domain]
     h, w = depth.shape
-    rot = pose[:3, :3]
-    flat = hit.ravel()
-    sel = np.flatnonzero(flat != SKY_HIT)
-    prim, t, ds = flat[sel], depth.ravel()[sel], d[sel]
-    p = pose[:3, 3].astype(np.float32) + t[:, None] * ds
-    n = _normals(street, prim, p, ds, pose)
+    o = pose[:3, 3].astype(np.float32)
+    flat, flat_depth = hit.ravel(), depth.ravel()
+    pix = np.flatnonzero(flat != SKY_HIT)
+    prim = flat[pix]
     safe = np.maximum(prim, 0)
     cls, mat = street.cls[safe], street.mat[safe]
     g = np.flatnonzero(prim == GROUND_HIT)
-    cls[g] = _ground_classes(street, p[g])
+    cls[g] = _ground_classes(street, o + flat_depth[pix[g], None] * d[pix[g]])
     mat[g] = np.select([cls[g] == ROAD, cls[g] == SIDEWALK], [M_ROAD, M_SIDEWALK], M_TERRAIN)
     ego = prim == EGO_HIT
     cls[ego], mat[ego] = EGO, M_EGO
+    # sort the hits by material once, so each material below works on contiguous slices
+    order = np.argsort(mat.astype(np.int16), kind="stable")
+    pix, prim, cls, mat = pix[order], prim[order], cls[order], mat[order]
+    t, ds = flat_depth[pix], d[pix]
+    p = ds * t[:, None]
+    p += o
+    n = _normals(street, prim, p, ds, pose)
     colour = np.empty_like(p)
-    order = np.argsort(mat.astype(np.int16), kind="stable")  # group the hits by material
     counts = np.bincount(mat)
     ends = np.cumsum(counts)
     for m in np.flatnonzero(counts):
-        idx = order[ends[m] - counts[m] : ends[m]]
+        s = slice(ends[m] - counts[m], ends[m])
         if m == M_EGO:  # dark paint reflecting a little sky
-            colour[idx] = 0.05 + 0.1 * np.clip(-n[idx, 1:2], 0, 1) * _rgb(st.sky_horizon)
+            colour[s] = 0.05 + 0.1 * np.clip(-n[s, 1:2], 0, 1) * _rgb(st.sky_horizon)
         else:
-            colour[idx] = _albedo(
-                int(m), _Hits(p[idx], n[idx], t[idx], prim[idx], street, float(K[0, 0])), st
-            )
+            colour[s] = _albedo(int(m), _Hits(p[s], n[s], t[s], prim[s], street, float(K[0, 0])), st)
     # Lambert with a sky-tinted ambient term that is brighter on up-facing surfaces, then haze
     sun = _unit(_rgb([st.sun_dir]))[0]
-    light = st.ambient * _rgb(st.ambient_col) * (0.75 + 0.25 * np.clip(-n[:, 1:2], 0, 1))
-    light = light + st.sun * np.clip(_matmul3(n, sun[:, None]), 0, None) * _rgb(st.sun_col)
-    haze = (1 - np.exp(-t / st.fog))[:, None]
-    shaded = colour * light * (1 - haze) + _rgb(st.sky_horizon) * haze
-    shaded[ego] = colour[ego]
+    light = (0.75 * st.ambient + 0.25 * st.ambient * np.clip(-n[:, 1:2], 0, 1)) * _rgb(st.ambient_col)
+    light += np.clip(_matmul3(n, sun[:, None]), 0, None) * (st.sun * _rgb(st.sun_col))
+    light[mat == M_EGO] = 1
+    haze = 1 - np.exp(-t / st.fog)[:, None]
+    colour *= light
+    colour *= 1 - haze
+    colour += _rgb(st.sky_horizon) * haze
     image = np.empty((h * w, 3), np.float32)
     sky = np.flatnonzero(flat == SKY_HIT)
     image[sky] = _sky(d[sky], st)
-    image[sel] = shaded
+    image[pix] = colour
     classes = np.full(h * w, SKY, np.int32)
-    classes[sel] = cls
+    classes[pix] = cls
     normals = np.zeros((h * w, 3), np.float32)
-    normals[sel] = _matmul3(n, rot)  # world -> camera frame
+    normals[pix] = _matmul3(n, pose[:3, :3])  # world -> camera frame
     return image.reshape(h, w, 3), classes.reshape(h, w), normals.reshape(h, w, 3)
 
 

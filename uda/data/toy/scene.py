@@ -502,7 +502,7 @@ def _street(domain: str, street_id: int, seed: int) -> Street:
         length = VK_FRAMES_PER_SCENE * lay.step[1] + rng.uniform(100, 160)
     else:
         length = rng.uniform(110, 200)
-    z_begin = -40.0
+    z_begin = -10.0 if domain != "vkitti2" else -40.0  # no view reaches further back
     ego_x = 0.5 * lane_w
     street = {"road_half": road_half}
     b = _Builder()

@@ -1,0 +1,81 @@
+"""Shared fixtures: one small toy dataset (real on-disk formats) generated once per test session."""
+
+from pathlib import Path
+
+import pytest
+
+from uda.config import (
+    AdaptConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
+
+TOY_FRAMES = 24
+TOY_HW = (64, 128)
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    from uda.data.toy import make_toy_data
+
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_data(
+        root, frames=TOY_FRAMES, height=TOY_HW[0], width=TOY_HW[1], seed=0, workers=2, progress=False
+    )
+    return root
+
+
+def tiny_config(
+    root: Path,
+    out: Path,
+    arch: str = "mteb",
+    tasks: tuple[str, ...] = ("semseg", "depth"),
+    adapt: bool = False,
+    iterations: int = 6,
+    **train,
+) -> ExperimentConfig:
+    """A CPU-sized experiment on the toy data: ResNet-18, 64x128, batch 2, narrow decoders."""
+    source = DataConfig(
+        dataset="synthia",
+        root=str(root / "synthia"),
+        label_set="synthia16",
+        size=TOY_HW,
+        batch_size=2,
+        num_workers=0,
+    )
+    target = DataConfig(
+        dataset="cityscapes",
+        root=str(root / "cityscapes"),
+        label_set="cityscapes16",
+        size=TOY_HW,
+        batch_size=2,
+        num_workers=0,
+    )
+    return ExperimentConfig(
+        name="tiny",
+        tasks=tasks,
+        model=ModelConfig(
+            arch=arch, backbone="resnet18", pretrained=False, decoder_channels=(16, 32, 32, 64, 64)
+        ),
+        data=source,
+        target=target if adapt else None,
+        adapt=AdaptConfig(disc_channels=8) if adapt else None,
+        optim=OptimConfig(lr_step_fraction=1.0),
+        train=TrainConfig(
+            **{
+                "iterations": iterations,
+                "val_every": 0,
+                "ckpt_every": 0,
+                "log_every": 1,
+                "val_batches": 2,
+                "deterministic": True,
+                **train,
+            }
+        ),
+        eval=EvalConfig(median_scaling=adapt),
+        out=str(out),
+    )

@@ -1,0 +1,132 @@
+"""Multi-task UDA: which weights each update moves, where the adversarial gradient flows, the recipe end to end."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from uda.data.loader import move_to
+from uda.engine import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def changed(before, module):
+    after = module.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+@pytest.fixture(params=["separate", "joint"])
+def trainer(request, toy_root, tmp_path):
+    cfg = tiny_config(toy_root, tmp_path / "run", adapt=True)
+    cfg.adapt.bn_mode = request.param
+    trainer = Trainer(cfg)
+    trainer.batch = move_to(next(trainer.batches(0)), trainer.accelerator.device)
+    return trainer
+
+
+def test_mixed_batch_has_both_domains(trainer):
+    assert trainer.batch["source"]["domain"].tolist() == [0, 0]
+    assert trainer.batch["target"]["domain"].tolist() == [1, 1]
+    assert "semseg" in trainer.batch["source"] and "semseg" not in trainer.batch["target"]
+
+
+def test_model_update_leaves_discriminators_unchanged(trainer):
+    discs, model = snapshot(trainer.discriminators), snapshot(trainer.model)
+    _, _, logs, finite = trainer.model_update(trainer.batch)
+    assert finite and "loss/adv" in logs
+    assert not changed(discs, trainer.discriminators)
+    assert changed(model, trainer.model)
+    assert all(p.grad is None for p in trainer.discriminators.parameters())
+
+
+def test_discriminator_update_leaves_model_unchanged(trainer):
+    out_src, out_tgt, _, _ = trainer.model_update(trainer.batch)
+    discs, model = snapshot(trainer.discriminators), snapshot(trainer.model)
+    trainer.discriminator_update(trainer.batch, out_src, out_tgt)
+    assert not changed(model, trainer.model)
+    learnt = {k.split(".")[0] for k in changed(discs, trainer.discriminators)}
+    assert learnt == {k.split(".")[0] for k in discs}  # every (task, scale) discriminator learns
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_adversarial_term_reaches_the_model_only_through_target_outputs(trainer):
+    out_src, out_tgt = trainer.forward_domains(trainer.batch)
+    size = tuple(trainer.batch["target"]["image"].shape[-2:])
+    adv = trainer.adversarial_loss(out_tgt, size, is_source=True, detach=False)
+    src = [o for per in out_src.values() for o in per.values()]
+    tgt = [o for per in out_tgt.values() for o in per.values()]
+    grads = torch.autograd.grad(adv, src + tgt, allow_unused=True, retain_graph=True)
+    assert all(g is None or not g.any() for g in grads[: len(src)])
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[len(src) :])
+    assert len(trainer.aligned) == 4  # (semseg, depth) x (intermediate scale 1, final scale 0)
+
+
+def test_depth_input_uses_the_fixed_source_range(trainer):
+    g = torch.full((1, 1, 8, 8), trainer.cfg.loss.d_far / 10.0)  # 10 m everywhere
+    a = trainer.discriminator_input("depth", g, (8, 8))
+    b = trainer.discriminator_input("depth", torch.cat([g, g * 3]), (8, 8))[:1]
+    assert torch.equal(a, b)
+    near, far = trainer.cfg.adapt.depth_range
+    expected = (1 / 10 - 1 / far) / (1 / near - 1 / far)
+    assert torch.allclose(a, torch.full_like(a, expected), atol=1e-6)
+
+
+def run_recipe(argv):
+    sys.path.insert(0, str(REPO / "recipes"))
+    from uda.adaptation import adaptation_config, adaptation_parser
+    from uda.cli import main
+
+    build = lambda args: adaptation_config(args, "synthia", "synthia16", "cityscapes16")  # noqa: E731
+    return main(build, adaptation_parser("test"), "synthia2cityscapes", argv)
+
+
+def test_synthia2cityscapes_recipe_end_to_end_and_resume(toy_root, tmp_path):
+    common = [
+        "--data-root",
+        str(toy_root),
+        "model.backbone=resnet18",
+        "model.pretrained=false",
+        "model.decoder_channels=16,32,32,64,64",
+        "adapt.disc_channels=8",
+        "data.size=64,128",
+        "target.size=64,128",
+        "data.num_workers=0",
+        "target.num_workers=0",
+        "train.val_batches=2",
+        "train.ckpt_every=2",
+        "train.val_every=0",
+        "train.deterministic=true",
+        "train.iterations=4",
+    ]
+    summary = run_recipe(["--out", str(tmp_path / "full"), *common])
+    results = summary["results"]
+    assert set(results) == {"target", "source"}
+    assert {"semseg/miou", "semseg/miou_subset", "depth/rmse", "depth_unscaled/rmse"} <= set(
+        results["target"]
+    )
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert metrics["protocol"]["target"]["median_scaling"] is True
+    assert metrics["protocol"]["target"]["checkpoint"].endswith("(last)")
+    images = {p.name.split("_")[1] for p in (tmp_path / "full" / "images").glob("*.png")}
+    assert images == {"target", "source"}
+    # Resume from step 2 with discriminator state and reach the same final weights.
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "step-0000002", tmp_path / "cut" / "checkpoints" / "step-0000002"
+    )
+    run_recipe(["--out", str(tmp_path / "cut"), "--resume", *common])
+    final_a = tmp_path / "full" / "checkpoints" / "step-0000004"
+    final_b = tmp_path / "cut" / "checkpoints" / "step-0000004"
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a, b = load_file(final_a / name), load_file(final_b / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
