@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from uda.cli import base_parser
 from uda.config import AdaptConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
+from uda.selfsupervised import with_photometric
 
 # mIoU* of SYNTHIA -> Cityscapes: the 16 classes without wall, fence and pole.
 CLASSES_13_OF_16 = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
@@ -22,6 +23,13 @@ def adaptation_parser(description: str) -> argparse.ArgumentParser:
         help="source only: train on the labelled source, evaluate on the target",
     )
     variant.add_argument("--oracle", action="store_true", help="oracle: train on the target's own labels")
+    parser.add_argument(
+        "--target-depth",
+        choices=["adversarial", "photometric", "both"],
+        default="adversarial",
+        help="how depth adapts to the unlabelled target: the depth discriminator (default), self-supervised "
+        "photometric losses on target video (leftImg8bit_sequence) instead, or both",
+    )
     return parser
 
 
@@ -50,8 +58,12 @@ def adaptation_config(
             subset_classes=CLASSES_13_OF_16 if target_labels == "cityscapes16" else (),
         ),
     )
+    if args.target_depth != "adversarial" and not (args.no_adapt or args.oracle):
+        cfg = with_photometric(cfg, "target")
+        if args.target_depth == "photometric":
+            cfg = replace(cfg, adapt=replace(cfg.adapt, tasks=("semseg",)))
     if args.no_adapt:
         return replace(cfg, name="source", adapt=None)
     if args.oracle:
         return replace(cfg, name="oracle", data=replace(tgt), adapt=None)
-    return replace(cfg, name="uda")
+    return replace(cfg, name="uda" if args.target_depth == "adversarial" else f"uda-{args.target_depth}")

@@ -59,7 +59,7 @@ def ensure_toy_data(root: Path = TOY_ROOT, frames: int = 240, seed: int = 0, tim
     return root
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, default_model: str = "mteb") -> argparse.ArgumentParser:
     """Arguments every recipe shares."""
     parser = argparse.ArgumentParser(
         description=description,
@@ -82,7 +82,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, default=None, help="run folder (default: runs/<recipe>/<model>-s<seed>)"
     )
-    parser.add_argument("--model", choices=MODELS, default="mteb", help="architecture (default: mteb)")
+    parser.add_argument(
+        "--model", choices=MODELS, default=default_model, help=f"architecture (default: {default_model})"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
     parser.add_argument(
         "--tasks",

@@ -58,7 +58,6 @@ class DataConfig:
     color_jitter: float = 0.0
     batch_size: int = 2
     num_workers: int = 2
-    frames: tuple[int, ...] = ()  # neighbouring frame offsets (self-supervised depth)
     variation: str = "clone"  # VKITTI2 variation folder
 
 
@@ -99,6 +98,7 @@ class TrainConfig:
     deterministic: bool = False
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     val_batches: int | None = None  # limit validation batches (None = the whole split)
+    init_from: str | None = None  # run or checkpoint folder whose weights initialise the model (and pose net)
 
 
 @dataclass
@@ -137,6 +137,24 @@ class AdaptConfig:
 
 
 @dataclass
+class PhotometricConfig:
+    """Self-supervised depth from video (Monodepth2-style): the depth task is learnt by view synthesis."""
+
+    domain: Literal["source", "target"] = (
+        "source"  # whose frames train depth (target = UDA without depth labels)
+    )
+    frames: tuple[int, ...] = (-1, 1)  # neighbouring frames warped onto the current one
+    scales: tuple[int, ...] = (0, 1, 2, 3)  # disparity outputs used (each upsampled to full resolution)
+    weight: float = 1.0  # weight of the photometric objective in the total loss
+    smoothness_weight: float = 1e-3  # divided by 2^scale
+    min_depth: float = 0.1  # metres: sigmoid disparity -> depth range
+    max_depth: float = 100.0
+    automask: bool = True
+    lr_pose: float = 1e-6
+    pose_backbone: Literal["resnet18", "resnet34"] = "resnet18"
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run: tasks, model, data, objective, optimisation, evaluation."""
 
@@ -148,6 +166,7 @@ class ExperimentConfig:
     )  # the labelled (source) data; validation if no target
     target: DataConfig | None = None  # unlabelled target domain (UDA); validation runs on its val split
     adapt: AdaptConfig | None = None  # None = no adversarial adaptation
+    photometric: PhotometricConfig | None = None  # None = depth (if any) is supervised
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

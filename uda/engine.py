@@ -26,10 +26,13 @@ from uda.data.loader import MixedBatches, eval_loader, move_to, train_loader
 from uda.data.readers import build_dataset
 from uda.data.transforms import EvalTransform, TrainTransform
 from uda.evaluate import evaluate, protocol, write_json_atomic, write_report
+from uda.geometry import disparity_to_depth
 from uda.losses import MultiTaskLoss, default_task_weights
 from uda.losses.adversarial import bce_with_domain, entropy_map, normalise_depth_for_discriminator
+from uda.losses.photometric import PhotometricLoss
 from uda.models import build_model
 from uda.models.discriminator import PatchDiscriminator
+from uda.models.posenet import PoseNet, relative_pose
 from uda.visualize import save_prediction_images
 
 CHECKPOINTS = "checkpoints"
@@ -64,6 +67,62 @@ def check_output_dir(out: Path) -> None:
         ) from None
 
 
+def check_photometric(cfg: ExperimentConfig) -> None:
+    """Self-supervised depth needs a depth task with a sigmoid-disparity head and a video stream."""
+    ph = cfg.photometric
+    if ph is None:
+        return
+    if "depth" not in cfg.tasks:
+        raise TrainingError("photometric depth needs the depth task; add it to tasks (e.g. --tasks SD)")
+    if cfg.model.depth_output != "disparity":
+        raise TrainingError("photometric depth needs model.depth_output=disparity (a sigmoid disparity head)")
+    if ph.domain == "target" and cfg.target is None:
+        raise TrainingError("photometric.domain=target needs a target dataset (an adaptation recipe)")
+    if not set(ph.scales) <= set(cfg.model.output_scales or ()) | {0}:
+        raise TrainingError(
+            f"photometric.scales={ph.scales} needs those depth outputs: set model.output_scales={ph.scales}"
+        )
+
+
+def initialise_from(path: str | Path, model: nn.Module, posenet: nn.Module | None = None) -> None:
+    """Initialise from another run's weights (e.g. a depth-only self-supervised run, paper §4.4).
+
+    Tensors with the same name and shape are copied; task decoders the source run did not have start from
+    its depth decoder (both decoders of the paper's 3-ways model start from the depth model); the pose
+    network is taken from the checkpoint file whose tensors match it. Output heads are never copied across
+    tasks (different channels).
+    """
+    from safetensors.torch import load_file
+
+    from uda.evaluate import find_checkpoint
+
+    ckpt = find_checkpoint(path)
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise TrainingError(
+            f"{ckpt}: no model*.safetensors to initialise from; pass a run or checkpoint folder"
+        )
+    tensors = [load_file(str(f)) for f in files]
+    own = model.state_dict()
+    source = tensors[0]
+    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    for key in own:
+        if key in copied or not key.startswith("decoders.") or ".heads." in key:
+            continue
+        depth_key = "decoders.depth." + key.split(".", 2)[2]
+        if depth_key in source and source[depth_key].shape == own[key].shape:
+            copied[key] = source[depth_key]
+    model.load_state_dict(copied, strict=False)
+    message = f"initialised {len(copied)}/{len(own)} model tensors from {ckpt}"
+    if posenet is not None:
+        pose_keys = set(posenet.state_dict())
+        match = [t for t in tensors[1:] if set(t) == pose_keys]
+        if match:
+            posenet.load_state_dict(match[0])
+            message += " (and the pose network)"
+    print(message, flush=True)
+
+
 class Trainer:
     """Builds data, model, objective, discriminators and optimisers from an ExperimentConfig and trains."""
 
@@ -88,6 +147,8 @@ class Trainer:
         self.val_data = cfg.target if cfg.target is not None else cfg.data
         # The target stream is trained on only when adapting; otherwise the target is for validation alone.
         self.adapt = cfg.adapt if cfg.target is not None else None
+        self.photometric = cfg.photometric
+        check_photometric(cfg)
         if self.adapt is not None and self.adapt.bn_mode == "joint" and cfg.target.size != cfg.data.size:
             raise TrainingError(
                 f"adapt.bn_mode=joint needs equal image sizes, got data.size={cfg.data.size} and "
@@ -95,12 +156,27 @@ class Trainer:
             )
 
         model = build_model(cfg.model, task_channels(self.tasks, cfg.data.label_set))
+        posenet = None
+        if self.photometric is not None:
+            posenet = PoseNet(self.photometric.pose_backbone, cfg.model.pretrained, cfg.model.weights_path)
+            self.photometric_loss = PhotometricLoss(
+                self.photometric.scales,
+                self.photometric.smoothness_weight,
+                self.photometric.min_depth,
+                self.photometric.max_depth,
+                self.photometric.automask,
+            )
+        if cfg.train.init_from:
+            initialise_from(cfg.train.init_from, model, posenet)
         groups = model.param_groups()
         self.base_lrs = [cfg.optim.lr_backbone, cfg.optim.lr_decoder]
         param_groups = [
             {"params": groups["backbone"], "lr": cfg.optim.lr_backbone},
             {"params": groups["decoder"], "lr": cfg.optim.lr_decoder},
         ]
+        if posenet is not None:
+            self.base_lrs.append(self.photometric.lr_pose)
+            param_groups.append({"params": list(posenet.parameters()), "lr": self.photometric.lr_pose})
         if cfg.optim.optimizer == "adam":
             optimizer = torch.optim.Adam(
                 param_groups, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
@@ -135,6 +211,8 @@ class Trainer:
             )
             self.discriminators, self.disc_optimizer = acc.prepare(discs, disc_opt)
             self.aligned = [(t, s) for t in self.adapt.tasks if t in self.tasks for s in scales]
+        # Prepared last, so the checkpoint files of the model (and discriminators) keep their names.
+        self.posenet = acc.prepare(posenet) if posenet is not None else None
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict[str, Any]] = []  # validation results
@@ -147,6 +225,16 @@ class Trainer:
         if self.cfg.model.arch == "padnet":
             return (4,)
         return tuple(self.cfg.model.exchange_scales)
+
+    def video_domain(self, domain: int) -> bool:
+        """Whether this domain's training stream feeds the photometric objective (and so loads frames)."""
+        return self.photometric is not None and self.photometric.domain == ("source", "target")[domain]
+
+    def label_tasks(self, domain: int) -> tuple[str, ...]:
+        """The labels a training stream loads: none on the target; no depth where depth is self-supervised."""
+        if domain == 1:
+            return ()
+        return tuple(t for t in self.tasks if not (t == "depth" and self.video_domain(domain)))
 
     def dataset(self, data: DataConfig, split: str, tasks: tuple[str, ...], train: bool, domain: int):
         """A reader for one split with the train or evaluation transform of `data`."""
@@ -161,7 +249,7 @@ class Trainer:
             label_set=data.label_set,
             root=data.root,
             transform=transform,
-            frames=data.frames if train else (),
+            frames=self.photometric.frames if train and self.video_domain(domain) else (),
             domain=domain,
             variation=data.variation,
         )
@@ -170,7 +258,7 @@ class Trainer:
         """The endless mixed stream, positioned at start_step."""
         acc, cfg = self.accelerator, self.cfg
         source = train_loader(
-            self.dataset(cfg.data, cfg.data.train_split, self.tasks, train=True, domain=0),
+            self.dataset(cfg.data, cfg.data.train_split, self.label_tasks(0), train=True, domain=0),
             cfg.data.batch_size,
             cfg.train.seed,
             acc.process_index,
@@ -179,9 +267,9 @@ class Trainer:
             cfg.data.num_workers,
         )
         target = None
-        if self.adapt is not None:
+        if self.adapt is not None or self.video_domain(1):
             target = train_loader(
-                self.dataset(cfg.target, cfg.target.train_split, (), train=True, domain=1),
+                self.dataset(cfg.target, cfg.target.train_split, self.label_tasks(1), train=True, domain=1),
                 cfg.target.batch_size,
                 cfg.train.seed + 1,
                 acc.process_index,
@@ -215,6 +303,27 @@ class Trainer:
             n = source.shape[0]
             return unwrap_outputs(outputs, 0, n), unwrap_outputs(outputs, n, n + target.shape[0])
         return self.model(source), self.model(target)
+
+    def supervised_view(self, outputs: Mapping[str, Mapping[int, torch.Tensor]]) -> Mapping:
+        """Outputs as the supervised losses expect them: a sigmoid-disparity depth head becomes d_far/depth."""
+        if self.cfg.model.depth_output != "disparity" or "depth" not in outputs:
+            return outputs
+        ph = self.photometric
+        near, far = (ph.min_depth, ph.max_depth) if ph is not None else (0.1, 100.0)
+        depth = {
+            s: self.cfg.loss.d_far / disparity_to_depth(o, near, far) for s, o in outputs["depth"].items()
+        }
+        return {**outputs, "depth": depth}
+
+    def photometric_objective(self, video: Mapping[str, Any], outputs: Mapping) -> tuple[torch.Tensor, dict]:
+        """Self-supervised depth: warp the neighbouring frames with predicted depth and pose (Monodepth2)."""
+        target = video["image"]
+        poses = {
+            o: relative_pose(self.posenet, target, video["frames"][o], o) for o in self.photometric.frames
+        }
+        disparities = {s: outputs["depth"][s] for s in self.photometric.scales}
+        loss, logs = self.photometric_loss(disparities, target, video["frames"], poses, video["K"])
+        return loss, {k: torch.as_tensor(v) for k, v in logs.items()}
 
     def discriminator_input(self, task: str, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """What a discriminator sees: the entropy map (semseg) or fixed-range normalised depth, at image size."""
@@ -261,7 +370,15 @@ class Trainer:
             self.discriminators.requires_grad_(False)
         with acc.autocast():
             out_src, out_tgt = self.forward_domains(batch)
-            loss, logs = self.criterion(out_src, batch["source"])
+            loss, logs = self.criterion(self.supervised_view(out_src), batch["source"])
+            if self.photometric is not None:
+                domain = self.photometric.domain
+                video = batch[domain]
+                photometric, photo_logs = self.photometric_objective(
+                    video, out_src if domain == "source" else out_tgt
+                )
+                loss = loss + self.photometric.weight * photometric
+                logs.update(photo_logs)
             if self.adapting():
                 size = tuple(batch["target"]["image"].shape[-2:])
                 adv = self.adversarial_loss(out_tgt, size, is_source=True, detach=False)
