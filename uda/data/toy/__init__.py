@@ -1,8 +1,14 @@
 """Built-in toy data: a procedural 3-D street-scene ray caster writing SYNTHIA, Cityscapes and VKITTI2 on disk.
 
 Every labelled frame is a ray-cast view of a street built from primitives (ground plane split into road,
-sidewalk and terrain, axis-aligned boxes, vertical elliptic cylinders, axis-aligned ellipsoids). One ray
-per pixel, nearest hit wins, so class, depth and normals are exact; only the image gets sensor effects.
+grass verge, sidewalk and terrain; axis-aligned boxes, vertical elliptic cylinders, axis-aligned
+ellipsoids). One ray per pixel, nearest hit wins, so class, depth and normals are exact; only the image
+gets the camera's effects (tone curve; for the Cityscapes-like target also blur, vignetting and noise).
+Modules: scene (tables, looks, street generation, camera paths), render (ray casting, shading, camera
+effects, render_frame), write (the on-disk formats, make_toy_data).
+
+    make_toy_data("datasets/toy")                   # 240 frames per domain, 256x512 target
+    f = render_frame("cityscapes", 7, offset=-1)    # the exact render of one (neighbouring) frame
 
 Conventions (all lengths in metres):
 
@@ -14,6 +20,7 @@ Conventions (all lengths in metres):
   is nearer than ``NEAR``. Cityscapes disparity marks sky, far (> ``CS_MAX_DEPTH``) and unmatched pixels 0.
 - ``normals`` are unit vectors in the camera frame facing the camera; sky normals are 0 (unknown).
 - ``K`` is the real dataset's intrinsics scaled by (w / W_real, h / H_real) to the written size.
+- ``image`` is exactly what a reader decodes; for VKITTI2's JPEGs that is OpenCV's decoding.
 
 Sizes: Cityscapes is written at the target (height, width); SYNTHIA keeps its 1280x760 aspect at the same
 height, (H, 2*round(H*640/760)); VKITTI2 keeps its 1242x375 aspect at the same width,

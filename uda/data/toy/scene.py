@@ -114,6 +114,8 @@ class Layout:
     traffic_gap: tuple
     traffic: tuple  # weights of (car, van, bus, truck, motorcycle, bicycle)
     p_guardrail: float
+    p_verge: float  # probability of a grass verge between curb and sidewalk
+    verge_w: tuple
 
 
 # fmt: off
@@ -173,23 +175,23 @@ LAYOUTS = {
     "synthia": Layout(  # random views, high cameras, many people and two-wheelers
         cam_height=(1.6, 2.5), pitch=(0.0, 0.14), yaw=0.35, step=(0.5, 0.5), p_two_lanes=0.6,
         p_parking=0.4, sidewalk_w=(2.5, 5.0), p_building=0.8, building_len=(8, 22), building_h=(6, 34),
-        p_brick=0.4, gap_len=(3, 10), gap_fill=(2, 3, 2, 1), p_terrain=0.3, furniture=(2, 2, 2, 2, 1.5, 1),
+        p_brick=0.4, gap_len=(3, 10), gap_fill=(1, 3, 3, 1), p_terrain=0.3, furniture=(2, 2, 2, 2, 1.5, 1),
         person_gap=(2, 9), p_parked=0.5, traffic_gap=(8, 30), traffic=(5, 1, 1.2, 0.5, 1.2, 1.2),
-        p_guardrail=0.0,
+        p_guardrail=0.0, p_verge=0.2, verge_w=(0.8, 2.0),
     ),
     "cityscapes": Layout(  # a car-mounted camera at 1.22 m, parked cars, trees
         cam_height=(1.18, 1.26), pitch=(0.03, 0.046), yaw=0.0, step=(0.35, 0.65), p_two_lanes=0.5,
-        p_parking=0.75, sidewalk_w=(2.5, 4.5), p_building=0.75, building_len=(10, 26), building_h=(9, 22),
-        p_brick=0.15, gap_len=(3, 12), gap_fill=(2, 2, 2, 3), p_terrain=0.45, furniture=(3, 2, 3, 1.5, 1, 1),
-        person_gap=(4, 16), p_parked=0.85, traffic_gap=(6, 25), traffic=(8, 1.5, 0.6, 0.4, 0.6, 1.0),
-        p_guardrail=0.0,
+        p_parking=0.6, sidewalk_w=(2.5, 4.5), p_building=0.7, building_len=(10, 26), building_h=(9, 22),
+        p_brick=0.15, gap_len=(4, 14), gap_fill=(1, 3, 3, 2), p_terrain=0.45, furniture=(3, 2, 3, 1.5, 1, 1),
+        person_gap=(4, 16), p_parked=0.5, traffic_gap=(10, 35), traffic=(8, 1.5, 0.3, 0.2, 0.6, 1.0),
+        p_guardrail=0.0, p_verge=0.35, verge_w=(0.8, 2.0),
     ),
     "vkitti2": Layout(  # countryside: few buildings, much terrain and trees, guard rails, no people
         cam_height=(1.6, 1.7), pitch=(0.0, 0.02), yaw=0.0, step=(0.6, 1.0), p_two_lanes=0.3,
-        p_parking=0.2, sidewalk_w=(1.0, 2.5), p_building=0.35, building_len=(8, 18), building_h=(5, 12),
+        p_parking=0.2, sidewalk_w=(1.0, 2.5), p_building=0.2, building_len=(8, 18), building_h=(5, 12),
         p_brick=0.2, gap_len=(6, 20), gap_fill=(3, 1, 2, 4), p_terrain=0.85, furniture=(3, 1, 4, 1.5, 0.7, 0.5),
         person_gap=(1e9, 1e9), p_parked=0.5, traffic_gap=(10, 40), traffic=(6, 2.5, 0, 1.2, 0, 0),
-        p_guardrail=0.6,
+        p_guardrail=0.6, p_verge=0.6, verge_w=(1.0, 3.0),
     ),
 }
 # fmt: on
@@ -221,11 +223,13 @@ def intrinsics(domain: str, h: int, w: int) -> np.ndarray:
 
 
 def check_domain(domain: str) -> None:
+    """Raises a ValueError naming the valid domains for an unknown one."""
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r}: unknown toy domain; use one of {', '.join(DOMAINS)}")
 
 
 def check_size(height: int, width: int) -> None:
+    """Raises a ValueError for a target size (pixels) too small to show a street."""
     if height < 32 or width < 64:
         raise ValueError(f"height={height}, width={width}: the toy target size must be at least 32x64 pixels")
 
@@ -234,31 +238,36 @@ def check_size(height: int, width: int) -> None:
 
 
 class _Builder:
-    """Collects primitives; heights are given positive-up and stored as world Y (down)."""
+    """Collects primitives. Ranges are (min, max) tuples in metres; heights are positive up (-Y)."""
 
     def __init__(self) -> None:
         self.rows: list[tuple] = []
         self.n_inst = 0
 
     def new_instance(self) -> int:
+        """A fresh object id for the primitives of one thing (car, person, ...)."""
         self.n_inst += 1
         return self.n_inst
 
-    def add(self, kind, lo, hi, cls, mat, col, col2=(0, 0, 0), par=(0, 0, 0, 0), inst=0) -> None:
+    def _add(self, kind, lo, hi, cls, mat, col, col2, par, inst) -> None:
         self.rows.append((kind, lo, hi, cls, mat, col, col2, par, inst))
 
-    def box(self, x0, x1, h0, h1, z0, z1, cls, mat, col, col2=(0, 0, 0), par=(0, 0, 0, 0), inst=0) -> None:
-        lo = (min(x0, x1), -h1, min(z0, z1))
-        hi = (max(x0, x1), -h0, max(z0, z1))
-        self.add(BOX, lo, hi, cls, mat, col, col2, par, inst)
+    def box(self, cls, mat, col, x, h, z, col2=(0, 0, 0), par=(0, 0, 0, 0), inst=0) -> None:
+        """Axis-aligned box over lateral range x, height range h and range z along the street."""
+        lo = (min(x), -max(h), min(z))
+        hi = (max(x), -min(h), max(z))
+        self._add(BOX, lo, hi, cls, mat, col, col2, par, inst)
 
-    def cyl(self, x, z, rx, rz, h0, h1, cls, mat, col, col2=(0, 0, 0), par=(0, 0, 0, 0), inst=0) -> None:
-        self.add(CYLINDER, (x - rx, -h1, z - rz), (x + rx, -h0, z + rz), cls, mat, col, col2, par, inst)
+    def cyl(self, cls, mat, col, centre, radii, h, col2=(0, 0, 0), par=(0, 0, 0, 0), inst=0) -> None:
+        """Vertical elliptic cylinder at centre (x, z) with radii (rx, rz) over height range h."""
+        (x, z), (rx, rz) = centre, radii
+        self._add(CYLINDER, (x - rx, -h[1], z - rz), (x + rx, -h[0], z + rz), cls, mat, col, col2, par, inst)
 
-    def ell(self, x, hc, z, rx, ry, rz, cls, mat, col, col2=(0, 0, 0), par=(0, 0, 0, 0), inst=0) -> None:
-        self.add(
-            ELLIPSOID, (x - rx, -hc - ry, z - rz), (x + rx, -hc + ry, z + rz), cls, mat, col, col2, par, inst
-        )
+    def ell(self, cls, mat, col, centre, radii, col2=(0, 0, 0), par=(0, 0, 0, 0), inst=0) -> None:
+        """Axis-aligned ellipsoid at centre (x, height, z) with radii (rx, ry, rz)."""
+        (x, hc, z), (rx, ry, rz) = centre, radii
+        lo, hi = (x - rx, -hc - ry, z - rz), (x + rx, -hc + ry, z + rz)
+        self._add(ELLIPSOID, lo, hi, cls, mat, col, col2, par, inst)
 
 
 @dataclass
@@ -274,16 +283,17 @@ class Street:
     col2: np.ndarray  # [N,3] second albedo
     par: np.ndarray  # [N,4] material parameters
     inst: np.ndarray  # [N] instance id, 0 for stuff
-    road_half: float
-    sidewalk_w: float
+    lanes: int  # per direction
     lane_w: float
-    lanes: int
-    parking: bool
+    parking: bool  # a parking strip along each curb
+    road_half: float  # |x| of the curb
+    verge: float  # width of the grass verge between curb and sidewalk (0 = none)
+    sidewalk_w: float
     zone_z: np.ndarray  # [2, M] sorted zone starts along Z, for sides -1 (row 0) and +1 (row 1)
     zone_cls: np.ndarray  # [2, M] ground class beyond the sidewalk in each zone
-    ego_x: float
-    sway: tuple  # (amplitude m, wavelength m, phase rad) of the camera path
-    length: float
+    ego_x: float  # lateral centre of the ego lane, which no object ever enters
+    sway: tuple  # (amplitude m, wavelength m, phase rad) of the camera path around ego_x
+    length: float  # z of the row of buildings (or trees) that closes the street
 
 
 def _pick(rng: np.random.Generator, weights: Sequence[float]) -> int:
@@ -299,193 +309,190 @@ def _colour(rng: np.random.Generator, palette: Sequence[tuple], amount: float = 
     return _jitter(rng, palette[int(rng.integers(len(palette)))], amount)
 
 
+_SKIN = (0.85, 0.68, 0.55)
+_DARK = (0.08, 0.08, 0.08)
+
+
 def _vehicle(b: _Builder, rng, st: Style, kind: int, x: float, z: float) -> float:
-    """Adds one vehicle (kind = index into _Layout.traffic) centred at lateral x starting at z; returns its length."""
+    """Adds a vehicle (kind indexes Layout.traffic) centred on lateral x from z on; returns its length (m)."""
     inst = b.new_instance()
     if kind in (0, 1):  # car or van: a body box and a narrower cabin box
         van = kind == 1
-        length, width = (
-            (rng.uniform(4.6, 5.4), 2.0) if van else (rng.uniform(3.9, 4.7), rng.uniform(1.7, 1.9))
+        length, half = (
+            (rng.uniform(4.6, 5.4), 1.0) if van else (rng.uniform(3.9, 4.7), rng.uniform(0.85, 0.95))
         )
-        body_h, top = (
-            (1.0, rng.uniform(2.0, 2.3)) if van else (rng.uniform(0.85, 1.0), rng.uniform(1.4, 1.55))
-        )
-        col = _colour(rng, st.cars)
-        cls = VAN if van else CAR
-        b.box(
-            x - width / 2,
-            x + width / 2,
-            0,
-            body_h,
-            z,
-            z + length,
-            cls,
-            M_CAR,
-            col,
-            par=(body_h, 0, 0, 0),
-            inst=inst,
-        )
-        c0, c1 = (z + 0.15 * length, z + 0.8 * length) if van else (z + 0.22 * length, z + 0.72 * length)
-        b.box(
-            x - width / 2 + 0.08,
-            x + width / 2 - 0.08,
-            body_h,
-            top,
-            c0,
-            c1,
-            cls,
-            M_CABIN,
-            st.glass,
-            col,
-            inst=inst,
-        )
+        body, top = (1.0, rng.uniform(2.0, 2.3)) if van else (rng.uniform(0.85, 1.0), rng.uniform(1.4, 1.55))
+        cabin = (z + 0.15 * length, z + 0.8 * length) if van else (z + 0.22 * length, z + 0.72 * length)
+        col, cls = _colour(rng, st.cars), VAN if van else CAR
+        b.box(cls, M_CAR, col, (x - half, x + half), (0, body), (z, z + length), inst=inst)
+        b.box(cls, M_CABIN, st.glass, (x - half + 0.08, x + half - 0.08), (body, top), cabin, col, inst=inst)
         return length
     if kind == 2:  # bus: one tall box with a window band
         length = rng.uniform(11, 13)
-        col = _colour(rng, st.buses)
-        b.box(x - 1.27, x + 1.27, 0, 3.1, z, z + length, BUS, M_BUS, col, st.glass, inst=inst)
+        b.box(
+            BUS,
+            M_BUS,
+            _colour(rng, st.buses),
+            (x - 1.27, x + 1.27),
+            (0, 3.1),
+            (z, z + length),
+            st.glass,
+            inst=inst,
+        )
         return length
-    if kind == 3:  # truck: cab and cargo box
-        col = _colour(rng, st.cars)
+    if kind == 3:  # truck: cargo box and cab
         cargo = _jitter(rng, (0.8, 0.8, 0.78), 0.15)
-        b.box(x - 1.2, x + 1.2, 0, 2.9, z + 6.5, z + 8.7, TRUCK, M_CABIN, st.glass, col, inst=inst)
-        b.box(x - 1.25, x + 1.25, 0.3, 3.6, z, z + 6.4, TRUCK, M_PLAIN, cargo, inst=inst)
+        b.box(TRUCK, M_PLAIN, cargo, (x - 1.25, x + 1.25), (0.3, 3.6), (z, z + 6.4), inst=inst)
+        b.box(
+            TRUCK,
+            M_CABIN,
+            st.glass,
+            (x - 1.2, x + 1.2),
+            (0, 2.9),
+            (z + 6.5, z + 8.7),
+            _colour(rng, st.cars),
+            inst=inst,
+        )
         return 8.7
-    # two-wheeler with a rider: a thin box (plus handlebar for bicycles), body cylinder and head
+    # a two-wheeler (a box, plus a handlebar for bicycles) with its rider (body cylinder and head)
     motor = kind == 4
-    length = 2.0 if motor else 1.7
-    cls = MOTORCYCLE if motor else BICYCLE
-    col = _colour(rng, st.cars)
+    length, cls, col = (2.0 if motor else 1.7), (MOTORCYCLE if motor else BICYCLE), _colour(rng, st.cars)
     if motor:
-        b.box(x - 0.25, x + 0.25, 0, 1.05, z, z + length, cls, M_PLAIN, col, inst=inst)
+        b.box(cls, M_PLAIN, col, (x - 0.25, x + 0.25), (0, 1.05), (z, z + length), inst=inst)
     else:
-        b.box(x - 0.06, x + 0.06, 0, 0.95, z, z + length, cls, M_PLAIN, col, inst=inst)
-        b.box(x - 0.3, x + 0.3, 0.9, 1.0, z + 1.45, z + 1.55, cls, M_PLAIN, st.metal, inst=inst)
+        b.box(cls, M_PLAIN, col, (x - 0.06, x + 0.06), (0, 0.95), (z, z + length), inst=inst)
+        b.box(cls, M_PLAIN, st.metal, (x - 0.3, x + 0.3), (0.9, 1.0), (z + 1.45, z + 1.55), inst=inst)
     rider = b.new_instance()
     zc = z + length * 0.45
     shirt, legs = _colour(rng, st.cloth, 0.1), _colour(rng, st.cloth, 0.1)
-    h0 = 0.75 if motor else 0.85
-    b.cyl(x, zc, 0.22, 0.18, h0, 1.5, RIDER, M_PERSON, shirt, legs, par=(1.0, 0, 0, 0), inst=rider)
-    head = (0.2, 0.2, 0.22) if motor else _jitter(rng, (0.85, 0.68, 0.55), 0.15)
-    b.ell(x, 1.64, zc + 0.05, 0.13, 0.14, 0.13, RIDER, M_PLAIN, head, inst=rider)
+    seat = 0.75 if motor else 0.85
+    b.cyl(RIDER, M_PERSON, shirt, (x, zc), (0.22, 0.18), (seat, 1.5), legs, par=(1.0, 0, 0, 0), inst=rider)
+    head = (0.2, 0.2, 0.22) if motor else _jitter(rng, _SKIN, 0.15)  # helmet or face
+    b.ell(RIDER, M_PLAIN, head, (x, 1.64, zc + 0.05), (0.13, 0.14, 0.13), inst=rider)
     return length
 
 
 def _person(b: _Builder, rng, st: Style, x: float, z: float) -> None:
+    """A pedestrian: body cylinder (shirt above the legs) and head."""
     inst = b.new_instance()
     height = rng.uniform(1.42, 1.65)
     shirt, legs = _colour(rng, st.cloth, 0.1), _colour(rng, st.cloth, 0.1)
-    b.cyl(
-        x,
-        z,
-        rng.uniform(0.2, 0.25),
-        0.16,
-        0,
-        height,
-        PERSON,
-        M_PERSON,
-        shirt,
-        legs,
-        par=(0.85, 0, 0, 0),
-        inst=inst,
-    )
-    skin = _jitter(rng, (0.85, 0.68, 0.55), 0.2)
-    b.ell(x, height + 0.12, z, 0.11, 0.13, 0.11, PERSON, M_PLAIN, skin, inst=inst)
+    radii = (rng.uniform(0.2, 0.25), 0.16)
+    b.cyl(PERSON, M_PERSON, shirt, (x, z), radii, (0, height), legs, par=(0.85, 0, 0, 0), inst=inst)
+    b.ell(PERSON, M_PLAIN, _jitter(rng, _SKIN, 0.2), (x, height + 0.12, z), (0.11, 0.13, 0.11), inst=inst)
 
 
 def _tree(b: _Builder, rng, st: Style, x: float, z: float, big: float = 1.0) -> None:
-    trunk_h = rng.uniform(3.2, 5.0)
+    """A tree: trunk cylinder and an ellipsoid crown."""
+    trunk = rng.uniform(3.2, 5.0)
     r = rng.uniform(1.4, 2.8) * big
     ry = r * rng.uniform(0.9, 1.3)
-    b.cyl(x, z, 0.2 * big, 0.2 * big, 0, trunk_h + ry * 0.5, TREE, M_PLAIN, _jitter(rng, st.bark))
-    # the crown's bottom stays above every camera height (<= 2.5 m), so no camera is ever inside it
-    b.ell(
-        x,
-        trunk_h + 0.9 * ry,
-        z,
-        r,
-        ry,
-        r,
-        TREE,
-        M_FOLIAGE,
-        _jitter(rng, st.foliage, 0.15),
-        par=(rng.random() * 50,) * 4,
-    )
+    b.cyl(TREE, M_PLAIN, _jitter(rng, st.bark), (x, z), (0.2 * big, 0.2 * big), (0, trunk + ry * 0.5))
+    # the crown's bottom (trunk - 0.1 ry >= 2.85 m) stays above every camera (<= 2.5 m), so no camera is inside
+    leaves = _jitter(rng, st.foliage, 0.15)
+    b.ell(TREE, M_FOLIAGE, leaves, (x, trunk + 0.9 * ry, z), (r, ry, r), par=(rng.random() * 50,) * 4)
 
 
-def _furniture(b: _Builder, rng, st: Style, street: dict, s: int, kind: int, z: float) -> None:
-    """Adds one piece of street furniture (kind = index into _Layout.furniture) at the curb of side s."""
-    x = s * (street["road_half"] + 0.45)
-    if kind == 1:  # street lamp: pole, arm towards the road, lamp head
+def _furniture(b: _Builder, rng, st: Style, kind: int, x: float, s: int, z: float) -> None:
+    """Street furniture (kind indexes Layout.furniture) at lateral x on side s (-1 left, +1 right)."""
+    if kind == 1:  # street lamp: pole, arm over the road, lamp head
         h = rng.uniform(6.5, 8.5)
-        b.cyl(x, z, 0.09, 0.09, 0, h, POLE, M_PLAIN, st.metal)
         xa = x - s * 1.6
-        b.box(x, xa, h - 0.12, h, z - 0.05, z + 0.05, POLE, M_PLAIN, st.metal)
-        b.box(xa - 0.25, xa + 0.25, h - 0.3, h - 0.12, z - 0.15, z + 0.15, POLE, M_PLAIN, st.metal)
+        b.cyl(POLE, M_PLAIN, st.metal, (x, z), (0.09, 0.09), (0, h))
+        b.box(POLE, M_PLAIN, st.metal, (x, xa), (h - 0.12, h), (z - 0.05, z + 0.05))
+        b.box(POLE, M_PLAIN, st.metal, (xa - 0.25, xa + 0.25), (h - 0.3, h - 0.12), (z - 0.15, z + 0.15))
     elif kind == 2:
-        _tree(b, rng, st, x + s * 0.3, z)
+        _tree(b, rng, st, x, z)
     elif kind == 3:  # traffic sign: thin pole and one or two plates facing the traffic (-Z)
         h = rng.uniform(2.4, 3.0)
-        b.cyl(x, z, 0.04, 0.04, 0, h, POLE, M_PLAIN, st.metal)
+        b.cyl(POLE, M_PLAIN, st.metal, (x, z), (0.04, 0.04), (0, h))
         for k in range(1 + int(rng.random() < 0.3)):
             size = rng.uniform(0.55, 0.8)
             top = h - k * (size + 0.1)
-            shape = float(rng.integers(2))  # 0 square, 1 round symbol
-            col = _colour(rng, st.signs, 0.1)
-            b.box(
-                x - size / 2,
-                x + size / 2,
-                top - size,
-                top,
-                z - 0.07,
-                z - 0.04,
-                SIGN,
-                M_SIGN,
-                col,
-                st.metal,
-                (shape, 0, 0, 0),
-            )
-    elif kind == 4:  # traffic light: pole with a housing; sometimes an arm over the road with a second one
-        b.cyl(x, z, 0.07, 0.07, 0, 3.4, POLE, M_PLAIN, st.metal)
-        lit = float(rng.integers(3))
-        b.box(
-            x - 0.16,
-            x + 0.16,
-            2.5,
-            3.4,
-            z - 0.34,
-            z - 0.07,
-            LIGHT,
-            M_LIGHT,
-            (0.08, 0.08, 0.08),
-            par=(lit, 0, 0, 0),
-        )
+            shape = float(rng.integers(2))  # 0 square, 1 round with a symbol
+            plate = _colour(rng, st.signs, 0.1)
+            x_span, h_span = (x - size / 2, x + size / 2), (top - size, top)
+            b.box(SIGN, M_SIGN, plate, x_span, h_span, (z - 0.07, z - 0.04), st.metal, (shape, 0, 0, 0))
+    elif (
+        kind == 4
+    ):  # traffic light: pole with a housing; half of them also an arm over the road with one more
+        lit = (float(rng.integers(3)), 0, 0, 0)
+        b.cyl(POLE, M_PLAIN, st.metal, (x, z), (0.07, 0.07), (0, 3.4))
+        b.box(LIGHT, M_LIGHT, _DARK, (x - 0.16, x + 0.16), (2.5, 3.4), (z - 0.34, z - 0.07), par=lit)
         if rng.random() < 0.5:
-            b.cyl(x, z + 0.3, 0.1, 0.1, 0, 5.8, POLE, M_PLAIN, st.metal)
             xa = x - s * rng.uniform(3.0, 5.0)
-            b.box(x, xa, 5.65, 5.8, z + 0.25, z + 0.35, POLE, M_PLAIN, st.metal)
-            b.box(
-                xa - 0.16,
-                xa + 0.16,
-                4.75,
-                5.65,
-                z + 0.0,
-                z + 0.27,
-                LIGHT,
-                M_LIGHT,
-                (0.08, 0.08, 0.08),
-                par=(lit, 0, 0, 0),
-            )
-    elif kind == 5:  # misc: bin or advertising column
+            b.cyl(POLE, M_PLAIN, st.metal, (x, z + 0.3), (0.1, 0.1), (0, 5.8))
+            b.box(POLE, M_PLAIN, st.metal, (x, xa), (5.65, 5.8), (z + 0.25, z + 0.35))
+            b.box(LIGHT, M_LIGHT, _DARK, (xa - 0.16, xa + 0.16), (4.75, 5.65), (z, z + 0.27), par=lit)
+    elif kind == 5:  # misc: a bin or an advertising column
         if rng.random() < 0.6:
-            b.box(x - 0.3, x + 0.3, 0, 1.0, z - 0.3, z + 0.3, MISC, M_PLAIN, _colour(rng, st.signs, 0.2))
+            b.box(
+                MISC, M_PLAIN, _colour(rng, st.signs, 0.2), (x - 0.3, x + 0.3), (0, 1.0), (z - 0.3, z + 0.3)
+            )
         else:
-            b.cyl(x + s * 0.5, z, 0.6, 0.6, 0, 2.8, MISC, M_PLAIN, _jitter(rng, (0.7, 0.65, 0.55), 0.2))
+            b.cyl(MISC, M_PLAIN, _jitter(rng, (0.7, 0.65, 0.55), 0.2), (x + s * 0.5, z), (0.6, 0.6), (0, 2.8))
 
 
-def _facade_params(rng) -> tuple:
-    # window spacing, floor height (m), window width and height as fractions
+def _facade(rng) -> tuple:
+    """Window grid parameters: spacing and floor height (m), window width and height (fractions)."""
     return (rng.uniform(1.8, 3.2), rng.uniform(2.8, 3.6), rng.uniform(0.35, 0.6), rng.uniform(0.4, 0.6))
+
+
+def _frontage(b: _Builder, rng, st: Style, lay: Layout, s: int, front: float, z0: float, z1: float):
+    """Buildings and the gaps between them (walls, fences, hedges, trees) from z0 to z1 on side s, with the
+    ground front of them at |x| = front; returns the zone starts and the ground class of each zone."""
+    starts, classes = [], []
+    z = z0
+    while z < z1:
+        starts.append(z)
+        if rng.random() < lay.p_building:
+            length = rng.uniform(*lay.building_len)
+            setback = 0.0 if rng.random() < 0.6 else rng.uniform(1.0, 5.0)
+            xf = s * (front + setback)
+            mat = M_BRICK if rng.random() < lay.p_brick else M_FACADE
+            x_span = (xf, xf + s * rng.uniform(8, 20))
+            z_span = (z, z + length - rng.uniform(0, 0.6))
+            height = (0, rng.uniform(*lay.building_h))
+            b.box(
+                BUILDING,
+                mat,
+                _colour(rng, st.buildings, 0.08),
+                x_span,
+                height,
+                z_span,
+                st.glass,
+                _facade(rng),
+            )
+            classes.append(TERRAIN if setback > 0 and rng.random() < lay.p_terrain else SIDEWALK)
+        else:
+            length = rng.uniform(*lay.gap_len)
+            fill = _pick(rng, lay.gap_fill)
+            xf, z_span = s * (front + 0.3), (z, z + length)
+            if fill == 1:
+                mat = M_BRICK if rng.random() < 0.3 else M_PLAIN
+                b.box(
+                    WALL,
+                    mat,
+                    _jitter(rng, st.wall, 0.1),
+                    (xf, xf + s * 0.3),
+                    (0, rng.uniform(1.2, 2.8)),
+                    z_span,
+                )
+            elif fill == 2:
+                bars = (rng.uniform(0.1, 0.25), 0, 0, 0)
+                col, back = _jitter(rng, st.fence, 0.1), _jitter(rng, st.terrain, 0.2)
+                b.box(
+                    FENCE, M_FENCE, col, (xf, xf + s * 0.06), (0, rng.uniform(1.0, 2.0)), z_span, back, bars
+                )
+            elif fill == 3:
+                leaves, seed = _jitter(rng, st.foliage, 0.15), (rng.random() * 50,) * 4
+                x_span, height = (xf, xf + s * rng.uniform(0.7, 1.2)), (0, rng.uniform(0.8, 1.8))
+                b.box(VEGETATION, M_FOLIAGE, leaves, x_span, height, z_span, par=seed)
+            for _ in range(int(rng.integers(0, 3))):
+                _tree(b, rng, st, s * (front + rng.uniform(3, 9)), z + rng.uniform(0, length), big=1.2)
+            classes.append(TERRAIN if rng.random() < lay.p_terrain + 0.3 else SIDEWALK)
+        z += length
+    return starts, classes
 
 
 @lru_cache(maxsize=4)
@@ -497,133 +504,102 @@ def _street(domain: str, street_id: int, seed: int) -> Street:
     lane_w = rng.uniform(3.0, 3.5)
     parking = bool(rng.random() < lay.p_parking)
     road_half = lanes * lane_w + (2.2 if parking else 0.0)
+    verge = rng.uniform(*lay.verge_w) if rng.random() < lay.p_verge else 0.0
     side_w = rng.uniform(*lay.sidewalk_w)
-    if domain == "vkitti2":
+    if domain == "vkitti2":  # one street per scene, driven along for VK_FRAMES_PER_SCENE frames
         length = VK_FRAMES_PER_SCENE * lay.step[1] + rng.uniform(100, 160)
-    else:
+        z0 = -40.0
+    else:  # one street per labelled frame, seen from near z = 0; no view reaches behind z = -10
         length = rng.uniform(110, 200)
-    z_begin = -10.0 if domain != "vkitti2" else -40.0  # no view reaches further back
-    ego_x = 0.5 * lane_w
-    street = {"road_half": road_half}
+        z0 = -10.0
     b = _Builder()
-    zones_z, zones_c = [], []
+    zone_z, zone_cls = [], []
     for s in (-1, 1):
-        # frontage: buildings and the gaps between them (walls, fences, hedges, trees)
-        zz, zc = [], []
-        z = z_begin
-        front = road_half + side_w
-        while z < length + 20:
-            if rng.random() < lay.p_building:
-                blen = rng.uniform(*lay.building_len)
-                setback = 0.0 if rng.random() < 0.6 else rng.uniform(1.0, 5.0)
-                xf = s * (front + setback)
-                height = rng.uniform(*lay.building_h)
-                brick = rng.random() < lay.p_brick
-                col = _colour(rng, st.buildings, 0.08)
-                mat = M_BRICK if brick else M_FACADE
-                b.box(xf, xf + s * rng.uniform(8, 20), 0, height, z, z + blen - rng.uniform(0, 0.6), BUILDING, mat,
-                      col, st.glass, _facade_params(rng))  # fmt: skip
-                zz.append(z)
-                zc.append(SIDEWALK if setback == 0 or rng.random() > lay.p_terrain else TERRAIN)
-            else:
-                blen = rng.uniform(*lay.gap_len)
-                fill = _pick(rng, lay.gap_fill)
-                xf = s * (front + 0.3)
-                if fill == 1:
-                    h = rng.uniform(1.2, 2.8)
-                    b.box(xf, xf + s * 0.3, 0, h, z, z + blen, WALL, M_BRICK if rng.random() < 0.3 else M_PLAIN,
-                          _jitter(rng, st.wall, 0.1))  # fmt: skip
-                elif fill == 2:
-                    h = rng.uniform(1.0, 2.0)
-                    b.box(xf, xf + s * 0.06, 0, h, z, z + blen, FENCE, M_FENCE, _jitter(rng, st.fence, 0.1),
-                          _jitter(rng, st.terrain, 0.2), (rng.uniform(0.1, 0.25), 0, 0, 0))  # fmt: skip
-                elif fill == 3:
-                    b.box(xf, xf + s * rng.uniform(0.7, 1.2), 0, rng.uniform(0.8, 1.8), z, z + blen, VEGETATION,
-                          M_FOLIAGE, _jitter(rng, st.foliage, 0.15), par=(rng.random() * 50,) * 4)  # fmt: skip
-                for _ in range(int(rng.integers(0, 3))):
-                    _tree(b, rng, st, s * (front + rng.uniform(3, 9)), z + rng.uniform(0, blen), big=1.2)
-                zz.append(z)
-                zc.append(TERRAIN if rng.random() < lay.p_terrain + 0.3 else SIDEWALK)
-            z += blen
-        zones_z.append(zz)
-        zones_c.append(zc)
-        # street furniture along the curb
-        z = z_begin + rng.uniform(0, 5)
+        starts, classes = _frontage(b, rng, st, lay, s, road_half + verge + side_w, z0, length + 20)
+        zone_z.append(starts)
+        zone_cls.append(classes)
+        z = z0 + rng.uniform(0, 5)  # furniture along the curb (in the verge, if any)
         while z < length:
-            _furniture(b, rng, st, street, s, _pick(rng, lay.furniture), z)
+            _furniture(b, rng, st, _pick(rng, lay.furniture), s * (road_half + 0.45 + verge / 2), s, z)
             z += rng.uniform(4, 10)
         if rng.random() < lay.p_guardrail:
-            b.box(s * (road_half + 0.15), s * (road_half + 0.25), 0.45, 0.8, z_begin, length, FENCE, M_PLAIN,
-                  st.fence)  # fmt: skip
-        # pedestrians (and parked bicycles) on the sidewalk, away from the curb furniture
-        z = z_begin + rng.uniform(*lay.person_gap)
+            b.box(
+                FENCE,
+                M_PLAIN,
+                st.fence,
+                (s * (road_half + 0.15), s * (road_half + 0.25)),
+                (0.45, 0.8),
+                (z0, length),
+            )
+        z = z0 + rng.uniform(
+            *lay.person_gap
+        )  # pedestrians, and now and then a parked bicycle, on the sidewalk
         while z < length and side_w > 1.8:
-            x = s * (road_half + rng.uniform(1.1, side_w - 0.4))
+            x = s * (road_half + verge + rng.uniform(0.7, side_w - 0.4))
             if rng.random() < 0.12:
+                bike = _colour(rng, st.cars)
                 b.box(
-                    x - 0.06,
-                    x + 0.06,
-                    0,
-                    0.95,
-                    z,
-                    z + 1.7,
                     BICYCLE,
                     M_PLAIN,
-                    _colour(rng, st.cars),
+                    bike,
+                    (x - 0.06, x + 0.06),
+                    (0, 0.95),
+                    (z, z + 1.7),
                     inst=b.new_instance(),
                 )
             else:
                 for _ in range(1 + int(rng.integers(0, 3))):
                     _person(b, rng, st, x + s * rng.uniform(-0.4, 0.4), z + rng.uniform(-1, 1))
             z += rng.uniform(*lay.person_gap)
-        # parked vehicles along the curb
-        if parking:
-            z = z_begin + rng.uniform(0, 6)
+        if parking:  # parked cars and vans along the curb
+            z = z0 + rng.uniform(0, 6)
             while z < length:
                 if rng.random() < lay.p_parked:
                     z += _vehicle(b, rng, st, _pick(rng, (8, 1)), s * (road_half - 1.1), z) + rng.uniform(
-                        0.6, 3.0
+                        0.6, 3
                     )
                 else:
                     z += rng.uniform(3, 10)
-        # traffic in every lane except the ego lane (the camera's lane, kept clear for every view)
-        for k in range(lanes):
+        for k in range(lanes):  # traffic in every lane but the ego lane (right side, k = 0)
             if s == 1 and k == 0:
                 continue
-            x_lane = s * (k + 0.5) * lane_w
-            z = z_begin + rng.uniform(0, 20)
+            z = z0 + rng.uniform(0, 20)
             while z < length:
                 kind = _pick(rng, lay.traffic)
-                dx = rng.uniform(-0.3, 0.3) if kind < 4 else s * rng.uniform(0.6, 1.0)
-                z += _vehicle(b, rng, st, kind, x_lane + dx, z) + rng.uniform(*lay.traffic_gap)
-    # the street ends in a row of buildings (a T-junction) so no ray sees an endless road
-    b.box(-600, 600, 0, rng.uniform(14, 30), length, length + 20, BUILDING, M_FACADE, _colour(rng, st.buildings),
-          st.glass, _facade_params(rng))  # fmt: skip
-    rows = b.rows
-    width = max(len(z) for z in zones_z)
-    zone_z = np.full((2, width), np.inf)
-    zone_cls = np.full((2, width), SIDEWALK)
-    for i in range(2):
-        zone_z[i, : len(zones_z[i])] = zones_z[i]
-        zone_cls[i, : len(zones_c[i])] = zones_c[i]
+                dx = (
+                    rng.uniform(-0.3, 0.3) if kind < 4 else s * rng.uniform(0.6, 1.0)
+                )  # two-wheelers ride right
+                z += _vehicle(b, rng, st, kind, s * (k + 0.5) * lane_w + dx, z) + rng.uniform(
+                    *lay.traffic_gap
+                )
+    # the street ends in a row of buildings (trees in the countryside), so no ray runs along an endless road
+    end = (length, length + 20)
+    if domain == "vkitti2":
+        b.box(TREE, M_FOLIAGE, st.foliage, (-600, 600), (0, rng.uniform(10, 18)), end, par=(7.0,) * 4)
+    else:
+        facade = _colour(rng, st.buildings)
+        b.box(BUILDING, M_FACADE, facade, (-600, 600), (0, rng.uniform(14, 30)), end, st.glass, _facade(rng))
+    m = max(len(z) for z in zone_z)
+    rows = list(zip(*b.rows))
     return Street(
-        kind=np.array([r[0] for r in rows]),
-        lo=np.array([r[1] for r in rows], dtype=np.float32),
-        hi=np.array([r[2] for r in rows], dtype=np.float32),
-        cls=np.array([r[3] for r in rows]),
-        mat=np.array([r[4] for r in rows]),
-        col=np.array([r[5] for r in rows], dtype=np.float32),
-        col2=np.array([r[6] for r in rows], dtype=np.float32),
-        par=np.array([r[7] for r in rows], dtype=np.float32),
-        inst=np.array([r[8] for r in rows]),
-        road_half=road_half,
-        sidewalk_w=side_w,
-        lane_w=lane_w,
+        kind=np.array(rows[0]),
+        lo=np.array(rows[1], dtype=np.float32),
+        hi=np.array(rows[2], dtype=np.float32),
+        cls=np.array(rows[3]),
+        mat=np.array(rows[4]),
+        col=np.array(rows[5], dtype=np.float32),
+        col2=np.array(rows[6], dtype=np.float32),
+        par=np.array(rows[7], dtype=np.float32),
+        inst=np.array(rows[8]),
         lanes=lanes,
+        lane_w=lane_w,
         parking=parking,
-        zone_z=zone_z,
-        zone_cls=zone_cls,
-        ego_x=ego_x,
+        road_half=road_half,
+        verge=verge,
+        sidewalk_w=side_w,
+        zone_z=np.array([z + [np.inf] * (m - len(z)) for z in zone_z]),
+        zone_cls=np.array([c + [SIDEWALK] * (m - len(c)) for c in zone_cls]),
+        ego_x=0.5 * lane_w,
         sway=(rng.uniform(0.15, 0.45), rng.uniform(40, 90), rng.uniform(0, 2 * math.pi)),
         length=length,
     )

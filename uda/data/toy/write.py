@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import multiprocessing
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from uda.data.splits import split_ids, write_split_files
 from uda.data.toy.render import render, render_frame
@@ -183,7 +185,16 @@ def _task(args: tuple) -> str:
 
 
 def _worker_init() -> None:
-    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would only oversubscribe
+    """Per worker: no OpenCV threads (one process per core already) and a malloc that keeps its memory."""
+    cv2.setNumThreads(1)
+    try:  # glibc returns every large numpy temporary to the OS; page-faulting it back costs ~15 % of the run
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        libc.mallopt(m_mmap_threshold, 64 << 20)
+        libc.mallopt(m_trim_threshold, 256 << 20)
+        libc.mallopt(m_top_pad, 64 << 20)
+    except (OSError, AttributeError):  # not glibc: keep the defaults
+        pass
 
 
 def make_toy_data(
@@ -209,38 +220,35 @@ def make_toy_data(
     check_size(height, width)
     if frames < 1:
         raise ValueError(f"frames={frames}: need at least one labelled frame per domain")
-    workers = os.cpu_count() or 1 if workers is None else workers
+    workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least one worker process")
     info_path = out / "toy_info.json"
+    if info_path.is_file():  # a toy dataset: replace it whole
+        info_path.unlink()  # written last, so its presence means a complete dataset
+        for d in DOMAINS:
+            shutil.rmtree(out / d, ignore_errors=True)
     for d in domains:
         if (out / d).exists():
-            if not info_path.is_file():
-                raise FileExistsError(
-                    f"{out / d}: exists and is not toy data (no {info_path}); pick another --out"
-                )
-            shutil.rmtree(out / d)
-    if info_path.is_file():
-        info_path.unlink()  # re-written last, so its presence means a complete dataset
+            raise FileExistsError(
+                f"{out / d}: exists but {info_path} does not (not toy data, or an interrupted run); "
+                "delete it or pick another output folder"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    # interleave domains so every worker gets a similar mix of cheap and expensive frames
+    # interleave the domains so that every worker gets a similar mix of cheap and expensive frames
     tasks = [(str(out), d, i, seed, height, width) for i in range(frames) for d in domains]
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(tasks), desc="toy data", unit="frame", disable=not progress)
-    if workers == 1:
-        _worker_init()
-        for t in tasks:
-            _task(t)
-            bar.update()
-    else:
-        ctx = multiprocessing.get_context(
-            "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        )
-        with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
-            for _ in pool.imap_unordered(_task, tasks, chunksize=2):
+    with tqdm(total=len(tasks), desc="toy data", unit="frame", disable=not progress) as bar:
+        if workers == 1:
+            for t in tasks:
+                _task(t)
                 bar.update()
-    bar.close()
+        else:
+            ctx = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            )
+            with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
+                for _ in pool.imap_unordered(_task, tasks, chunksize=2):
+                    bar.update()
     if "synthia" in domains:
         write_split_files(out / "synthia" / "splits", split_ids(f"{i:07d}" for i in range(frames)))
     if "vkitti2" in domains:
