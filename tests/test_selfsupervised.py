@@ -1,0 +1,80 @@
+"""Self-supervised depth in the engine: the SDE recipe learns, initialises from a depth-only run, and adaptation
+can learn target depth photometrically."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uda.cli import finalise
+from uda.data.loader import move_to
+from uda.engine import Trainer, TrainingError
+from uda.selfsupervised import sde_config, sde_parser
+
+TINY = [
+    "model.backbone=resnet18",
+    "model.pretrained=false",
+    "model.decoder_channels=16,32,32,64,64",
+    "data.size=64,128",
+    "data.num_workers=0",
+    "train.val_every=0",
+    "train.val_batches=2",
+    "train.deterministic=true",
+    "train.log_every=1",
+]
+
+
+def sde(argv, depth_only, toy_root, out):
+    parser = sde_parser("test", "mtl" if depth_only else "mteb")
+    args = parser.parse_args(["--data-root", str(toy_root), "--out", str(out), *argv, *TINY])
+    return finalise(sde_config(args, depth_only), args, "sde")
+
+
+def test_depth_only_run_lowers_the_photometric_loss(toy_root, tmp_path):
+    cfg = sde(
+        [
+            "train.iterations=40",
+            "optim.lr_backbone=1e-4",
+            "optim.lr_decoder=1e-3",
+            "photometric.lr_pose=1e-3",
+        ],
+        True,
+        toy_root,
+        tmp_path / "depth",
+    )
+    trainer = Trainer(cfg)
+    fixed = move_to(next(trainer.batches(0)), trainer.accelerator.device)["source"]
+
+    @torch.no_grad()
+    def photometric_loss():
+        return float(trainer.photometric_objective(fixed, trainer.model(fixed["image"]))[0])
+
+    before = photometric_loss()
+    summary = trainer.fit()
+    after = photometric_loss()
+    assert after < 0.95 * before, (before, after)
+    assert 0 <= trainer.loss_log[-1]["automask_fraction"] <= 1
+    assert summary["results"]["val"]["depth/median_scale"] > 0  # evaluated with per-image median scaling
+    assert trainer.cfg.eval.median_scaling and trainer.cfg.eval.max_depth == 80.0
+
+
+def test_sde_initialises_both_decoders_and_pose_from_the_depth_run(toy_root, tmp_path):
+    depth_cfg = sde(["train.iterations=2", "train.ckpt_every=2"], True, toy_root, tmp_path / "depth")
+    Trainer(depth_cfg).fit()
+    cfg = sde(
+        ["--init-from", str(tmp_path / "depth"), "train.iterations=1"], False, toy_root, tmp_path / "sde"
+    )
+    trainer = Trainer(cfg)
+    source = load_file(str(next((tmp_path / "depth" / "checkpoints").glob("step-*")) / "model.safetensors"))
+    own = trainer.model.state_dict()
+    key = "decoders.depth.second.0.1.weight"
+    assert torch.equal(own[key], source[key])
+    assert torch.equal(own[key.replace("depth", "semseg")], source[key])  # semseg decoder starts from depth's
+    assert torch.equal(own["encoder.conv1.weight"], source["encoder.conv1.weight"])
+    trainer.fit()
+    assert trainer.loss_log[-1]["loss/semseg/s0"] > 0 and trainer.loss_log[-1]["loss/photometric"] > 0
+
+
+def test_photometric_setting_is_checked(toy_root, tmp_path):
+    cfg = sde(["train.iterations=1", "model.depth_output=inverse"], True, toy_root, tmp_path / "bad")
+    with pytest.raises(TrainingError, match="model.depth_output=disparity"):
+        Trainer(cfg)
