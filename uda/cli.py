@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from uda.config import ConfigError, DataConfig, ExperimentConfig, apply_overrides
 
@@ -21,6 +23,7 @@ MODELS = ("stl", "mtl", "padnet", "3ways-padnet", "mteb")
 TOY_OVERRIDES = [
     "model.backbone=resnet18",
     "model.pretrained=false",
+    "model.decoder_channels=32,64,64,128,128",
     "train.iterations=300",
     "train.val_every=0",
     "train.ckpt_every=100",
@@ -59,9 +62,16 @@ def ensure_toy_data(root: Path = TOY_ROOT, frames: int = 240, seed: int = 0, tim
     return root
 
 
+class RecipeParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit 2), like configuration errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def base_parser(description: str, default_model: str = "mteb") -> argparse.ArgumentParser:
     """Arguments every recipe shares."""
-    parser = argparse.ArgumentParser(
+    parser = RecipeParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides: any config key as section.key=value, e.g. train.iterations=1000 model.backbone=resnet50 "
@@ -99,6 +109,18 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
     return parser
 
 
+def check_label_sets(cfg: ExperimentConfig) -> None:
+    """Unknown label set names are configuration errors (caught before anything is built)."""
+    from uda.data.labels import get_label_set
+
+    for section, data in (("data", cfg.data), ("target", cfg.target)):
+        if data is not None:
+            try:
+                get_label_set(data.label_set)
+            except ValueError as exc:
+                raise ConfigError(f"{section}.label_set: {exc}") from None
+
+
 def with_root(data: DataConfig | None, root: Path | None) -> DataConfig | None:
     """Point a data config at <root>/<dataset> when a data root is given."""
     if data is None or root is None:
@@ -111,7 +133,9 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     root = args.data_root
     if args.toy:
         root = ensure_toy_data(root or TOY_ROOT)
-        cfg = apply_overrides(cfg, TOY_OVERRIDES)
+        cfg = apply_overrides(
+            cfg, TOY_OVERRIDES + (["adapt.disc_channels=16"] if cfg.adapt is not None else [])
+        )
         cfg = replace(cfg, data=replace(cfg.data, size=TOY_SIZE, num_workers=1))
         if cfg.target is not None:
             cfg = replace(cfg, target=replace(cfg.target, size=TOY_SIZE, num_workers=1))
@@ -122,6 +146,7 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     if args.seed is not None:
         cfg = replace(cfg, train=replace(cfg.train, seed=args.seed))
     cfg = apply_overrides(cfg, list(args.overrides))
+    check_label_sets(cfg)
     variant = "" if cfg.name == "experiment" else f"{cfg.name}-"
     name = f"{recipe}-{variant}{cfg.model.arch}"
     out = args.out or REPO_ROOT / "runs" / recipe / f"{variant}{cfg.model.arch}-s{cfg.train.seed}"
@@ -166,14 +191,42 @@ def main(
     recipe: str,
     argv: Sequence[str] | None = None,
 ) -> dict | None:
-    """Parse, build the config, train; configuration errors exit with one clear line."""
+    """Parse, build the config, train. Configuration errors exit 2, data and training errors (a bad dataset
+    file, an unwritable --out, an unusable checkpoint, a diverged run) exit 1, each with one line on stderr."""
     args = parser.parse_args(argv)
     try:
         cfg = finalise(build(args), args, recipe)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return run(cfg, args.resume)
+        fail(exc, 2)
+    try:
+        return run(cfg, args.resume)
+    except Exception as exc:
+        from uda.data.decode import DataError
+        from uda.engine import TrainingError
+
+        if isinstance(exc, DataError | TrainingError):
+            fail(exc, 1)
+        raise
+
+
+def error_line(exc: BaseException) -> str:
+    """The one-line message of an error. An error re-raised from a DataLoader worker carries the worker's
+    traceback; its last line is the original message."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1].strip())
+
+
+def fail(exc: BaseException, code: int) -> NoReturn:
+    """Print `error: <one line>` on stderr, release the process group (if any) and exit with `code`."""
+    print(f"error: {error_line(exc)}", file=sys.stderr)
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    raise SystemExit(code) from None
 
 
 def supervised_config(
