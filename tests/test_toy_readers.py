@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import torch
 
 from uda.data.labels import get_class_map
 from uda.data.readers import build_dataset
@@ -69,3 +71,28 @@ def test_toy_split_files_are_used(toy: Path) -> None:
         train = build_dataset(domain, "train", (), root=toy / domain).ids
         val = build_dataset(domain, "val", (), root=toy / domain).ids
         assert not set(train) & set(val) and len(train) + len(val) == FRAMES
+
+
+def test_toy_nyudv2_layout_reads_back_with_all_four_tasks(tmp_path):
+    from uda.data.toy import make_toy_data, render_frame
+    from uda.data.toy.write import NYU40_OF_CLASS, NYU_SEED_OFFSET
+
+    make_toy_data(
+        tmp_path, frames=5, height=64, width=128, seed=3, domains=("nyudv2",), workers=1, progress=False
+    )
+    dataset = build_dataset(
+        "nyudv2", "train", ("semseg", "depth", "normals", "edges"), root=tmp_path / "nyudv2"
+    )
+    sample = dataset[0]
+    index = int(sample["meta"]["id"])
+    frame = render_frame("synthia", index, 3 + NYU_SEED_OFFSET, 64, 128)
+    h, w = sample["image"].shape[-2:]
+    classes = cv2.resize(frame["classes"].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    expected = NYU40_OF_CLASS[classes].astype(np.int64) - 1  # NYU40 id 1..40 -> train id 0..39, 0 -> ignore
+    expected[expected < 0] = 255
+    assert np.array_equal(sample["semseg"].numpy(), expected)
+    normals, valid = sample["normals"], sample["normals"].norm(dim=0) > 0.5
+    assert valid.float().mean() > 0.5 and torch.allclose(
+        normals.norm(dim=0)[valid], torch.ones(()), atol=1e-3
+    )
+    assert sample["edges"].sum() > 0 and (sample["depth"] > 0).float().mean() > 0.5

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from uda.data.toy import DOMAINS, domain_size, make_toy_data  # noqa: E402
+from uda.data.toy import TOY_DATASETS, domain_size, make_toy_data, nyudv2_size  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--domains",
         nargs="+",
-        choices=DOMAINS,
-        default=list(DOMAINS),
-        help="domains to write (default: all three)",
+        choices=TOY_DATASETS,
+        default=list(TOY_DATASETS),
+        help="datasets to write (default: all; nyudv2 is the street renderer in the NYUDv2 layout)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: one per CPU core)"
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     sizes = ", ".join(
-        f"{d} {'x'.join(map(str, domain_size(d, args.height, args.width)))}" for d in args.domains
+        f"{d} {'x'.join(map(str, nyudv2_size(args.height) if d == 'nyudv2' else domain_size(d, args.height, args.width)))}"
+        for d in args.domains
     )
     print(f"toy data: {args.frames} labelled frames per domain ({sizes}) -> {args.out}")
     start = time.perf_counter()

@@ -43,8 +43,10 @@ TASK_SETS = {
 
 def ensure_toy_data(root: Path = TOY_ROOT, frames: int = 240, seed: int = 0, timeout_s: float = 900) -> Path:
     """Generate the built-in toy datasets under root when missing (one process generates, others wait)."""
+    from uda.data.toy import TOY_DATASETS
+
     marker = root / "toy_info.json"
-    if marker.is_file():
+    if marker.is_file() and all((root / d).is_dir() for d in TOY_DATASETS):
         return root
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from uda.data.toy import make_toy_data
@@ -220,7 +222,9 @@ def error_line(exc: BaseException) -> str:
 
 def fail(exc: BaseException, code: int) -> NoReturn:
     """Print `error: <one line>` on stderr, release the process group (if any) and exit with `code`."""
-    print(f"error: {error_line(exc)}", file=sys.stderr)
+    from tqdm import tqdm
+
+    tqdm.write(f"error: {error_line(exc)}", file=sys.stderr)  # on a line of its own, even under a progress bar
     if "torch" in sys.modules:
         import torch.distributed as dist
 

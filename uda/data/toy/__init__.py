@@ -44,7 +44,14 @@ from uda.data.toy.scene import (
     domain_size,
     intrinsics,
 )
-from uda.data.toy.write import cityscapes_disparity, cityscapes_name, make_toy_data, vkitti2_name
+from uda.data.toy.write import (
+    TOY_DATASETS,
+    cityscapes_disparity,
+    cityscapes_name,
+    make_toy_data,
+    nyudv2_size,
+    vkitti2_name,
+)
 
 __all__ = [
     "CITYSCAPES_IDS",
@@ -52,6 +59,7 @@ __all__ = [
     "DOMAINS",
     "SKY_DEPTH",
     "SYNTHIA_IDS",
+    "TOY_DATASETS",
     "VKITTI2_CATEGORIES",
     "VKITTI2_IDS",
     "VK_FRAMES_PER_SCENE",
@@ -60,6 +68,7 @@ __all__ = [
     "domain_size",
     "intrinsics",
     "make_toy_data",
+    "nyudv2_size",
     "render_frame",
     "vkitti2_name",
 ]

@@ -33,7 +33,6 @@ from uda.data.toy.scene import (
     VK_FRAMES_PER_SCENE,
     VKITTI2_CATEGORIES,
     camera_pose,
-    check_domain,
     check_size,
     domain_size,
     intrinsics,
@@ -173,9 +172,52 @@ def _write_vkitti2_scene_files(out: Path, frames: int, seed: int, height: int, w
         (folder / "extrinsic.txt").write_text("\n".join(extr) + "\n")
 
 
+# NYU40 ids (1..40, 0 = void) standing in for the street classes, in the order of CLASS_NAMES: the toy NYUDv2
+# set is the SYNTHIA-like street renderer written in the NYUDv2 layout, so that the S-D-N-E recipe (normals
+# and edges ground truth as files) runs without the real data. It is a format stand-in, not indoor scenes.
+NYU40_OF_CLASS = np.array([2, 20, 1, 1, 38, 35, 35, 11, 40, 40, 20, 22, 31, 31, 39, 39, 3, 3, 5, 5, 40, 0])
+NYU_SEED_OFFSET = 104729
+TOY_DATASETS = (
+    *DOMAINS,
+    "nyudv2",
+)  # the rendered domains plus the NYUDv2-layout stand-in  # other streets than the SYNTHIA-like set of the same seed
+
+
+def nyudv2_size(height: int) -> tuple[int, int]:
+    """(height, width) of toy NYUDv2 images: the real 448x576 aspect at the target height."""
+    return height, 2 * round(height * 288 / 448)
+
+
+def _write_nyudv2(out: Path, index: int, seed: int, height: int, width: int) -> None:
+    h, w = nyudv2_size(height)
+    f = render_frame("synthia", index, seed + NYU_SEED_OFFSET, height, width)  # SYNTHIA-like look and camera
+    image = cv2.resize(f["image"], (w, h), interpolation=cv2.INTER_AREA)
+    classes = cv2.resize(f["classes"].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    depth = cv2.resize(f["depth"], (w, h), interpolation=cv2.INTER_NEAREST)
+    normals = cv2.resize(f["normals"], (w, h), interpolation=cv2.INTER_NEAREST)
+    label = NYU40_OF_CLASS[classes].astype(np.uint8)
+    name = f"{index:06d}"
+    _write_png(out / "images" / f"{name}.png", image[..., ::-1])
+    _write_png(out / "segmentation" / f"{name}.png", label)
+    sky = depth >= SKY_DEPTH
+    (out / "depth").mkdir(parents=True, exist_ok=True)
+    np.save(out / "depth" / f"{name}.npy", np.where(sky, 0.0, depth).astype(np.float32))
+    rgb = np.where(sky[..., None], 0, np.round((normals + 1) * 127.5)).astype(np.uint8)
+    _write_png(out / "normals" / f"{name}.png", rgb[..., ::-1])
+    edges = np.zeros(label.shape, bool)
+    edges[1:] |= label[1:] != label[:-1]
+    edges[:, 1:] |= label[:, 1:] != label[:, :-1]
+    _write_png(out / "edge" / f"{name}.png", edges.astype(np.uint8) * 255)
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
-_WRITERS = {"synthia": _write_synthia, "cityscapes": _write_cityscapes, "vkitti2": _write_vkitti2}
+_WRITERS = {
+    "synthia": _write_synthia,
+    "cityscapes": _write_cityscapes,
+    "vkitti2": _write_vkitti2,
+    "nyudv2": _write_nyudv2,
+}
 
 
 def _task(args: tuple) -> str:
@@ -203,7 +245,7 @@ def make_toy_data(
     height: int = 256,
     width: int = 512,
     seed: int = 0,
-    domains: Sequence[str] = DOMAINS,
+    domains: Sequence[str] = TOY_DATASETS,
     workers: int | None = None,
     progress: bool = True,
 ) -> None:
@@ -216,7 +258,8 @@ def make_toy_data(
     out = Path(out)
     domains = tuple(domains)
     for d in domains:
-        check_domain(d)
+        if d not in TOY_DATASETS:
+            raise ValueError(f"domain={d!r}: unknown toy dataset; use one of {', '.join(TOY_DATASETS)}")
     check_size(height, width)
     if frames < 1:
         raise ValueError(f"frames={frames}: need at least one labelled frame per domain")
@@ -226,7 +269,7 @@ def make_toy_data(
     info_path = out / "toy_info.json"
     if info_path.is_file():  # a toy dataset: replace it whole
         info_path.unlink()  # written last, so its presence means a complete dataset
-        for d in DOMAINS:
+        for d in TOY_DATASETS:
             shutil.rmtree(out / d, ignore_errors=True)
     for d in domains:
         if (out / d).exists():
@@ -251,6 +294,8 @@ def make_toy_data(
                     bar.update()
     if "synthia" in domains:
         write_split_files(out / "synthia" / "splits", split_ids(f"{i:07d}" for i in range(frames)))
+    if "nyudv2" in domains:  # the official NYUDv2 split is a file list: gt_sets/{train,val}.txt
+        write_split_files(out / "nyudv2" / "gt_sets", split_ids(f"{i:06d}" for i in range(frames)))
     if "vkitti2" in domains:
         _write_vkitti2_scene_files(out / "vkitti2", frames, seed, height, width)
         ids = [f"{s}/{f:05d}" for s, f in map(vkitti2_name, range(frames))]
@@ -261,7 +306,9 @@ def make_toy_data(
         "seed": seed,
         "frames": frames,
         "target_size": [height, width],
-        "sizes": {d: list(domain_size(d, height, width)) for d in domains},
+        "sizes": {
+            d: list(nyudv2_size(height) if d == "nyudv2" else domain_size(d, height, width)) for d in domains
+        },
         "domains": list(domains),
         "sky_depth_m": SKY_DEPTH,
         "vkitti2_frames_per_scene": VK_FRAMES_PER_SCENE,
