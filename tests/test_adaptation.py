@@ -98,7 +98,7 @@ def test_synthia2cityscapes_recipe_end_to_end_and_resume(toy_root, tmp_path):
         "model.decoder_channels=16,32,32,64,64",
         "adapt.disc_channels=8",
         "data.size=64,128",
-        "target.size=64,128",
+        "target.size=48,96",
         "data.num_workers=0",
         "target.num_workers=0",
         "train.val_batches=2",
@@ -109,15 +109,18 @@ def test_synthia2cityscapes_recipe_end_to_end_and_resume(toy_root, tmp_path):
     ]
     summary = run_recipe(["--out", str(tmp_path / "full"), *common])
     results = summary["results"]
-    assert set(results) == {"target", "source"}
+    assert set(results) == {"target", "target@labels", "source"}
+    assert results["target@labels"]["depth/rmse"] != results["target"]["depth/rmse"]  # 64x128 labels vs 48x96
     assert {"semseg/miou", "semseg/miou_subset", "depth/rmse", "depth_unscaled/rmse"} <= set(
         results["target"]
     )
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert metrics["protocol"]["target"]["median_scaling"] is True
+    assert metrics["protocol"]["target@labels"]["ground_truth_resolution"] == "native label files"
+    assert results["target"]["depth/abs_rel"] < results["target"]["depth_constant/abs_rel"] * 2  # both computed
     assert metrics["protocol"]["target"]["checkpoint"].endswith("(last)")
     images = {p.name.split("_")[1] for p in (tmp_path / "full" / "images").glob("*.png")}
-    assert images == {"target", "source"}
+    assert images == {"target", "target@labels", "source"}
     # Resume from step 2 with discriminator state and reach the same final weights.
     shutil.copytree(
         tmp_path / "full" / "checkpoints" / "step-0000002", tmp_path / "cut" / "checkpoints" / "step-0000002"
@@ -130,3 +133,16 @@ def test_synthia2cityscapes_recipe_end_to_end_and_resume(toy_root, tmp_path):
     for name in ("model.safetensors", "model_1.safetensors"):
         a, b = load_file(final_a / name), load_file(final_b / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@torch.no_grad()
+def test_bn_mode_decides_whether_target_outputs_see_source_statistics(trainer):
+    """joint: one forward over source+target, so BatchNorm mixes their statistics; separate: it does not."""
+    batch = trainer.batch
+    other = {**batch, "source": {**batch["source"], "image": batch["source"]["image"].flip(-1) * 0.5}}
+    torch.manual_seed(0)  # same dropout masks in both forwards
+    _, a = trainer.forward_domains(batch)
+    torch.manual_seed(0)
+    _, b = trainer.forward_domains(other)
+    target_changed = not torch.allclose(a["semseg"][0], b["semseg"][0])
+    assert target_changed == (trainer.cfg.adapt.bn_mode == "joint")

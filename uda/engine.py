@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -20,12 +19,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
+from uda import checkpoint
 from uda.config import DataConfig, ExperimentConfig, save_config, to_dict
 from uda.data.labels import get_label_set
 from uda.data.loader import MixedBatches, eval_loader, move_to, train_loader
 from uda.data.readers import build_dataset
 from uda.data.transforms import EvalTransform, TrainTransform
-from uda.evaluate import evaluate, protocol, write_json_atomic, write_report
+from uda.evaluate import evaluate, protocol, write_report
 from uda.geometry import disparity_to_depth
 from uda.losses import MultiTaskLoss, default_task_weights
 from uda.losses.adversarial import bce_with_domain, entropy_map, normalise_depth_for_discriminator
@@ -35,8 +35,8 @@ from uda.models.discriminator import PatchDiscriminator
 from uda.models.posenet import PoseNet, relative_pose
 from uda.visualize import save_prediction_images
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
+CHECKPOINTS = checkpoint.CHECKPOINTS
+STATE_FILE = checkpoint.STATE_FILE
 
 
 class TrainingError(RuntimeError):
@@ -156,6 +156,13 @@ class Trainer:
             )
 
         model = build_model(cfg.model, task_channels(self.tasks, cfg.data.label_set))
+        if cfg.model.sync_bn and acc.num_processes > 1:
+            if acc.device.type == "cpu":
+                raise TrainingError(
+                    "model.sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU processes; "
+                    "set model.sync_bn=false"
+                )
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         posenet = None
         if self.photometric is not None:
             posenet = PoseNet(self.photometric.pose_backbone, cfg.model.pretrained, cfg.model.weights_path)
@@ -236,12 +243,22 @@ class Trainer:
             return ()
         return tuple(t for t in self.tasks if not (t == "depth" and self.video_domain(domain)))
 
-    def dataset(self, data: DataConfig, split: str, tasks: tuple[str, ...], train: bool, domain: int):
-        """A reader for one split with the train or evaluation transform of `data`."""
+    def dataset(
+        self,
+        data: DataConfig,
+        split: str,
+        tasks: tuple[str, ...],
+        train: bool,
+        domain: int,
+        labels_native: bool | None = None,
+    ):
+        """A reader for one split with the train or evaluation transform of `data` (evaluation: labels at the
+        working size, or at their native resolution when labels_native / eval.label_resolution)."""
         if train:
             transform = TrainTransform(data.size, data.scale_range, data.hflip, data.color_jitter)
         else:
-            transform = EvalTransform(data.size, keep_label_resolution=self.cfg.eval.label_resolution)
+            native = self.cfg.eval.label_resolution if labels_native is None else labels_native
+            transform = EvalTransform(data.size, keep_label_resolution=native)
         return build_dataset(
             data.dataset,
             split,
@@ -368,6 +385,7 @@ class Trainer:
         acc = self.accelerator
         if self.discriminators is not None:
             self.discriminators.requires_grad_(False)
+        buffers = self.buffer_snapshot()
         with acc.autocast():
             out_src, out_tgt = self.forward_domains(batch)
             loss, logs = self.criterion(self.supervised_view(out_src), batch["source"])
@@ -388,10 +406,15 @@ class Trainer:
         grad_norm = torch.as_tensor(
             acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
         )
-        # The gradient norm is taken after the all-reduce, so every process takes the same decision.
-        finite = bool(torch.isfinite(loss.detach()).item()) and bool(torch.isfinite(grad_norm).item())
+        loss_ok = bool(torch.isfinite(loss.detach()).item())
+        grads_ok = bool(torch.isfinite(grad_norm).item())
+        # With fp16 the GradScaler skips an overflowing step itself and lowers its scale, so it must see it.
+        finite = checkpoint.all_processes(acc, loss_ok and (grads_ok or acc.scaler is not None))
         if finite:
             self.optimizer.step()
+        else:
+            # A skipped step leaves the model as it was: the forward already moved the BatchNorm statistics.
+            self.restore_buffers(buffers)
         self.optimizer.zero_grad(set_to_none=True)
         logs["loss/total"] = loss.detach()
         logs["grad_norm"] = grad_norm.detach()
@@ -411,9 +434,24 @@ class Trainer:
                 + self.adversarial_loss(out_tgt, size_t, is_source=False, detach=True)
             )
         acc.backward(d_loss)
-        self.disc_optimizer.step()
+        grads = [p.grad for p in self.discriminators.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(d_loss.detach()).item()) and all(bool(g.isfinite().all()) for g in grads)
+        if checkpoint.all_processes(acc, finite):
+            self.disc_optimizer.step()
         self.disc_optimizer.zero_grad(set_to_none=True)
         return d_loss.detach()
+
+    def buffer_snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) for every buffer of the trained networks (BatchNorm statistics, spectral-norm vectors)."""
+        modules = [self.model, self.discriminators, getattr(self, "posenet", None)]
+        return [(b, b.detach().clone()) for m in modules if m is not None for b in m.buffers()]
+
+    @staticmethod
+    @torch.no_grad()
+    def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put back the buffers saved by buffer_snapshot."""
+        for live, saved in snapshot:
+            live.copy_(saved)
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One optimisation step: model update, then (when adapting) discriminator update."""
@@ -425,76 +463,75 @@ class Trainer:
         values["finite"] = float(finite)
         return values
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (uda/checkpoint.py)
 
     def checkpoint_dirs(self) -> list[Path]:
         """Complete checkpoints, newest first (a temporary folder from an interrupted save is ignored)."""
-        root = self.out / CHECKPOINTS
-        if not root.is_dir():
-            return []
-        dirs = [
-            d
-            for d in root.iterdir()
-            if d.is_dir() and d.name.startswith("step-") and (d / STATE_FILE).is_file()
-        ]
-        return sorted(dirs, key=lambda d: int(d.name.split("-")[1]), reverse=True)
+        return checkpoint.complete_checkpoints(self.out)
 
     def save_checkpoint(self, keep: int = 2) -> Path:
-        """Save everything needed to resume, atomically: write a temporary folder, then rename it."""
-        acc = self.accelerator
-        root = self.out / CHECKPOINTS
-        final = root / f"step-{self.step:07d}"
-        tmp = root / f".tmp-step-{self.step:07d}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            root.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"step": self.step, "bad_steps": self.bad_steps, "config": to_dict(self.cfg)}
-            write_json_atomic(tmp / STATE_FILE, state)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self.checkpoint_dirs()[keep:]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        """Save everything needed to resume, atomically (temporary folder, then rename), with file hashes."""
+        state = {
+            "bad_steps": self.bad_steps,
+            "config": to_dict(self.cfg),
+            "history": self.history,
+        }
+        return checkpoint.save(self.accelerator, self.out, self.step, state, keep)
 
     def load_checkpoint(self, path: Path | None = None) -> Path | None:
-        """Resume from `path` or the newest usable checkpoint; a damaged one is reported and skipped."""
-        candidates = [Path(path)] if path is not None else self.checkpoint_dirs()
-        errors = []
-        for ckpt in candidates:
-            try:
-                state = json.loads((ckpt / STATE_FILE).read_text())
-                self.accelerator.load_state(str(ckpt))
-            except Exception as exc:  # noqa: BLE001 - any failure means this checkpoint is unusable
-                errors.append(f"{ckpt}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                if self.accelerator.is_main_process:
-                    tqdm.write(f"warning: checkpoint {ckpt} is unusable ({errors[-1]}); trying an older one")
-                continue
-            self.step = int(state["step"])
-            self.bad_steps = int(state.get("bad_steps", 0))
-            return ckpt
-        if path is not None or errors:
-            raise TrainingError("no usable checkpoint: " + "; ".join(errors))
-        return None
+        """Resume from `path` or the newest usable checkpoint; a damaged one is reported and skipped, one of
+        another model config is refused (TrainingError naming the keys)."""
+        try:
+            found = checkpoint.load(self.accelerator, self.out, to_dict(self.cfg), path)
+        except checkpoint.CheckpointError as exc:
+            raise TrainingError(str(exc)) from None
+        if found is None:
+            return None
+        ckpt, state = found
+        self.step = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self.history = list(state.get("history", []))
+        return ckpt
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, final: bool = False) -> dict[str, Any]:
-        """Evaluate on the validation split (the target's in UDA) and write metrics, report and images."""
-        acc, cfg = self.accelerator, self.cfg
-        results, protocols, images = {}, {}, []
+    def validation_sets(self) -> list[tuple[str, DataConfig, int]]:
+        """(name, data, domain) of each evaluated split: the target's (or the data's) and, in UDA, the source's."""
+        cfg = self.cfg
         sets = [
             ("target" if cfg.target is not None else "val", self.val_data, 1 if cfg.target is not None else 0)
         ]
         if cfg.target is not None and cfg.target.dataset != cfg.data.dataset:
             sets.append(("source", cfg.data, 0))
+        return sets
+
+    def validate(self, final: bool = False) -> dict[str, Any]:
+        """Evaluate on the validation split (the target's in UDA) and write metrics, report and images."""
+        acc, cfg = self.accelerator, self.cfg
+        results, protocols, images = {}, {}, []
         model = acc.unwrap_model(self.model)
-        for name, data, domain in sets:
-            dataset = self.dataset(data, data.val_split, self.tasks, train=False, domain=domain)
+        runs = []
+        for name, data, domain in self.validation_sets():
+            runs.append(
+                (
+                    name,
+                    data,
+                    domain,
+                    replace(cfg.eval, median_scaling=False) if name == "source" else cfg.eval,
+                )
+            )
+            if final and name != "source" and not cfg.eval.label_resolution:
+                # The final evaluation also compares at the label files' resolution (e.g. 2048x1024 Cityscapes).
+                runs.append((f"{name}@labels", data, domain, replace(cfg.eval, label_resolution=True)))
+        for name, data, domain, eval_cfg in runs:
+            dataset = self.dataset(
+                data,
+                data.val_split,
+                self.tasks,
+                train=False,
+                domain=domain,
+                labels_native=eval_cfg.label_resolution,
+            )
             loader = eval_loader(
                 dataset, data.batch_size, acc.process_index, acc.num_processes, data.num_workers
             )
@@ -507,9 +544,6 @@ class Trainer:
                     )
                     images.extend(str(p.relative_to(self.out)) for p in paths)
 
-            eval_cfg = cfg.eval
-            if name == "source" and cfg.eval.median_scaling:
-                eval_cfg = replace(cfg.eval, median_scaling=False)
             max_batches = cfg.train.val_batches if (not final or name == "source") else None
             if name == "source" and max_batches is None:
                 max_batches = 4
@@ -556,12 +590,21 @@ class Trainer:
         if acc.is_main_process:
             save_config(cfg, self.out / "config.json")
             print(json.dumps(to_dict(cfg), indent=2))
+        if not resume and self.checkpoint_dirs():
+            # A fresh run here would interleave its checkpoints with the old run's (and rotate its own away).
+            raise TrainingError(
+                f"{self.out}: holds checkpoints of an earlier run (newest {self.checkpoint_dirs()[0].name}); "
+                "pass --resume to continue it, or choose another --out"
+            )
         acc.init_trackers("logs", config={k: str(v) for k, v in to_dict(cfg).items()})
         if resume:
             ckpt = self.load_checkpoint()
             if ckpt is not None and acc.is_main_process:
                 tqdm.write(f"resumed from {ckpt} at step {self.step}")
         batches = self.batches(self.step)
+        for _, data, domain in self.validation_sets():
+            # Fail now, not after days of training, if a validation split is missing or empty.
+            self.dataset(data, data.val_split, self.tasks, train=False, domain=domain)
         self.model.train()
         bar = tqdm(
             total=cfg.train.iterations, initial=self.step, disable=not acc.is_main_process, desc=cfg.name
@@ -579,9 +622,13 @@ class Trainer:
                 self.bad_steps = 0
             else:
                 self.bad_steps += 1
-                tqdm.write(
-                    f"step {self.step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)"
-                )
+                bad = ", ".join(k for k, v in last.items() if not torch.isfinite(torch.tensor(v))) or "loss"
+                if acc.is_main_process:
+                    tqdm.write(
+                        f"warning: step {self.step}: non-finite {bad}; update skipped, weights unchanged "
+                        f"({self.bad_steps} in a row, the run stops at train.max_bad_steps={cfg.train.max_bad_steps})"
+                    )
+                acc.log({"train/skipped_step": 1.0, "train/bad_steps": float(self.bad_steps)}, step=self.step)
                 if self.bad_steps >= cfg.train.max_bad_steps:
                     ckpt = self.save_checkpoint()
                     raise TrainingError(
@@ -597,21 +644,24 @@ class Trainer:
                 acc.log(
                     {**{f"train/{k}": v for k, v in last.items()}, "train/it_per_s": rate}, step=self.step
                 )
-            if (
-                cfg.train.ckpt_every
-                and self.step % cfg.train.ckpt_every == 0
-                and self.step < cfg.train.iterations
-            ):
-                self.save_checkpoint()
+            # Validation first, so that the checkpoint of this step holds its result in the history.
             if (
                 cfg.train.val_every
                 and self.step % cfg.train.val_every == 0
                 and self.step < cfg.train.iterations
             ):
                 self.validate()
+            if (
+                cfg.train.ckpt_every
+                and self.step % cfg.train.ckpt_every == 0
+                and self.step < cfg.train.iterations
+            ):
+                self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
         results = self.validate(final=True)
+        # Every process finishes its work before the process group goes (end_training destroys it).
+        acc.wait_for_everyone()
         acc.end_training()
         return {
             "results": results,

@@ -93,12 +93,13 @@ def evaluate(
         per_image=eval_cfg.per_image,
         device=torch.device(device),
     )
-    # With median scaling, absolute (unscaled) depth errors are reported too, as depth_unscaled/*.
-    unscaled = None
+    # With median scaling, absolute (unscaled) depth errors are reported too (depth_unscaled/*), and so are
+    # those of a constant prediction under the same protocol (depth_constant/*): the floor to beat.
+    unscaled = constant = None
     if eval_cfg.median_scaling and "depth" in tasks:
-        unscaled = DepthMetric(
-            eval_cfg.min_depth, eval_cfg.max_depth, False, eval_cfg.per_image, torch.device(device)
-        )
+        args = (eval_cfg.min_depth, eval_cfg.max_depth)
+        unscaled = DepthMetric(*args, False, eval_cfg.per_image, torch.device(device))
+        constant = DepthMetric(*args, True, eval_cfg.per_image, torch.device(device))
     for i, batch in enumerate(tqdm(batches, desc="evaluate", leave=False, disable=not progress)):
         if max_batches is not None and i >= max_batches:
             break
@@ -108,16 +109,19 @@ def evaluate(
         metrics.update(preds, batch)
         if unscaled is not None:
             unscaled.update(preds["depth"], batch["depth"])
+            constant.update(torch.ones_like(preds["depth"]), batch["depth"])
         if i == 0 and on_first_batch is not None:
             on_first_batch(batch, preds)
     if reduce is not None:
         metrics.sync(reduce)
         if unscaled is not None:
             unscaled.sync(reduce)
+            constant.sync(reduce)
     model.train(was_training)
     results = metrics.compute()
     if unscaled is not None:
         results.update({f"depth_unscaled/{k}": v for k, v in unscaled.compute().items()})
+        results.update({f"depth_constant/{k}": v for k, v in constant.compute().items() if k != "median_scale"})
     if eval_cfg.subset_classes and "semseg" in tasks:
         results["semseg/miou_subset"] = metrics.segmentation.miou_subset(list(eval_cfg.subset_classes))
     return results
