@@ -224,7 +224,8 @@ def fail(exc: BaseException, code: int) -> NoReturn:
     """Print `error: <one line>` on stderr, release the process group (if any) and exit with `code`."""
     from tqdm import tqdm
 
-    tqdm.write(f"error: {error_line(exc)}", file=sys.stderr)  # on a line of its own, even under a progress bar
+    # tqdm.write puts the message on a line of its own, also under a progress bar.
+    tqdm.write(f"error: {error_line(exc)}", file=sys.stderr)
     if "torch" in sys.modules:
         import torch.distributed as dist
 

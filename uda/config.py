@@ -41,6 +41,7 @@ class ModelConfig:
     output_scales: tuple[int, ...] | None = None  # side outputs; None = exchange scales + final scale 0
     # Initial raw depth output (inverse normalised depth d_far/d): 32.768 = 20 m with d_far = 655.36 m.
     depth_init: float = 32.768
+    sync_bn: bool = False  # SyncBatchNorm across processes (GPUs only; torch has no CPU version)
 
 
 @dataclass

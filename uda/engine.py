@@ -510,6 +510,11 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         results, protocols, images = {}, {}, []
         model = acc.unwrap_model(self.model)
+        if acc.num_processes > 1:
+            # After a training step each process holds its own BatchNorm statistics (DDP broadcasts rank 0's
+            # only at the start of the next forward); evaluate everywhere with rank 0's, the saved ones.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         runs = []
         for name, data, domain in self.validation_sets():
             runs.append(
@@ -630,6 +635,7 @@ class Trainer:
                     )
                 acc.log({"train/skipped_step": 1.0, "train/bad_steps": float(self.bad_steps)}, step=self.step)
                 if self.bad_steps >= cfg.train.max_bad_steps:
+                    bar.close()
                     ckpt = self.save_checkpoint()
                     raise TrainingError(
                         f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopped, checkpoint "

@@ -6,6 +6,8 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from uda.data.decode import DataError
+
 SPLIT_SEED = 20221122
 
 
@@ -44,5 +46,5 @@ def read_split_file(path: str | Path) -> list[str]:
         line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
     ]
     if not ids:
-        raise ValueError(f"{path}: split file is empty; regenerate it with `python tools/make_splits.py`")
+        raise DataError(f"{path}: split file is empty; regenerate it with `python tools/make_splits.py`")
     return ids

@@ -1,0 +1,936 @@
+"""Fault injection: what a killed, damaged, misconfigured or diverging run does.
+
+Training runs last days, so every fault here must either be survived exactly (a SIGKILL, a kill during a
+save, a damaged newest checkpoint, a non-finite step) or stop early with one line naming the file or key
+and the fix (bad data, bad config, an unwritable run folder, a checkpoint of another model).
+
+1. exact resume after SIGKILL            2. checkpoints: atomic, verified, never executed, config-checked
+3. bad inputs through the real entry points   4. non-finite steps   5. two processes (gloo)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_config
+from uda import checkpoint
+from uda.cli import error_line
+from uda.data.decode import DataError
+from uda.data.loader import EndlessSampler, train_loader
+from uda.data.readers import build_dataset
+from uda.data.transforms import EvalTransform
+from uda.engine import Trainer, TrainingError
+from uda.evaluate import load_trained_model
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+# The recipe command-line equivalent of tests/conftest.py:tiny_config (ResNet-18, 64x128, narrow decoders).
+TINY = [
+    "model.backbone=resnet18",
+    "model.pretrained=false",
+    "model.decoder_channels=16,32,32,64,64",
+    "data.size=64,128",
+    "data.num_workers=0",
+    "train.deterministic=true",
+    "train.log_every=1",
+]
+TINY_UDA = [*TINY, "adapt.disc_channels=8", "target.size=64,128", "target.num_workers=0"]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def recipe_in_process(name: str, argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run recipes/<name>.py as `python recipes/<name>.py argv` inside this process: (exit code, out, err)."""
+    path = REPO / "recipes" / f"{name}.py"
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    capsys.readouterr()
+    code = 0
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def the_error_line(err: str) -> str:
+    """The single `error: ...` line of a failed run's stderr (progress bars aside), and no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def link_copy(src: Path, dst: Path) -> Path:
+    """A copy of a folder tree whose checkpoint and dataset files are hard links (cheap); change those only
+    through rewrite() or rewrite_png() (which unlink first). Other run files (config.json, report.md,
+    images), which a run writes in place, are real copies."""
+
+    def copy(a: str, b: str) -> None:
+        run_file = (Path(src) / "config.json").is_file() and f"{os.sep}checkpoints{os.sep}" not in a
+        shutil.copy2(a, b) if run_file else os.link(a, b)
+
+    shutil.copytree(src, dst, copy_function=copy)
+    return dst
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Replace a (possibly hard-linked) file by new content without touching the other links."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+def rewrite_png(path: Path, array: np.ndarray) -> None:
+    path.unlink()
+    assert cv2.imwrite(str(path), array)
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    """Names whose tensors differ (or exist on one side only)."""
+    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k]))
+
+
+def optimizer_state(ckpt: Path, name: str = "optimizer.bin") -> list[torch.Tensor]:
+    state = torch.load(ckpt / name, weights_only=True)
+    return [t for _, per in sorted(state["state"].items()) for _, t in sorted(per.items())]
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], processes: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` of N CPU processes (gloo), output captured.
+
+    Not `--cpu --num_processes N`: accelerate 1.15 then starts ONE process (its simple launcher spawns several
+    only through mpirun with a hostfile). `--multi_gpu` goes through torch.distributed.run, and
+    ACCELERATE_USE_CPU=1 keeps every process on the CPU, so the processes talk over gloo.
+    """
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+# ================================================================================ 1. exact resume after SIGKILL
+
+
+def kill_and_resume(recipe: str, argv: list[str], out: Path, iterations: int, log: Path) -> str:
+    """Start the recipe as a subprocess, SIGKILL it at a random point after a random checkpoint exists,
+    resume it with --resume; returns a description of where it was killed."""
+    rng = random.Random(os.urandom(8))
+    kill_after = rng.randint(1, iterations // 2)  # a checkpoint of this step (or later) must exist
+    delay = rng.uniform(0.0, 0.4)  # then a random moment: mid-step, mid-save or mid-validation
+    cmd = [PYTHON, str(REPO / "recipes" / f"{recipe}.py"), "--out", str(out), *argv]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 300
+        while not any(checkpoint.step_of(c) >= kill_after for c in checkpoint.complete_checkpoints(out)):
+            assert proc.poll() is None, f"run ended before being killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill; the test proved nothing"
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    where = f"killed {delay:.2f}s after checkpoint {kill_after} existed; left {left}"
+    assert f"step-{iterations:07d}" not in left, where
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, f"{where}\n{resumed.stderr[-3000:]}"
+    assert "resumed from" in resumed.stdout, where
+    return where
+
+
+def assert_same_run(ref: Path, run: Path, iterations: int, models: tuple[str, ...], where: str) -> None:
+    """Final weights, optimiser states and metrics.json of two run folders are identical."""
+    a = ref / "checkpoints" / f"step-{iterations:07d}"
+    b = run / "checkpoints" / f"step-{iterations:07d}"
+    for name in models:
+        assert not differing(load_file(a / name), load_file(b / name)), (name, where)
+    for x, y in zip(optimizer_state(a), optimizer_state(b), strict=True):
+        assert torch.equal(x, y), ("optimizer.bin", where)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (ref, run))
+    assert ma["history"] and ma == mb, where  # results, protocol and the validation history
+
+
+@pytest.mark.parametrize("setting", ["supervised", "adaptation"])
+def test_sigkill_at_a_random_step_then_resume_is_exact(setting, toy_root, tmp_path, capsys, monkeypatch):
+    iterations = 6
+    schedule = [
+        f"train.iterations={iterations}",
+        "train.ckpt_every=1",
+        "train.val_every=3",  # the validation history must survive the kill too
+        "train.val_batches=1",
+        "optim.lr_step_fraction=0.5",  # the learning rate drops mid-run: schedules follow the step
+    ]
+    if setting == "supervised":
+        recipe, argv, models = (
+            "synthia",
+            ["--data-root", str(toy_root), *TINY, *schedule],
+            ("model.safetensors",),
+        )
+    else:
+        recipe, argv = "synthia2cityscapes", ["--data-root", str(toy_root), *TINY_UDA, *schedule]
+        models = ("model.safetensors", "model_1.safetensors")  # the discriminators
+    code, _, _ = recipe_in_process(recipe, ["--out", str(tmp_path / "ref"), *argv], capsys, monkeypatch)
+    assert code == 0
+    where = kill_and_resume(recipe, argv, tmp_path / "cut", iterations, tmp_path / "killed.log")
+    print(f"{setting}: {where}")  # shown with -s or -rP
+    assert_same_run(tmp_path / "ref", tmp_path / "cut", iterations, models, where)
+
+
+# ================================================================================ 2. checkpoints
+
+
+@pytest.fixture(scope="module")
+def run(toy_root, tmp_path_factory):
+    """A finished 3-step run (checkpoints step-2 and step-3) and the torch RNG state at each save."""
+    out = tmp_path_factory.mktemp("faults") / "run"
+    cfg = tiny_config(toy_root, out, arch="mtl", iterations=3, ckpt_every=1, val_batches=1)
+    trainer = Trainer(cfg)
+    rng_at_save, save = {}, trainer.save_checkpoint
+
+    def recording_save(*args, **kwargs):
+        rng_at_save[trainer.step] = torch.get_rng_state()
+        return save(*args, **kwargs)
+
+    trainer.save_checkpoint = recording_save
+    trainer.fit()
+    assert [p.name for p in trainer.checkpoint_dirs()] == ["step-0000003", "step-0000002"]
+    return cfg, out, rng_at_save
+
+
+def copy_of(run, tmp_path: Path, **train):
+    """(config pointing at a hard-linked copy of the run, that copy's folder) with train overrides."""
+    cfg, out, _ = run
+    copy = link_copy(out, tmp_path / "run")
+    return replace(cfg, out=str(copy), train=replace(cfg.train, **train)), copy
+
+
+def test_save_writes_a_temporary_folder_then_renames_it(run, tmp_path):
+    cfg, out = copy_of(run, tmp_path, iterations=4)
+    trainer = Trainer(cfg)
+    trainer.load_checkpoint()
+    seen, save_state = [], trainer.accelerator.save_state
+
+    def spy(folder):
+        seen.append(Path(folder).name)
+        result = save_state(folder)
+        # Written, but not yet a checkpoint: no final folder, the newest complete one is still step 3.
+        assert not (out / "checkpoints" / "step-0000004").exists()
+        assert checkpoint.complete_checkpoints(out)[0].name == "step-0000003"
+        return result
+
+    trainer.accelerator.save_state = spy
+    trainer.step = 4
+    final = trainer.save_checkpoint()
+    assert seen == [".tmp-step-0000004"] and final.name == "step-0000004"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
+    state = json.loads((final / checkpoint.STATE_FILE).read_text())
+    # Every file is recorded with its size and hash; the config and history travel with the weights.
+    assert set(state["files"]) >= {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}
+    assert state["step"] == 4 and state["config"]["model"]["arch"] == "mtl" and state["history"] == []
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_usable(run, tmp_path, capsys):
+    cfg, out = copy_of(run, tmp_path, iterations=4)
+    trainer = Trainer(cfg)
+    trainer.load_checkpoint()
+    save_state = trainer.accelerator.save_state
+
+    def killed_half_way(folder):
+        save_state(folder)
+        rewrite(Path(folder) / "optimizer.bin", b"")  # the rest was never written
+        raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+
+    trainer.accelerator.save_state = killed_half_way
+    trainer.step = 4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    # A half-written newest checkpoint under its final name (a copy without trainer_state.json) is ignored too.
+    partial = out / "checkpoints" / "step-0000005"
+    shutil.copytree(out / "checkpoints" / ".tmp-step-0000004", partial, copy_function=os.link)
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-0000003", "step-0000002"]
+    resumed = Trainer(cfg)
+    summary = resumed.fit(resume=True)
+    assert "resumed from" in capsys.readouterr().out and summary["step"] == 4
+    assert [row["step"] for row in resumed.loss_log] == [4]
+    assert not (out / "checkpoints" / ".tmp-step-0000004").exists()  # leftovers go at the next save
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        rewrite(path, data[: len(data) // 2])
+    elif how == "flip":
+        middle = len(data) // 2
+        rewrite(
+            path, data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64]) + data[middle + 64 :]
+        )
+    elif how == "json":
+        rewrite(path, data[:-40])
+
+
+@pytest.mark.parametrize(
+    "file, how, reason",
+    [
+        ("model.safetensors", "truncate", "model.safetensors: truncated or overwritten"),
+        ("optimizer.bin", "flip", "optimizer.bin: corrupted (SHA-256 differs"),
+        ("random_states_0.pkl", "flip", "random_states_0.pkl: corrupted (SHA-256 differs"),
+        ("trainer_state.json", "json", "trainer_state.json: unreadable or damaged"),
+    ],
+)
+def test_damaged_checkpoint_is_refused_and_resume_falls_back(run, tmp_path, capsys, file, how, reason):
+    cfg, out = copy_of(run, tmp_path, iterations=4)
+    damage(out / "checkpoints" / "step-0000003" / file, how)
+    trainer = Trainer(cfg)
+    if file == "model.safetensors":  # once all the way: the run completes from the older checkpoint
+        summary = trainer.fit(resume=True)
+        assert summary["step"] == 4 and [row["step"] for row in trainer.loss_log] == [3, 4]
+        assert checkpoint.complete_checkpoints(out)[0].name == "step-0000004"
+    else:
+        assert trainer.load_checkpoint().name == "step-0000002" and trainer.step == 2
+    warning = [line for line in capsys.readouterr().out.splitlines() if "checkpoint refused" in line]
+    assert len(warning) == 1 and reason in warning[0] and "trying an older one" in warning[0], warning
+
+
+def test_no_usable_checkpoint_is_a_clear_error(run, tmp_path):
+    cfg, out = copy_of(run, tmp_path)
+    for step in (2, 3):
+        damage(out / "checkpoints" / f"step-{step:07d}" / "model.safetensors", "truncate")
+    with pytest.raises(TrainingError, match=r"no usable checkpoint \(.*step-0000003.*step-0000002") as info:
+        Trainer(cfg).fit(resume=True)
+    assert "\n" not in str(info.value)
+
+
+class Payload:
+    """Unpickling this creates `marker`: what a malicious checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("file", ["optimizer.bin", "random_states_0.pkl", "model.safetensors"])
+def test_loading_never_runs_code_from_a_checkpoint(run, tmp_path, capsys, file):
+    cfg, out = copy_of(run, tmp_path)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Payload(marker))
+    pickle.loads(payload)  # the payload is live: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    ckpt = out / "checkpoints" / "step-0000003"
+    rewrite(ckpt / file, payload)
+    assert Trainer(cfg).load_checkpoint().name == "step-0000002"  # refused by its size record
+    assert f"{file}: truncated or overwritten" in capsys.readouterr().out
+    # A crafted checkpoint whose record matches the payload is refused by the loaders themselves.
+    state = json.loads((ckpt / checkpoint.STATE_FILE).read_text())
+    state["files"][file] = {"bytes": len(payload), "sha256": checkpoint.sha256(ckpt / file)}
+    rewrite(ckpt / checkpoint.STATE_FILE, json.dumps(state).encode())
+    assert Trainer(cfg).load_checkpoint().name == "step-0000002"
+    refused = [line for line in capsys.readouterr().out.splitlines() if "checkpoint refused" in line]
+    assert len(refused) == 1 and "step-0000003" in refused[0], refused
+    if file == "model.safetensors":  # the evaluation loader reads it with safetensors too
+        with pytest.raises(ValueError, match="model.safetensors: cannot read weights"):
+            load_trained_model(ckpt)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "change, keys",
+    [
+        ({"model": {"arch": "mteb"}}, ['model.arch (checkpoint "mtl", this run "mteb")']),
+        ({"model": {"backbone": "resnet34"}}, ["model.backbone"]),
+        ({"tasks": ("semseg",)}, ['tasks (checkpoint ["semseg", "depth"], this run ["semseg"])']),
+        (
+            {"model": {"decoder_channels": (8, 16, 16, 32, 32)}, "data": {"label_set": "cityscapes16"}},
+            ["data.label_set", "model.decoder_channels"],
+        ),
+    ],
+)
+def test_checkpoint_of_another_model_config_is_refused_before_loading(
+    run, tmp_path, monkeypatch, change, keys
+):
+    cfg, out = copy_of(run, tmp_path, iterations=5)  # a longer schedule is fine
+    for section, values in change.items():
+        value = replace(getattr(cfg, section), **values) if isinstance(values, dict) else values
+        cfg = replace(cfg, **{section: value})
+    cfg = replace(cfg, model=replace(cfg.model, depth_init=10.0, sync_bn=True))  # init-only: may change
+    trainer = Trainer(cfg)
+    loaded = []
+    monkeypatch.setattr(trainer.accelerator, "load_state", lambda *a, **k: loaded.append(a))
+    with pytest.raises(TrainingError, match="trained with another model config") as info:
+        trainer.fit(resume=True)
+    message = str(info.value)
+    assert all(k in message for k in keys), message
+    assert "another --out" in message and "\n" not in message and not loaded
+    assert "depth_init" not in message and "sync_bn" not in message
+
+
+def test_evaluation_loader_refuses_weights_of_another_model(run, tmp_path):
+    _, out = copy_of(run, tmp_path)
+    ckpt = out / "checkpoints" / "step-0000003"
+    cfg, model, found = load_trained_model(out)  # the newest checkpoint, as tools/evaluate.py loads it
+    assert found == ckpt and cfg.model.arch == "mtl"
+    state = json.loads((ckpt / checkpoint.STATE_FILE).read_text())
+    state["config"]["model"]["arch"] = "mteb"  # weights of an mtl model, config of an mteb model
+    rewrite(ckpt / checkpoint.STATE_FILE, json.dumps(state).encode())
+    with pytest.raises(ValueError, match=r"weights do not fit this model config \(missing: \w") as info:
+        load_trained_model(ckpt)
+    assert "evaluate with the config the checkpoint was trained with" in str(info.value)
+    damage(ckpt / "model.safetensors", "truncate")
+    with pytest.raises(ValueError, match="model.safetensors: cannot read weights .*use an older one"):
+        load_trained_model(ckpt)
+
+
+def test_rng_state_and_schedule_are_restored(run, tmp_path):
+    cfg, out = copy_of(run, tmp_path, iterations=8)
+    _, _, rng_at_save = run
+    trainer = Trainer(cfg)
+    trainer.load_checkpoint(out / "checkpoints" / "step-0000002")
+    assert torch.equal(torch.get_rng_state(), rng_at_save[2])
+    # Learning rates are a function of the step alone (so nothing about them needs restoring).
+    lrs = {}
+    for step in (8, 0, 5, 7, 1):
+        trainer.set_learning_rates(step)
+        lrs[step] = [g["lr"] for g in trainer.optimizer.param_groups]
+    for step in sorted(lrs):
+        trainer.set_learning_rates(step)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == lrs[step]
+    assert lrs[8][0] < lrs[7][0] == lrs[0][0]  # the step decay at lr_step_fraction=1.0 of 8 steps
+
+
+# ================================================================================ 3. bad inputs
+
+
+@pytest.fixture
+def data_root(toy_root, tmp_path) -> Path:
+    """A hard-linked copy of the toy datasets that a test may damage (through rewrite / rewrite_png)."""
+    return link_copy(toy_root, tmp_path / "data")
+
+
+def synthia_args(data_root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        *TINY,
+        "train.iterations=2",
+        "train.ckpt_every=0",
+        "train.val_every=0",
+        "train.val_batches=1",
+        *extra,
+    ]
+
+
+def first_train_id(data_root: Path) -> str:
+    """The id of the first sample of the recipe's first training batch (seed 42)."""
+    ids = build_dataset("synthia", "train", (), root=data_root / "synthia").ids
+    index, _ = next(iter(EndlessSampler(len(ids), 2, 42)))
+    return ids[index]
+
+
+def drop(path: Path) -> Path:
+    path.unlink()
+    return path
+
+
+def truncate(path: Path) -> Path:
+    rewrite(path, path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def corrupt_png(path: Path) -> Path:
+    data = path.read_bytes()
+    at = data.find(b"IDAT") + 40
+    rewrite(path, data[:at] + bytes(20) + data[at + 20 :])  # signature and IEND intact, pixel data not
+    return path
+
+
+def label_200(path: Path) -> Path:
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    label[3, 5, 2] = 200  # the class id is in R (the last channel in cv2's BGR order)
+    rewrite_png(path, label)
+    return path
+
+
+def depth_8bit(path: Path) -> Path:
+    rewrite_png(path, (cv2.imread(str(path), cv2.IMREAD_UNCHANGED) // 256).astype(np.uint8))
+    return path
+
+
+def half_size(path: Path) -> Path:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    rewrite_png(
+        path, cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_NEAREST)
+    )
+    return path
+
+
+def empty_split(path: Path) -> Path:
+    rewrite(path, b"")
+    return path
+
+
+BAD_DATA = {
+    # case: (file to damage, relative to <data root>/synthia; how; what the message must say, fix included)
+    "image without label": (
+        "GT/LABELS/{id}.png",
+        drop,
+        ["missing label file (partial dataset?); re-extract"],
+    ),
+    "image without depth": (
+        "Depth/Depth/{id}.png",
+        drop,
+        ["missing depth file (partial dataset?); re-extract"],
+    ),
+    "label without image": ("RGB/{id}.png", drop, ["(partial dataset?); complete the dataset or regenerate"]),
+    "truncated PNG": (
+        "RGB/{id}.png",
+        truncate,
+        ["truncated PNG (image); re-extract or re-download the file"],
+    ),
+    "corrupt PNG": (
+        "RGB/{id}.png",
+        corrupt_png,
+        ["unreadable image (corrupt file?); re-extract or re-download"],
+    ),
+    "label ids outside the table": (
+        "GT/LABELS/{id}.png",
+        label_200,
+        ["label ids 200 are not synthia class ids", "; use the original label files of the dataset"],
+    ),
+    "8-bit depth PNG": (
+        "Depth/Depth/{id}.png",
+        depth_8bit,
+        ["depth PNG is 8-bit, expected 16-bit; use the original"],
+    ),
+    "label of another size": (
+        "GT/LABELS/{id}.png",
+        half_size,
+        ["differs from image", "; use files of the same resolution"],
+    ),
+    "empty train split": ("splits/train.txt", empty_split, ["split file is empty; regenerate it with"]),
+    "empty val split": ("splits/val.txt", empty_split, ["split file is empty; regenerate it with"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_stops_the_recipe_with_one_line(case, data_root, tmp_path, capsys, monkeypatch):
+    pattern, how, says = BAD_DATA[case]
+    path = how(data_root / "synthia" / pattern.format(id=first_train_id(data_root)))
+    code, _, err = recipe_in_process(
+        "synthia", synthia_args(data_root, tmp_path / "out"), capsys, monkeypatch
+    )
+    line = the_error_line(err)
+    assert code == 1 and str(path) in line and all(part in line for part in says), line
+    # Found before any training: an empty validation split must not wait for the end of a long run.
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_missing_dataset_folder(tmp_path, capsys, monkeypatch):
+    code, _, err = recipe_in_process(
+        "synthia", synthia_args(tmp_path / "nowhere", tmp_path / "out"), capsys, monkeypatch
+    )
+    line = the_error_line(err)
+    assert code == 1 and line.startswith(f"error: {tmp_path / 'nowhere' / 'synthia'}: synthia not found"), (
+        line
+    )
+    assert "pass --data-root, see datasets/synthia/README.md" in line
+
+
+def test_a_corrupt_sample_fails_loudly_when_loaded_never_skipped(data_root, tmp_path, capsys, monkeypatch):
+    dataset = build_dataset("synthia", "train", ("semseg", "depth"), root=data_root / "synthia")
+    sampler = iter(EndlessSampler(len(dataset), 2, 7))
+    order = [next(sampler)[0] for _ in range(len(dataset))]
+    path = truncate(data_root / "synthia" / "RGB" / f"{dataset.ids[order[7]]}.png")  # in the 4th batch
+    seen = 0
+    with pytest.raises(DataError) as info:
+        # One epoch, with a worker process (the error crosses a process boundary).
+        for _ in islice(train_loader(dataset, 2, seed=7, num_workers=1), len(dataset) // 2):
+            seen += 1
+    assert seen == 3, "batches before the bad sample arrive, the bad one is an error, nothing is skipped"
+    assert error_line(info.value) == f"{path}: truncated PNG (image); re-extract or re-download the file"
+    # The recipe with a worker: the same single line.
+    first = truncate(data_root / "synthia" / "RGB" / f"{first_train_id(data_root)}.png")
+    argv = synthia_args(data_root, tmp_path / "out", "data.num_workers=1")
+    code, _, err = recipe_in_process("synthia", argv, capsys, monkeypatch)
+    assert (
+        code == 1
+        and the_error_line(err)
+        == f"error: {first}: truncated PNG (image); re-extract or re-download the file"
+    )
+
+
+def cityscapes_jpeg(data_root: Path) -> Path:
+    """Turn the first Cityscapes val image into a JPEG (the reader takes .jpg when the .png is absent)."""
+    png = sorted((data_root / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))[0]
+    jpg = png.with_suffix(".jpg")
+    assert cv2.imwrite(str(jpg), cv2.imread(str(png)))
+    png.unlink()
+    return jpg
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        (truncate, "truncated JPEG (image); re-extract or re-download the file"),
+        (
+            lambda p: rewrite(p, p.read_bytes()[:2] + bytes(38) + p.read_bytes()[40:]),
+            "unreadable image (corrupt",
+        ),
+    ],
+    ids=["truncated", "corrupt header"],
+)
+def test_bad_jpeg_through_the_loader(how, message, data_root):
+    jpg = cityscapes_jpeg(data_root)
+    how(jpg)
+    dataset = build_dataset("cityscapes", "val", ("semseg",), "cityscapes16", root=data_root / "cityscapes")
+    with pytest.raises(DataError) as info:
+        for _ in islice(train_loader(dataset, 1, seed=0), len(dataset)):
+            pass
+    assert str(info.value).startswith(f"{jpg}: {message}") and "\n" not in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit: cv2 (and PIL, torchvision) decode a JPEG whose entropy-coded data "
+    "is damaged with only a libjpeg warning; headers and the end marker are checked",
+)
+def test_jpeg_damaged_mid_stream_is_detected(data_root):
+    jpg = cityscapes_jpeg(data_root)
+    data = jpg.read_bytes()
+    rewrite(jpg, data[: len(data) // 2] + bytes(50) + data[len(data) // 2 + 50 :])
+    dataset = build_dataset("cityscapes", "val", (), "cityscapes16", root=data_root / "cityscapes")
+    with pytest.raises(DataError):
+        for i in range(len(dataset)):
+            dataset[i]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train.iteratoins=3"],
+            "error: unknown config key train.iteratoins (did you mean train.iterations?)",
+        ),
+        (["trian.iterations=3"], "error: unknown config key trian (did you mean train?)"),
+        (["train.iterations=many"], "error: train.iterations: expected int, got 'many'"),
+        (["train.iterations"], "error: override 'train.iterations' is not of the form section.key=value"),
+        (["model.arch=segformer"], "error: model.arch: 'segformer' is not one of stl, mtl, padnet"),
+        (["model.backbone=resnet19"], "error: model.backbone: 'resnet19' is not one of resnet18"),
+        (
+            ["tasks=semseg,segmentation"],
+            "error: tasks: 'segmentation' is not one of semseg, depth, normals, edges",
+        ),
+        (["data.dataset=kitti"], "error: data.dataset: 'kitti' is not one of synthia, cityscapes"),
+        (
+            ["data.label_set=cityscapes99"],
+            "error: data.label_set: unknown label set 'cityscapes99'; valid names:",
+        ),
+        (["--model", "segformer"], "error: argument --model: invalid choice: 'segformer'"),
+        (["--tasks", "SX"], "error: argument --tasks: invalid choice: 'SX'"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    code, _, err = recipe_in_process("synthia", ["--out", str(tmp_path / "out"), *argv], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_error_on_the_real_command_line(tmp_path):
+    result = subprocess.run(
+        [PYTHON, "recipes/synthia2cityscapes.py", "--out", str(tmp_path / "out"), "adapt.lambda_adv=strong"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: adapt.lambda_adv: expected float, got 'strong'\n"
+
+
+def test_unwritable_run_folder_is_refused_before_training(toy_root, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out, reason in ((blocker / "run", "Not a directory"), (blocker, "File exists")):
+        with pytest.raises(TrainingError) as info:
+            Trainer(tiny_config(toy_root, out))
+        assert (
+            str(info.value)
+            == f"{out}: run folder is not writable ({reason}); pass --out to a writable folder"
+        )
+    code, _, err = recipe_in_process("synthia", synthia_args(toy_root, blocker / "run"), capsys, monkeypatch)
+    assert (
+        code == 1
+        and the_error_line(err)
+        == f"error: {blocker / 'run'}: run folder is not writable (Not a directory); pass --out to a writable folder"
+    )
+
+
+def test_fresh_run_into_a_folder_with_checkpoints_is_refused(run, tmp_path):
+    cfg, out = copy_of(run, tmp_path)
+    with pytest.raises(
+        TrainingError, match=r"holds checkpoints of an earlier run \(newest step-0000003\); pass --resume"
+    ):
+        Trainer(cfg).fit()
+
+
+# ================================================================================ 4. numerical faults
+
+
+def nan_images(trainer: Trainer, steps: set[int], domain: str = "source") -> None:
+    """Make the training stream return all-NaN images (of one domain) at the given 0-based steps."""
+    make = trainer.batches
+
+    def batches(start: int):
+        for step, batch in enumerate(make(start), start):
+            if step in steps:
+                batch[domain]["image"] = torch.full_like(batch[domain]["image"], float("nan"))
+            yield batch
+
+    trainer.batches = batches
+
+
+def record_states(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+    """States (weights and buffers of the model and discriminators) before the first step and after each."""
+    states, step = [], trainer.train_step
+
+    def full_state():
+        state = {f"model.{k}": v for k, v in snapshot(trainer.model).items()}
+        if trainer.discriminators is not None:
+            state |= {f"disc.{k}": v for k, v in snapshot(trainer.discriminators).items()}
+        return state
+
+    def recording_step(batch):
+        if not states:
+            states.append(full_state())
+        logs = step(batch)
+        states.append(full_state())
+        return logs
+
+    trainer.train_step = recording_step
+    return states
+
+
+@pytest.mark.parametrize("adapt", [False, True], ids=["supervised", "adaptation"])
+def test_non_finite_step_is_skipped_and_logged(adapt, toy_root, tmp_path, capsys):
+    trainer = Trainer(
+        tiny_config(toy_root, tmp_path / "run", arch="mtl", adapt=adapt, iterations=3, val_batches=1)
+    )
+    nan_images(trainer, {1}, "target" if adapt else "source")
+    states = record_states(trainer)
+    trainer.fit()
+    assert [row["finite"] for row in trainer.loss_log] == [1.0, 0.0, 1.0]
+    assert not differing(states[1], states[2]), "a skipped step changed weights or BatchNorm statistics"
+    assert differing(states[0], states[1]) and differing(states[2], states[3])
+    assert all(v.isfinite().all() for v in states[3].values() if v.is_floating_point())
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if line.startswith("warning: step 2: non-finite ")]
+    assert (
+        len(warning) == 1 and "loss/total" in warning[0] and "update skipped, weights unchanged" in warning[0]
+    )
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(toy_root, tmp_path):
+    cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl", iterations=20, max_bad_steps=3, val_batches=1)
+    trainer = Trainer(cfg)
+    nan_images(trainer, set(range(1, 20)))
+    states = record_states(trainer)
+    with pytest.raises(TrainingError) as info:
+        trainer.fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000004"
+    assert str(info.value) == (
+        f"3 consecutive non-finite steps at step 4; stopped, checkpoint {ckpt}; lower the learning rates or "
+        "check the data"
+    )
+    # The checkpoint holds the last good weights (step 1) and is a normal, resumable checkpoint.
+    weights = load_file(ckpt / "model.safetensors")
+    assert not differing(weights, {k[len("model.") :]: v for k, v in states[1].items()})
+    resumed = Trainer(cfg)
+    assert resumed.load_checkpoint() == ckpt and resumed.step == 4 and resumed.bad_steps == 3
+
+
+# ================================================================================ 5. two processes (gloo)
+
+EVAL_SCRIPT = '''\
+"""Evaluate one checkpoint as Trainer.validate does and record the reduced metric sums (python or accelerate)."""
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from uda.checkpoint import read_state
+from uda.config import ExperimentConfig, from_dict
+from uda.engine import Trainer
+
+ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = from_dict(ExperimentConfig, read_state(ckpt)["config"])
+trainer = Trainer(replace(cfg, out=str(out)))
+trainer.load_checkpoint(ckpt)
+torch.set_num_threads(1)  # the kernels of 2 processes on 2 cores, so per-image outputs are bitwise equal
+acc, sums, reduce = trainer.accelerator, [], trainer.accelerator.reduce
+
+
+def recording_reduce(state, reduction="sum", scale=1.0):
+    total = reduce(state, reduction, scale)
+    sums.append({k: v.tolist() for k, v in total.items()})
+    return total
+
+
+acc.reduce = recording_reduce
+results = trainer.validate(final=True)
+if acc.is_main_process:
+    record = {"processes": acc.num_processes, "results": results, "sums": sums}
+    (out / "eval.json").write_text(json.dumps(record))
+acc.wait_for_everyone()
+acc.end_training()
+'''
+
+
+def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{name}/{k}": v for name, metrics in results.items() for k, v in metrics.items()}
+
+
+def close(a: float, b: float) -> bool:
+    return (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=1e-15)
+
+
+def test_two_processes_train_resume_and_evaluate_like_one(toy_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = [
+        "recipes/synthia.py",
+        "--data-root",
+        str(toy_root),
+        "--out",
+        str(out),
+        *TINY,
+        "train.iterations=2",
+        "train.ckpt_every=1",
+        "train.val_every=0",
+        "train.val_batches=1",
+    ]
+    script = tmp_path / "evaluate_checkpoint.py"
+    script.write_text(EVAL_SCRIPT)
+    ckpt = out / "checkpoints" / "step-0000003"
+    launches = {
+        "train": argv,
+        "resume": [
+            argv[0],
+            "--resume",
+            *argv[1:],
+            "train.iterations=3",
+        ],  # a longer schedule from the step-2 checkpoint
+        "evaluate": [str(script), str(ckpt), str(tmp_path / "eval2")],
+    }
+    for name, args in launches.items():  # three launches, each must exit cleanly
+        result = launch(args, 2)
+        assert result.returncode == 0, (name, result.stderr[-4000:])
+        assert "Traceback" not in result.stderr and "terminate called" not in result.stderr, (
+            name,
+            result.stderr,
+        )
+        assert name != "resume" or "resumed from" in result.stdout
+    monkeypatch.setattr(sys, "argv", [str(script), str(ckpt), str(tmp_path / "eval1")])
+    runpy.run_path(str(script), run_name="__main__")
+    one, two = (json.loads((tmp_path / f"eval{n}" / "eval.json").read_text()) for n in (1, 2))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    # Every validation sample exactly once (5, an odd number: the shards are 3 and 2) in each evaluation
+    # (at the working size, then at the label files' resolution) ...
+    assert len(one["sums"]) == len(two["sums"]) >= 1
+    labelled = []
+    for native in (False, True):
+        transform = EvalTransform((64, 128), keep_label_resolution=native)
+        val = build_dataset("synthia", "val", ("semseg",), root=toy_root / "synthia", transform=transform)
+        labelled.append(sum(int((val[i]["semseg"] != 255).sum()) for i in range(len(val))))
+    assert len(val) == 5 and labelled[0] != labelled[1]
+    for n, (sums1, sums2) in enumerate(zip(one["sums"], two["sums"])):
+        assert sums1["depth/images"] == sums2["depth/images"] == 5
+        assert np.sum(sums1["semseg/confusion"]) == np.sum(sums2["semseg/confusion"]) == labelled[n]
+        # ... and exact reductions: counts identical, float sums equal up to the order of additions.
+        assert sums1.keys() == sums2.keys()
+        for key in sums1:
+            a, b = np.asarray(sums1[key]), np.asarray(sums2[key])
+            if key.endswith(("confusion", "count", "images", "hist")):
+                assert np.array_equal(a, b), key
+            else:
+                assert np.allclose(a, b, rtol=1e-12, atol=0), key
+    flat1, flat2 = (flatten(e["results"]) for e in (one, two))
+    assert flat1.keys() == flat2.keys() and all(close(flat1[k], flat2[k]) for k in flat1)
+    # The resumed 2-process run's own final validation of that checkpoint reported the same numbers.
+    final = flatten(json.loads((out / "metrics.json").read_text())["results"])
+    assert final.keys() == flat2.keys() and all(close(final[k], flat2[k]) for k in final)
+
+
+def test_sync_batchnorm_option(toy_root, tmp_path):
+    # One process: nothing to synchronise, the model keeps plain BatchNorm.
+    cfg = tiny_config(toy_root, tmp_path / "one", arch="mtl")
+    trainer = Trainer(replace(cfg, model=replace(cfg.model, sync_bn=True)))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
+    # Two CPU processes: torch's SyncBatchNorm has no CPU kernels, so the option is refused up front.
+    args = [
+        "recipes/synthia.py",
+        "--data-root",
+        str(toy_root),
+        "--out",
+        str(tmp_path / "two"),
+        *TINY,
+        "train.iterations=1",
+        "model.sync_bn=true",
+    ]
+    result = launch(args, 2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]  # one per process
+    assert set(errors) == {
+        "error: model.sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU processes; "
+        "set model.sync_bn=false"
+    }

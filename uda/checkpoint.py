@@ -1,0 +1,297 @@
+"""Checkpoints of a run: atomic saves with an integrity record, and loading that refuses what it cannot trust.
+
+A checkpoint is `<run>/checkpoints/step-<step>/`: accelerate's files (model*.safetensors, optimizer*.bin,
+random_states_<rank>.pkl) plus `trainer_state.json` (step, counters, config, validation history and the size
+and SHA-256 of every other file). It is written into `.tmp-step-<step>/` and renamed into place, so a kill
+during a save leaves the previous checkpoints untouched; `trainer_state.json` is written last, so a folder
+without it is never taken for a checkpoint.
+
+Loading checks, before any weight is read: the state file parses, every recorded file is there with its
+size and hash (a truncated or corrupted file is refused), and the config keys that shape the weights and
+optimiser states are those of the current run. Weights are read by safetensors and the other files by
+torch.load(weights_only=True) inside accelerate, so no code stored in a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-step-"  # a save in progress (or interrupted)
+OLD_PREFIX = ".old-step-"  # a checkpoint of the same step being replaced
+FORMAT = 1
+
+# Model keys that only choose the initialisation (or how BatchNorm syncs): they may change on resume.
+INIT_ONLY_MODEL_KEYS = frozenset({"pretrained", "weights_path", "depth_init", "sync_bn"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the one-line message says which file and why."""
+
+
+class ConfigMismatch(CheckpointError):
+    """A checkpoint of another model config (different weight or optimiser shapes)."""
+
+
+# ------------------------------------------------------------------------------------------------ listing
+
+
+def step_of(folder: Path) -> int:
+    """The step of a `step-<n>` folder."""
+    return int(folder.name.split("-")[1])
+
+
+def complete_checkpoints(out: str | Path) -> list[Path]:
+    """Checkpoint folders of a run that finished saving (they hold trainer_state.json), newest first."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit() and (d / STATE_FILE).is_file():
+            found.append(d)
+    return sorted(found, key=step_of, reverse=True)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete folders of interrupted saves (`.tmp-step-*`, `.old-step-*`)."""
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk (so a power cut cannot leave a renamed but empty file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def save(
+    accelerator: Accelerator, out: str | Path, step: int, state: Mapping[str, Any], keep: int = 2
+) -> Path:
+    """Save the prepared models, optimisers and RNG states plus `state` as checkpoint `step`, atomically.
+
+    Every process calls this. The main process records each file's size and hash in trainer_state.json,
+    renames the temporary folder into place and keeps the newest `keep` checkpoints.
+    """
+    acc = accelerator
+    root = Path(out) / CHECKPOINTS
+    final = root / f"step-{step:07d}"
+    tmp = root / f"{TMP_PREFIX}{step:07d}"
+    if acc.is_main_process:
+        remove_leftovers(root)
+        root.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            if f.is_file() and f.name != STATE_FILE:
+                _fsync(f)
+                files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
+        record = {"format": FORMAT, "step": step, **state, "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _fsync(tmp / STATE_FILE)
+        _fsync(tmp)
+        old = root / f"{OLD_PREFIX}{step:07d}"
+        if final.exists():  # the same step saved again (e.g. resuming a finished run)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in complete_checkpoints(out)[keep:]:
+            shutil.rmtree(stale, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ checking
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def shape_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config keys that decide the weights' and optimiser states' shapes (and their meaning)."""
+    model = config.get("model") or {}
+    keys: dict[str, Any] = {
+        f"model.{k}": v for k, v in _flatten(model).items() if k.split(".")[0] not in INIT_ONLY_MODEL_KEYS
+    }
+    keys["tasks"] = config.get("tasks")
+    keys["data.label_set"] = (config.get("data") or {}).get("label_set")
+    keys["optim.optimizer"] = (config.get("optim") or {}).get("optimizer")
+    # Discriminators exist only when adapting to a target (see Trainer.adapt).
+    adapt = config.get("adapt") if config.get("target") is not None else None
+    keys["adapt"] = "on" if adapt else "off"
+    for k in ("tasks", "scales", "disc_channels", "spectral_norm"):
+        if adapt and k in adapt:
+            keys[f"adapt.{k}"] = adapt[k]
+    photometric = config.get("photometric")
+    keys["photometric"] = "on" if photometric else "off"
+    if photometric and "pose_backbone" in photometric:
+        keys["photometric.pose_backbone"] = photometric["pose_backbone"]
+    return keys
+
+
+def config_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'key (checkpoint X, this run Y)' for every weight-shaping key that differs; keys missing on a side are
+    not compared (a config written before the key existed)."""
+    a, b = shape_config(saved), shape_config(current)
+    return [
+        f"{k} (checkpoint {json.dumps(a[k])}, this run {json.dumps(b[k])})"
+        for k in sorted(set(a) & set(b))
+        if a[k] != b[k]
+    ]
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint, or CheckpointError."""
+    path = ckpt / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable or damaged ({reason})") from None
+    return state
+
+
+def check_files(ckpt: Path, state: Mapping[str, Any]) -> None:
+    """Every file recorded at save time is present with its size and SHA-256."""
+    files = state.get("files")
+    if not isinstance(files, Mapping):
+        tqdm.write(
+            f"warning: {ckpt} has no file record (saved by an older version); its integrity is not checked"
+        )
+        return
+    for name, record in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (partial checkpoint)")
+        size = path.stat().st_size
+        if size != record.get("bytes"):
+            raise CheckpointError(
+                f"{path}: truncated or overwritten ({size} bytes, saved {record.get('bytes')})"
+            )
+        if sha256(path) != record.get("sha256"):
+            raise CheckpointError(f"{path}: corrupted (SHA-256 differs from the one recorded at save time)")
+
+
+def check_config(ckpt: Path, state: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose weight-shaping config differs from the current run's, naming the keys."""
+    saved = state.get("config")
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{ckpt / STATE_FILE}: no config recorded")
+    diffs = config_mismatches(saved, current)
+    if diffs:
+        raise ConfigMismatch(
+            f"{ckpt}: trained with another model config: {'; '.join(diffs)}; resume with the checkpoint's "
+            "values of these keys, or start a new run in another --out"
+        )
+
+
+def check_rng_state(accelerator: Accelerator, ckpt: Path) -> None:
+    """This process's RNG file must load (accelerate would silently skip a bad one)."""
+    from accelerate.utils.other import load
+
+    path = ckpt / f"random_states_{accelerator.process_index}.pkl"
+    if not path.is_file():
+        tqdm.write(
+            f"warning: {path} is missing (checkpoint saved with fewer processes); "
+            "this process's random stream restarts from the seed"
+        )
+        return
+    try:
+        seed = load(path, weights_only=True)["torch_manual_seed"]
+        if not isinstance(seed, torch.Tensor) or seed.shape != torch.get_rng_state().shape:
+            raise TypeError("not a torch RNG state")
+    except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be trusted
+        raise CheckpointError(f"{path}: unreadable RNG state ({type(exc).__name__})") from None
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def all_processes(accelerator: Accelerator, ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
+
+
+def load(
+    accelerator: Accelerator, out: str | Path, config: Mapping[str, Any], path: str | Path | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load `path` or the newest usable checkpoint of run `out` into the prepared objects; (folder, state).
+
+    A damaged checkpoint is reported and the next older one is tried; a checkpoint of another model config
+    stops with ConfigMismatch. None when the run has no checkpoint (and no path was given); CheckpointError
+    when there are checkpoints but none is usable. Every process calls this and all take the same one.
+    """
+    acc = accelerator
+    candidates = [Path(path)] if path is not None else complete_checkpoints(out)
+    errors: list[str] = []
+    for ckpt in candidates:
+        state, error = None, None
+        try:
+            state = read_state(ckpt)
+            check_config(ckpt, state, config)
+            check_files(ckpt, state)
+            check_rng_state(acc, ckpt)
+        except ConfigMismatch:
+            raise
+        except CheckpointError as exc:
+            error = str(exc)
+        if all_processes(acc, error is None):
+            try:
+                acc.load_state(str(ckpt))
+            except Exception as exc:  # noqa: BLE001 - any failure while reading means an unusable file
+                error = f"{ckpt}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if all_processes(acc, error is None):
+                return ckpt, state
+        error = error or f"{ckpt}: unusable on another process"
+        errors.append(error)
+        if acc.is_main_process:
+            tqdm.write(f"warning: checkpoint refused: {error}; trying an older one")
+    if path is not None or errors:
+        raise CheckpointError(
+            "no usable checkpoint (" + "; ".join(errors) + "); delete the damaged folders or start a new run"
+        )
+    return None
