@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		recipes/synthia2cityscapes.py --toy --out $(OUT)
+		recipes/synthia2cityscapes.py --toy --resume --out $(OUT)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -29,7 +29,7 @@ TOY_OVERRIDES = [
     "train.ckpt_every=100",
     "train.log_every=10",
 ]
-TOY_SIZE = (128, 256)
+TOY_SIZE = (96, 192)
 
 
 TASK_SETS = {
@@ -195,7 +195,7 @@ def main(
 ) -> dict | None:
     """Parse, build the config, train. Configuration errors exit 2, data and training errors (a bad dataset
     file, an unwritable --out, an unusable checkpoint, a diverged run) exit 1, each with one line on stderr."""
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:
         cfg = finalise(build(args), args, recipe)
     except ConfigError as exc:

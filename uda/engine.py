@@ -138,7 +138,11 @@ class Trainer:
         acc = self.accelerator
         if acc.device.type == "cpu":
             # `accelerate launch` sets one thread per process; use the machine's cores instead.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
+            # UDA_THREADS overrides it (e.g. several runs side by side on one machine).
+            threads = os.environ.get("UDA_THREADS")
+            torch.set_num_threads(
+                int(threads) if threads else max(1, (os.cpu_count() or 1) // acc.num_processes)
+            )
         set_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -371,6 +375,11 @@ class Trainer:
             )
         return torch.stack(losses).mean()
 
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the model update (multi-task model and, for self-supervised depth, the pose net)."""
+        params = list(self.model.parameters())
+        return params + list(self.posenet.parameters()) if self.posenet is not None else params
+
     def adapting(self) -> bool:
         """Whether the adversarial terms are on at the current step."""
         return self.adapt is not None and self.step >= self.adapt.start_step and self.adapt.lambda_adv > 0
@@ -404,7 +413,7 @@ class Trainer:
                 logs["loss/adv"] = adv.detach()
         acc.backward(loss)
         grad_norm = torch.as_tensor(
-            acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+            acc.clip_grad_norm_(self.trained_parameters(), self.cfg.optim.clip_grad_norm)
         )
         loss_ok = bool(torch.isfinite(loss.detach()).item())
         grads_ok = bool(torch.isfinite(grad_norm).item())

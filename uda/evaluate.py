@@ -121,7 +121,9 @@ def evaluate(
     results = metrics.compute()
     if unscaled is not None:
         results.update({f"depth_unscaled/{k}": v for k, v in unscaled.compute().items()})
-        results.update({f"depth_constant/{k}": v for k, v in constant.compute().items() if k != "median_scale"})
+        results.update(
+            {f"depth_constant/{k}": v for k, v in constant.compute().items() if k != "median_scale"}
+        )
     if eval_cfg.subset_classes and "semseg" in tasks:
         results["semseg/miou_subset"] = metrics.segmentation.miou_subset(list(eval_cfg.subset_classes))
     return results
