@@ -117,7 +117,9 @@ def test_synthia2cityscapes_recipe_end_to_end_and_resume(toy_root, tmp_path):
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert metrics["protocol"]["target"]["median_scaling"] is True
     assert metrics["protocol"]["target@labels"]["ground_truth_resolution"] == "native label files"
-    assert results["target"]["depth/abs_rel"] < results["target"]["depth_constant/abs_rel"] * 2  # both computed
+    assert (
+        results["target"]["depth/abs_rel"] < results["target"]["depth_constant/abs_rel"] * 2
+    )  # both computed
     assert metrics["protocol"]["target"]["checkpoint"].endswith("(last)")
     images = {p.name.split("_")[1] for p in (tmp_path / "full" / "images").glob("*.png")}
     assert images == {"target", "target@labels", "source"}
