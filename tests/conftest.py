@@ -14,6 +14,16 @@ from uda.config import (
     TrainConfig,
 )
 
+# The recipe command-line equivalent of tiny_config (ResNet-18, 64x128, narrow decoders).
+TINY_OVERRIDES = [
+    "model.backbone=resnet18",
+    "model.pretrained=false",
+    "model.decoder_channels=16,32,32,64,64",
+    "data.size=64,128",
+    "data.num_workers=0",
+    "train.deterministic=true",
+    "train.log_every=1",
+]
 TOY_FRAMES = 24
 TOY_HW = (64, 128)
 

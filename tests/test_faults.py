@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config
+from tests.conftest import TINY_OVERRIDES, tiny_config
 from uda import checkpoint
 from uda.cli import error_line
 from uda.data.decode import DataError
@@ -45,16 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
-# The recipe command-line equivalent of tests/conftest.py:tiny_config (ResNet-18, 64x128, narrow decoders).
-TINY = [
-    "model.backbone=resnet18",
-    "model.pretrained=false",
-    "model.decoder_channels=16,32,32,64,64",
-    "data.size=64,128",
-    "data.num_workers=0",
-    "train.deterministic=true",
-    "train.log_every=1",
-]
+TINY = TINY_OVERRIDES
 TINY_UDA = [*TINY, "adapt.disc_channels=8", "target.size=64,128", "target.num_workers=0"]
 
 

@@ -5,22 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import TINY_OVERRIDES
 from uda.cli import finalise
 from uda.data.loader import move_to
 from uda.engine import Trainer, TrainingError
 from uda.selfsupervised import sde_config, sde_parser
 
-TINY = [
-    "model.backbone=resnet18",
-    "model.pretrained=false",
-    "model.decoder_channels=16,32,32,64,64",
-    "data.size=64,128",
-    "data.num_workers=0",
-    "train.val_every=0",
-    "train.val_batches=2",
-    "train.deterministic=true",
-    "train.log_every=1",
-]
+TINY = [*TINY_OVERRIDES, "train.val_every=0", "train.val_batches=2"]
 
 
 def sde(argv, depth_only, toy_root, out):

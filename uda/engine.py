@@ -35,9 +35,6 @@ from uda.models.discriminator import PatchDiscriminator
 from uda.models.posenet import PoseNet, relative_pose
 from uda.visualize import save_prediction_images
 
-CHECKPOINTS = checkpoint.CHECKPOINTS
-STATE_FILE = checkpoint.STATE_FILE
-
 
 class TrainingError(RuntimeError):
     """The run cannot go on (the message says why and where its last checkpoint is)."""
@@ -626,7 +623,6 @@ class Trainer:
         last: dict[str, float] = {}
         started = time.perf_counter()
         start_step = self.step
-        results: dict[str, Any] = {}
         while self.step < cfg.train.iterations:
             batch = move_to(next(batches), acc.device)
             last = self.train_step(batch)

@@ -181,18 +181,15 @@ def write_report(
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a run folder (its newest complete checkpoint) or a checkpoint folder itself."""
+    from uda.checkpoint import CHECKPOINTS, STATE_FILE, complete_checkpoints
+
     path = Path(path)
-    if (path / "trainer_state.json").is_file():
+    if (path / STATE_FILE).is_file():
         return path
-    root = path / "checkpoints"
-    found = sorted(
-        (d for d in root.glob("step-*") if (d / "trainer_state.json").is_file()),
-        key=lambda d: int(d.name.split("-")[1]),
-        reverse=True,
-    )
+    found = complete_checkpoints(path)
     if not found:
         raise FileNotFoundError(
-            f"{path}: no checkpoint found (expected {root}/step-*/); pass a run folder or checkpoint"
+            f"{path}: no checkpoint found (expected {path / CHECKPOINTS}/step-*/); pass a run folder or checkpoint"
         )
     return found[0]
 

@@ -69,11 +69,8 @@ class EndlessSampler(Sampler):
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Collate sample dicts; `meta` stays a list of dicts (one per sample)."""
-    metas = [s.pop("meta", {}) for s in samples]
-    batch = default_collate(samples)
-    batch["meta"] = metas
-    for s, m in zip(samples, metas):
-        s["meta"] = m
+    batch = default_collate([{k: v for k, v in s.items() if k != "meta"} for s in samples])
+    batch["meta"] = [s.get("meta", {}) for s in samples]
     return batch
 
 
