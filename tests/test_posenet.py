@@ -99,3 +99,27 @@ def test_relative_pose_feeds_temporal_order_and_inverts_for_past_frames():
 
     with pytest.raises(ValueError):
         relative_pose(stub, target, past, offset=0)
+
+
+def test_forward_motion_start_moves_the_camera_forward_in_both_orders():
+    torch.manual_seed(0)
+    net = PoseNet("resnet18", forward_motion=0.015).eval()
+    g = torch.Generator().manual_seed(1)
+    target, future, past = (torch.rand(3, 3, 48, 96, generator=g) for _ in range(3))
+    with torch.no_grad():
+        axis_angle, translation = net(target, future)
+        T_future = relative_pose(net, target, future, offset=1)
+        T_past = relative_pose(net, target, past, offset=-1)
+    # Scene points come 0.015 units closer to the next camera and lie 0.015 further from the previous one;
+    # the random part of an untrained net is a small fraction of that.
+    torch.testing.assert_close(translation[:, 2], torch.full((3,), -0.015), rtol=0, atol=0.003)
+    assert translation[:, :2].abs().max() < 0.003 and axis_angle.abs().max() < 0.003
+    torch.testing.assert_close(T_future[:, 2, 3], torch.full((3,), -0.015), rtol=0, atol=0.003)
+    torch.testing.assert_close(T_past[:, 2, 3], torch.full((3,), 0.015), rtol=0, atol=0.003)
+    # Without it the start is Monodepth2's near-identity motion.
+    torch.manual_seed(0)
+    plain = PoseNet("resnet18").eval()
+    with torch.no_grad():
+        assert plain(target, future)[1].abs().max() < 0.003
+    with pytest.raises(ValueError, match="forward_motion"):
+        PoseNet("resnet18", forward_motion=-0.01)

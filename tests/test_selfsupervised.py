@@ -69,3 +69,9 @@ def test_photometric_setting_is_checked(toy_root, tmp_path):
     cfg = sde(["train.iterations=1", "model.depth_output=inverse"], True, toy_root, tmp_path / "bad")
     with pytest.raises(TrainingError, match="model.depth_output=disparity"):
         Trainer(cfg)
+
+
+def test_negative_forward_start_is_refused(toy_root, tmp_path):
+    cfg = sde(["train.iterations=1", "photometric.pose_init_forward=-0.01"], True, toy_root, tmp_path / "bad")
+    with pytest.raises(TrainingError, match="photometric.pose_init_forward=-0.01"):
+        Trainer(cfg)

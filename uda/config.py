@@ -153,6 +153,9 @@ class PhotometricConfig:
     automask: bool = True
     lr_pose: float = 1e-6
     pose_backbone: Literal["resnet18", "resnet34"] = "resnet18"
+    # Initial forward translation of the pose net per frame, in depth units (driving video moves forward;
+    # see PoseNet): avoids the wrong-signed pose that joint training from scratch locks into. 0: Monodepth2.
+    pose_init_forward: float = 0.015
 
 
 @dataclass

@@ -79,6 +79,10 @@ def check_photometric(cfg: ExperimentConfig) -> None:
         raise TrainingError(
             f"photometric.scales={ph.scales} needs those depth outputs: set model.output_scales={ph.scales}"
         )
+    if ph.pose_init_forward < 0:
+        raise TrainingError(
+            f"photometric.pose_init_forward={ph.pose_init_forward}: must be >= 0 (0 = near-identity start)"
+        )
 
 
 def initialise_from(path: str | Path, model: nn.Module, posenet: nn.Module | None = None) -> None:
@@ -166,13 +170,12 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         posenet = None
         if self.photometric is not None:
-            posenet = PoseNet(self.photometric.pose_backbone, cfg.model.pretrained, cfg.model.weights_path)
+            ph = self.photometric
+            posenet = PoseNet(
+                ph.pose_backbone, cfg.model.pretrained, cfg.model.weights_path, ph.pose_init_forward
+            )
             self.photometric_loss = PhotometricLoss(
-                self.photometric.scales,
-                self.photometric.smoothness_weight,
-                self.photometric.min_depth,
-                self.photometric.max_depth,
-                self.photometric.automask,
+                ph.scales, ph.smoothness_weight, ph.min_depth, ph.max_depth, ph.automask
             )
         if cfg.train.init_from:
             initialise_from(cfg.train.init_from, model, posenet)

@@ -33,10 +33,26 @@ class PoseNet(nn.Module):
     kernel is duplicated for the second frame and halved, so a pair of identical frames gives the same
     first-layer response as the pretrained net on one frame. Decoder: 1x1 conv to 256 + ReLU, two 3x3
     convs of 256 + ReLU, 1x1 conv to 6, spatial mean, times 0.01.
+
+    ``forward_motion`` (depth units per frame, >= 0) sets the initial translation of an untrained net to a
+    camera moving forward: T_a_to_b has t_z = -forward_motion (a before b; scene points come closer). From
+    a flat initial depth and a near-zero motion, the first warps of a driving scene are explained better by
+    a sideways image shift than by forward motion, and joint depth/pose training from scratch locks into
+    that wrong-signed pose; a forward start avoids it and also sets the initial depth gauge (an
+    untrained sigmoid disparity head predicts ~0.2 units, so 0.015 per frame puts a 0.5 m/frame camera at
+    ~33 m per unit, where 3-80 m fits the [0.1, 100] output range). 0 keeps Monodepth2's near-identity start.
     """
 
-    def __init__(self, backbone: str = "resnet18", pretrained: bool = False, weights_path: str | None = None):
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        forward_motion: float = 0.0,
+    ):
         super().__init__()
+        if forward_motion < 0:
+            raise ValueError(f"forward_motion={forward_motion} must be >= 0 (depth units per frame)")
         if backbone not in _RESNETS:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(_RESNETS)}")
         net: tv_resnet.ResNet = _RESNETS[backbone][0](weights=None)
@@ -81,6 +97,8 @@ class PoseNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(256, 6, 1),
         )
+        with torch.no_grad():  # outputs: axis-angle (0-2), translation (3-5); z is the optical axis
+            self.decoder[-1].bias[5] -= forward_motion / _MOTION_SCALE
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
