@@ -32,43 +32,17 @@ def runs(toy_root, tmp_path_factory):
 
 def test_evaluate_reproduces_the_run_metrics_and_writes_a_report(runs, toy_root, tmp_path):
     run = runs["mtl"]
-    results = evaluate_tool.main(
-        [
-            str(run),
-            "--dataset",
-            "synthia",
-            "--split",
-            "val",
-            "--data-root",
-            str(toy_root / "synthia"),
-            "--size",
-            "64",
-            "128",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+
+    def evaluate(out: Path, *options: str) -> dict:
+        data = ["--dataset", "synthia", "--split", "val", "--data-root", str(toy_root / "synthia")]
+        return evaluate_tool.main([str(run), *data, "--size", "64", "128", *options, "--out", str(out)])
+
+    results = evaluate(tmp_path)
     trained = json.loads((run / "metrics.json").read_text())["results"]["val"]
     for key in ("semseg/miou", "depth/rmse", "depth/abs_rel"):
         assert results[key] == pytest.approx(trained[key], rel=1e-5), key  # same checkpoint, same protocol
     assert "depth/median_scale" not in results
-    scaled = evaluate_tool.main(
-        [
-            str(run),
-            "--dataset",
-            "synthia",
-            "--split",
-            "val",
-            "--data-root",
-            str(toy_root / "synthia"),
-            "--size",
-            "64",
-            "128",
-            "--median-scaling",
-            "--out",
-            str(tmp_path / "ms"),
-        ]
-    )
+    scaled = evaluate(tmp_path / "ms", "--median-scaling")
     assert scaled["depth/median_scale"] > 0 and scaled["depth/abs_rel"] != results["depth/abs_rel"]
     report = (tmp_path / "report.md").read_text()
     assert "median_scaling: False" in report and "checkpoint" in report
