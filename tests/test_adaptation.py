@@ -27,9 +27,10 @@ def changed(before, module):
 @pytest.fixture(params=["separate", "joint"])
 def trainer(request, toy_root, tmp_path):
     cfg = tiny_config(toy_root, tmp_path / "run", adapt=True)
-    cfg.adapt.bn_mode = request.param
+    cfg.train.bn_mode = request.param
     trainer = Trainer(cfg)
     trainer.batch = move_to(next(trainer.batches(0)), trainer.accelerator.device)
+    trainer.adversarial = trainer.objective("adapt")
     return trainer
 
 
@@ -40,40 +41,41 @@ def test_mixed_batch_has_both_domains(trainer):
 
 
 def test_model_update_leaves_discriminators_unchanged(trainer):
-    discs, model = snapshot(trainer.discriminators), snapshot(trainer.model)
-    _, _, logs, finite = trainer.model_update(trainer.batch)
+    discs, model = snapshot(trainer.adversarial.discriminators), snapshot(trainer.model)
+    _, logs, finite = trainer.model_update(trainer.batch)
     assert finite and "loss/adv" in logs
-    assert not changed(discs, trainer.discriminators)
+    assert not changed(discs, trainer.adversarial.discriminators)
     assert changed(model, trainer.model)
-    assert all(p.grad is None for p in trainer.discriminators.parameters())
+    assert all(p.grad is None for p in trainer.adversarial.discriminators.parameters())
 
 
 def test_discriminator_update_leaves_model_unchanged(trainer):
-    out_src, out_tgt, _, _ = trainer.model_update(trainer.batch)
-    discs, model = snapshot(trainer.discriminators), snapshot(trainer.model)
-    trainer.discriminator_update(trainer.batch, out_src, out_tgt)
+    step, _, _ = trainer.model_update(trainer.batch)
+    discs, model = snapshot(trainer.adversarial.discriminators), snapshot(trainer.model)
+    trainer.adversarial.update(step)
     assert not changed(model, trainer.model)
-    learnt = {k.split(".")[0] for k in changed(discs, trainer.discriminators)}
+    learnt = {k.split(".")[0] for k in changed(discs, trainer.adversarial.discriminators)}
     assert learnt == {k.split(".")[0] for k in discs}  # every (task, scale) discriminator learns
     assert all(p.grad is None for p in trainer.model.parameters())
 
 
 def test_adversarial_term_reaches_the_model_only_through_target_outputs(trainer):
-    out_src, out_tgt = trainer.forward_domains(trainer.batch)
+    outputs = trainer.forward_domains(trainer.batch)
+    out_src, out_tgt = outputs["source"], outputs["target"]
     size = tuple(trainer.batch["target"]["image"].shape[-2:])
-    adv = trainer.adversarial_loss(out_tgt, size, is_source=True, detach=False)
+    adv = trainer.adversarial.adversarial_loss(out_tgt, size, is_source=True, detach=False)
     src = [o for per in out_src.values() for o in per.values()]
     tgt = [o for per in out_tgt.values() for o in per.values()]
     grads = torch.autograd.grad(adv, src + tgt, allow_unused=True, retain_graph=True)
     assert all(g is None or not g.any() for g in grads[: len(src)])
     assert all(g is not None and g.abs().sum() > 0 for g in grads[len(src) :])
-    assert len(trainer.aligned) == 4  # (semseg, depth) x (intermediate scale 1, final scale 0)
+    assert len(trainer.adversarial.aligned) == 4  # (semseg, depth) x (intermediate scale 1, final scale 0)
 
 
 def test_depth_input_uses_the_fixed_source_range(trainer):
     g = torch.full((1, 1, 8, 8), trainer.cfg.loss.d_far / 10.0)  # 10 m everywhere
-    a = trainer.discriminator_input("depth", g, (8, 8))
-    b = trainer.discriminator_input("depth", torch.cat([g, g * 3]), (8, 8))[:1]
+    a = trainer.adversarial.discriminator_input("depth", g, (8, 8))
+    b = trainer.adversarial.discriminator_input("depth", torch.cat([g, g * 3]), (8, 8))[:1]
     assert torch.equal(a, b)
     near, far = trainer.cfg.adapt.depth_range
     expected = (1 / 10 - 1 / far) / (1 / near - 1 / far)
@@ -143,8 +145,8 @@ def test_bn_mode_decides_whether_target_outputs_see_source_statistics(trainer):
     batch = trainer.batch
     other = {**batch, "source": {**batch["source"], "image": batch["source"]["image"].flip(-1) * 0.5}}
     torch.manual_seed(0)  # same dropout masks in both forwards
-    _, a = trainer.forward_domains(batch)
+    a = trainer.forward_domains(batch)["target"]
     torch.manual_seed(0)
-    _, b = trainer.forward_domains(other)
+    b = trainer.forward_domains(other)["target"]
     target_changed = not torch.allclose(a["semseg"][0], b["semseg"][0])
-    assert target_changed == (trainer.cfg.adapt.bn_mode == "joint")
+    assert target_changed == (trainer.cfg.train.bn_mode == "joint")

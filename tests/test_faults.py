@@ -736,8 +736,8 @@ def record_states(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
 
     def full_state():
         state = {f"model.{k}": v for k, v in snapshot(trainer.model).items()}
-        if trainer.discriminators is not None:
-            state |= {f"disc.{k}": v for k, v in snapshot(trainer.discriminators).items()}
+        if trainer.objective("adapt") is not None:
+            state |= {f"disc.{k}": v for k, v in snapshot(trainer.objective("adapt").discriminators).items()}
         return state
 
     def recording_step(batch):

@@ -37,7 +37,8 @@ def test_depth_only_run_lowers_the_photometric_loss(toy_root, tmp_path):
 
     @torch.no_grad()
     def photometric_loss():
-        return float(trainer.photometric_objective(fixed, trainer.model(fixed["image"]))[0])
+        objective = trainer.objective("photometric")
+        return float(objective.photometric_objective(fixed, trainer.model(fixed["image"]))[0])
 
     before = photometric_loss()
     summary = trainer.fit()

@@ -18,6 +18,7 @@ from uda.data.loader import eval_loader  # noqa: E402
 from uda.data.readers import build_dataset  # noqa: E402
 from uda.data.transforms import EvalTransform  # noqa: E402
 from uda.evaluate import evaluate, load_trained_model, protocol, write_report  # noqa: E402
+from uda.tasks import output_space  # noqa: E402
 from uda.visualize import save_prediction_images  # noqa: E402
 
 
@@ -94,10 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         model,
         eval_loader(dataset, args.batch_size),
         tuple(cfg.tasks),
-        labels.num_classes,
         eval_cfg,
-        cfg.model,
-        cfg.loss.d_far,
+        output_space(cfg, labels.num_classes),
         progress=True,
         on_first_batch=write_images,
     )

@@ -26,6 +26,8 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from uda.config import OBJECTIVE_SECTIONS
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-step-"  # a save in progress (or interrupted)
@@ -154,16 +156,18 @@ def shape_config(config: Mapping[str, Any]) -> dict[str, Any]:
     keys["tasks"] = config.get("tasks")
     keys["data.label_set"] = (config.get("data") or {}).get("label_set")
     keys["optim.optimizer"] = (config.get("optim") or {}).get("optimizer")
-    # Discriminators exist only when adapting to a target (see Trainer.adapt).
-    adapt = config.get("adapt") if config.get("target") is not None else None
-    keys["adapt"] = "on" if adapt else "off"
-    for k in ("tasks", "scales", "disc_channels", "spectral_norm"):
-        if adapt and k in adapt:
-            keys[f"adapt.{k}"] = adapt[k]
-    photometric = config.get("photometric")
-    keys["photometric"] = "on" if photometric else "off"
-    if photometric and "pose_backbone" in photometric:
-        keys["photometric.pose_backbone"] = photometric["pose_backbone"]
+    # Learnt task weights add parameters (and optimiser groups); a config from before weighting was fixed.
+    keys["loss.weighting"] = (config.get("loss") or {}).get("weighting", "fixed")
+    # Each objective section: on/off and the keys that shape its networks (a section that needs a target
+    # is off without one, as the Trainer skips it).
+    for section, cls in OBJECTIVE_SECTIONS.items():
+        values = config.get(section)
+        if cls.NEEDS_TARGET and config.get("target") is None:
+            values = None
+        keys[section] = "on" if values else "off"
+        for k in cls.SHAPE_KEYS:
+            if values and k in values:
+                keys[f"{section}.{k}"] = values[k]
     return keys
 
 

@@ -12,10 +12,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Task = Literal["semseg", "depth", "normals", "edges"]
-Arch = Literal["stl", "mtl", "padnet", "3ways-padnet", "mteb"]
+Arch = Literal["stl", "mtl", "padnet", "3ways-padnet", "mteb", "xtasc-unet"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
 
@@ -64,10 +64,20 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Task weights and depth parametrisation of the supervised multi-task objective."""
+    """The supervised multi-task objective: task losses, their base weights and the task weighting method."""
 
     weights: dict[str, float] = field(default_factory=dict)  # empty = the paper's preset for the task set
     d_far: float = 655.36  # inverse normalised depth g = d_far / d (metres)
+    functions: dict[str, str] = field(default_factory=dict)  # loss per task, e.g. depth:l1 (default berhu)
+    # How the per-task losses (base weight x loss) are combined: fixed (the base weights alone), uncertainty
+    # (Kendall et al. 2018), dwa (Liu et al. 2019, MTAN), gradnorm (Chen et al. 2018).
+    weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm"] = "fixed"
+    weighting_lr: float = (
+        0.025  # uncertainty: rate of the log-variances (model optimiser); gradnorm: Adam rate
+    )
+    dwa_period: int = 100  # DWA: steps over which task losses are averaged (MTAN: one epoch)
+    dwa_temperature: float = 2.0
+    gradnorm_alpha: float = 1.5  # GradNorm's restoring-force asymmetry
 
 
 @dataclass
@@ -98,6 +108,9 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+    # How BatchNorm sees the domains of a mixed batch: "separate" = one forward per domain (per-domain batch
+    # statistics, as the DenseMTL code); "joint" = one forward over the concatenated batch (equal image sizes).
+    bn_mode: Literal["separate", "joint"] = "separate"
     val_batches: int | None = None  # limit validation batches (None = the whole split)
     init_from: str | None = None  # run or checkpoint folder whose weights initialise the model (and pose net)
 
@@ -119,6 +132,9 @@ class EvalConfig:
 class AdaptConfig:
     """Output-level adversarial adaptation (paper Eqs. 7-9): one patch discriminator per (task, scale)."""
 
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("tasks", "scales", "disc_channels", "spectral_norm")
+    NEEDS_TARGET: ClassVar[bool] = True  # ignored without a target domain
+
     lambda_adv: float = 5e-3
     tasks: tuple[Task, ...] = ("semseg", "depth")  # outputs aligned by a discriminator
     scales: tuple[int, ...] | None = None  # aligned scales; None = intermediate (exchange) scales + final 0
@@ -127,9 +143,6 @@ class AdaptConfig:
     disc_poly_power: float = 0.9
     disc_channels: int = 64
     spectral_norm: bool = False
-    # How BatchNorm sees the domains: "separate" = one forward per domain (per-domain batch statistics, as
-    # the authors' code); "joint" = one forward over the concatenated batch (needs equal image sizes).
-    bn_mode: Literal["separate", "joint"] = "separate"
     depth_range: tuple[float, float] = (
         1.0,
         100.0,
@@ -140,6 +153,9 @@ class AdaptConfig:
 @dataclass
 class PhotometricConfig:
     """Self-supervised depth from video (Monodepth2-style): the depth task is learnt by view synthesis."""
+
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("pose_backbone",)
+    NEEDS_TARGET: ClassVar[bool] = False
 
     domain: Literal["source", "target"] = (
         "source"  # whose frames train depth (target = UDA without depth labels)
@@ -159,6 +175,24 @@ class PhotometricConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """Cross-task consistency (XTasC, Nakano et al. 2021): a task-transfer network per direction maps one task's
+    prediction to the other task, compared with that task's own detached prediction (consistency, Eq. 13/15)
+    or with its labels (alignment, "Align-Net")."""
+
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("tasks", "channels")
+    NEEDS_TARGET: ClassVar[bool] = False
+
+    mode: Literal["consistency", "alignment"] = "consistency"
+    tasks: tuple[Task, Task] = ("semseg", "depth")  # task-transfer networks in both directions
+    # lambda_t of Eq. 11, in [0, 1): L_t = (1 - l) loss_t + l consistency_t (see the objective's docstring).
+    lambdas: dict[str, float] = field(default_factory=lambda: {"semseg": 0.01, "depth": 0.01})
+    domains: tuple[Literal["source", "target"], ...] = ("source",)  # target: no labels needed (adaptation)
+    channels: tuple[int, ...] = (64, 128, 256)  # task-transfer U-Net widths, fine to coarse
+    lr: float | None = None  # task-transfer networks' learning rate; None = optim.lr_decoder
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run: tasks, model, data, objective, optimisation, evaluation."""
 
@@ -171,11 +205,21 @@ class ExperimentConfig:
     target: DataConfig | None = None  # unlabelled target domain (UDA); validation runs on its val split
     adapt: AdaptConfig | None = None  # None = no adversarial adaptation
     photometric: PhotometricConfig | None = None  # None = depth (if any) is supervised
+    consistency: ConsistencyConfig | None = None  # None = no cross-task consistency
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/experiment"
+
+
+# Sections that configure an objective besides the supervised one (see uda.objectives), with the keys that
+# shape their networks (checked when resuming).
+OBJECTIVE_SECTIONS: dict[str, type] = {
+    "adapt": AdaptConfig,
+    "photometric": PhotometricConfig,
+    "consistency": ConsistencyConfig,
+}
 
 
 # --------------------------------------------------------------------------- generic machinery
@@ -271,8 +315,19 @@ def _unknown(key: str, valid: list[str], prefix: str) -> ConfigError:
     return ConfigError(f"unknown config key {prefix}{key}{hint}; valid keys: {', '.join(valid)}")
 
 
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """An ExperimentConfig dict of an older version in today's keys (adapt.bn_mode is now train.bn_mode)."""
+    adapt = data.get("adapt")
+    if isinstance(adapt, dict) and "bn_mode" in adapt:
+        data = {**data, "adapt": {k: v for k, v in adapt.items() if k != "bn_mode"}}
+        data["train"] = {"bn_mode": adapt["bn_mode"], **(data.get("train") or {})}
+    return data
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a (possibly nested) dict; unknown keys and bad values raise ConfigError."""
+    if cls is ExperimentConfig and isinstance(data, dict):
+        data = migrate(data)
     fields = _fields(cls)
     kwargs = {}
     for key, value in data.items():

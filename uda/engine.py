@@ -1,6 +1,7 @@
-"""The one training loop (accelerate): supervised multi-task learning, and output-level adversarial UDA when a
-target domain is configured. Checkpoints are atomic and resumable; the run folder holds config, logs,
-checkpoints, metrics.json, report.md and prediction images."""
+"""The one training loop (accelerate). It builds the model and the configured objectives (`uda.objectives`),
+sums their loss terms (per-task terms through the task weighting), steps the model's optimiser, then lets
+each objective run its own update; it knows no objective by name. Checkpoints are atomic and resumable; the
+run folder holds config, logs, checkpoints, metrics.json, report.md and prediction images."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
@@ -26,24 +26,23 @@ from uda.data.loader import MixedBatches, eval_loader, move_to, train_loader
 from uda.data.readers import build_dataset
 from uda.data.transforms import EvalTransform, TrainTransform
 from uda.evaluate import evaluate, protocol, write_report
-from uda.geometry import disparity_to_depth
-from uda.losses import MultiTaskLoss, default_task_weights
-from uda.losses.adversarial import bce_with_domain, entropy_map, normalise_depth_for_discriminator
-from uda.losses.photometric import PhotometricLoss
+from uda.losses import default_task_weights
 from uda.models import build_model
-from uda.models.discriminator import PatchDiscriminator
-from uda.models.posenet import PoseNet, relative_pose
+from uda.objectives import (
+    ObjectiveError,
+    RunContext,
+    Step,
+    attach_prepared,
+    attach_prepared_joint,
+    build_objectives,
+)
+from uda.objectives.weighting import WeightingContext, build_weighting
+from uda.tasks import output_space, task_channels
 from uda.visualize import save_prediction_images
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (the message says why and where its last checkpoint is)."""
-
-
-def task_channels(tasks: tuple[str, ...], label_set: str) -> dict[str, int]:
-    """Output channels per task: class count, 1 (depth), 3 (normals), 1 (edges)."""
-    sizes = {"depth": 1, "normals": 3, "edges": 1}
-    return {t: get_label_set(label_set).num_classes if t == "semseg" else sizes[t] for t in tasks}
 
 
 def unwrap_outputs(outputs: Mapping[str, Mapping[int, torch.Tensor]], start: int, stop: int) -> dict:
@@ -64,34 +63,13 @@ def check_output_dir(out: Path) -> None:
         ) from None
 
 
-def check_photometric(cfg: ExperimentConfig) -> None:
-    """Self-supervised depth needs a depth task with a sigmoid-disparity head and a video stream."""
-    ph = cfg.photometric
-    if ph is None:
-        return
-    if "depth" not in cfg.tasks:
-        raise TrainingError("photometric depth needs the depth task; add it to tasks (e.g. --tasks SD)")
-    if cfg.model.depth_output != "disparity":
-        raise TrainingError("photometric depth needs model.depth_output=disparity (a sigmoid disparity head)")
-    if ph.domain == "target" and cfg.target is None:
-        raise TrainingError("photometric.domain=target needs a target dataset (an adaptation recipe)")
-    if not set(ph.scales) <= set(cfg.model.output_scales or ()) | {0}:
-        raise TrainingError(
-            f"photometric.scales={ph.scales} needs those depth outputs: set model.output_scales={ph.scales}"
-        )
-    if ph.pose_init_forward < 0:
-        raise TrainingError(
-            f"photometric.pose_init_forward={ph.pose_init_forward}: must be >= 0 (0 = near-identity start)"
-        )
-
-
-def initialise_from(path: str | Path, model: nn.Module, posenet: nn.Module | None = None) -> None:
+def initialise_from(path: str | Path, model: nn.Module, networks: list[nn.Module] = ()) -> None:
     """Initialise from another run's weights (e.g. a depth-only self-supervised run, paper §4.4).
 
     Tensors with the same name and shape are copied; task decoders the source run did not have start from
-    its depth decoder (both decoders of the paper's 3-ways model start from the depth model); the pose
-    network is taken from the checkpoint file whose tensors match it. Output heads are never copied across
-    tasks (different channels).
+    its depth decoder (both decoders of the paper's 3-ways model start from the depth model); each of
+    `networks` (an objective's networks, e.g. the pose net) is taken from the checkpoint file whose tensors
+    match it. Output heads are never copied across tasks (different channels).
     """
     from safetensors.torch import load_file
 
@@ -115,17 +93,17 @@ def initialise_from(path: str | Path, model: nn.Module, posenet: nn.Module | Non
             copied[key] = source[depth_key]
     model.load_state_dict(copied, strict=False)
     message = f"initialised {len(copied)}/{len(own)} model tensors from {ckpt}"
-    if posenet is not None:
-        pose_keys = set(posenet.state_dict())
-        match = [t for t in tensors[1:] if set(t) == pose_keys]
+    for net in networks:
+        keys = set(net.state_dict())
+        match = [t for t in tensors[1:] if set(t) == keys]
         if match:
-            posenet.load_state_dict(match[0])
-            message += " (and the pose network)"
+            net.load_state_dict(match[0])
+            message += f" (and the {type(net).__name__})"
     print(message, flush=True)
 
 
 class Trainer:
-    """Builds data, model, objective, discriminators and optimisers from an ExperimentConfig and trains."""
+    """Builds data, model, objectives, task weighting and optimiser from an ExperimentConfig and trains."""
 
     def __init__(self, cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
@@ -150,17 +128,9 @@ class Trainer:
         self.tasks = tuple(cfg.tasks)
         self.label_set = get_label_set(cfg.data.label_set)
         self.val_data = cfg.target if cfg.target is not None else cfg.data
-        # The target stream is trained on only when adapting; otherwise the target is for validation alone.
-        self.adapt = cfg.adapt if cfg.target is not None else None
-        self.photometric = cfg.photometric
-        check_photometric(cfg)
-        if self.adapt is not None and self.adapt.bn_mode == "joint" and cfg.target.size != cfg.data.size:
-            raise TrainingError(
-                f"adapt.bn_mode=joint needs equal image sizes, got data.size={cfg.data.size} and "
-                f"target.size={cfg.target.size}; set adapt.bn_mode=separate or equal sizes"
-            )
 
-        model = build_model(cfg.model, task_channels(self.tasks, cfg.data.label_set))
+        channels = task_channels(self.tasks, self.label_set.num_classes)
+        model = build_model(cfg.model, channels)
         if cfg.model.sync_bn and acc.num_processes > 1:
             if acc.device.type == "cpu":
                 raise TrainingError(
@@ -168,26 +138,34 @@ class Trainer:
                     "set model.sync_bn=false"
                 )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        posenet = None
-        if self.photometric is not None:
-            ph = self.photometric
-            posenet = PoseNet(
-                ph.pose_backbone, cfg.model.pretrained, cfg.model.weights_path, ph.pose_init_forward
+        self.space = output_space(cfg, self.label_set.num_classes)
+        run = RunContext(cfg, self.tasks, channels, self.space, self.intermediate_scales)
+        try:
+            self.objectives = build_objectives(run)
+            weighting = build_weighting(
+                cfg.loss.weighting,
+                self.tasks,
+                cfg.loss.weights or default_task_weights(self.tasks),
+                **self.weighting_options(),
             )
-            self.photometric_loss = PhotometricLoss(
-                ph.scales, ph.smoothness_weight, ph.min_depth, ph.max_depth, ph.automask
+        except ObjectiveError as exc:
+            raise TrainingError(str(exc)) from None
+        if self.uses_domain(1) and cfg.train.bn_mode == "joint" and cfg.target.size != cfg.data.size:
+            raise TrainingError(
+                f"train.bn_mode=joint needs equal image sizes, got data.size={cfg.data.size} and "
+                f"target.size={cfg.target.size}; set train.bn_mode=separate or equal sizes"
             )
         if cfg.train.init_from:
-            initialise_from(cfg.train.init_from, model, posenet)
+            initialise_from(cfg.train.init_from, model, [n for n, _ in self.joint_networks()])
+        self.weighting = weighting.to(acc.device)
         groups = model.param_groups()
-        self.base_lrs = [cfg.optim.lr_backbone, cfg.optim.lr_decoder]
         param_groups = [
             {"params": groups["backbone"], "lr": cfg.optim.lr_backbone},
             {"params": groups["decoder"], "lr": cfg.optim.lr_decoder},
+            *(group for o in self.objectives for group in o.param_groups()),
+            *self.weighting.param_groups(cfg.loss.weighting_lr),
         ]
-        if posenet is not None:
-            self.base_lrs.append(self.photometric.lr_pose)
-            param_groups.append({"params": list(posenet.parameters()), "lr": self.photometric.lr_pose})
+        self.base_lrs = [group["lr"] for group in param_groups]
         if cfg.optim.optimizer == "adam":
             optimizer = torch.optim.Adam(
                 param_groups, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
@@ -196,34 +174,13 @@ class Trainer:
             optimizer = torch.optim.SGD(
                 param_groups, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
             )
-        weights = cfg.loss.weights or default_task_weights(self.tasks)
-        self.criterion = MultiTaskLoss(
-            self.tasks, weights, d_far=cfg.loss.d_far, intermediate_scales=self.intermediate_scales
-        )
         self.model, self.optimizer = acc.prepare(model, optimizer)
-
-        self.discriminators: nn.ModuleDict | None = None
-        self.disc_optimizer = None
-        if self.adapt is not None:
-            scales = self.adapt.scales if self.adapt.scales is not None else (*self.intermediate_scales, 0)
-            in_ch = task_channels(self.tasks, cfg.data.label_set)
-            discs = nn.ModuleDict(
-                {
-                    f"{t}_s{s}": PatchDiscriminator(
-                        in_ch[t], self.adapt.disc_channels, self.adapt.spectral_norm
-                    )
-                    for t in self.adapt.tasks
-                    if t in self.tasks
-                    for s in scales
-                }
-            )
-            disc_opt = torch.optim.Adam(
-                discs.parameters(), lr=self.adapt.disc_lr, betas=self.adapt.disc_betas
-            )
-            self.discriminators, self.disc_optimizer = acc.prepare(discs, disc_opt)
-            self.aligned = [(t, s) for t in self.adapt.tasks if t in self.tasks for s in scales]
-        # Prepared last, so the checkpoint files of the model (and discriminators) keep their names.
-        self.posenet = acc.prepare(posenet) if posenet is not None else None
+        # Networks with their own optimiser first, then those trained with the model: checkpoint files keep
+        # their names (model_1.safetensors = the discriminators of an adaptation run).
+        for objective in self.objectives:
+            attach_prepared(objective, acc.prepare)
+        for objective in self.objectives:
+            attach_prepared_joint(objective, acc.prepare)
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict[str, Any]] = []  # validation results
@@ -235,17 +192,50 @@ class Trainer:
     def intermediate_scales(self) -> tuple[int, ...]:
         if self.cfg.model.arch == "padnet":
             return (4,)
+        if self.cfg.model.arch == "xtasc-unet":
+            return ()
         return tuple(self.cfg.model.exchange_scales)
 
-    def video_domain(self, domain: int) -> bool:
-        """Whether this domain's training stream feeds the photometric objective (and so loads frames)."""
-        return self.photometric is not None and self.photometric.domain == ("source", "target")[domain]
+    def weighting_options(self) -> dict[str, Any]:
+        """Options of the configured task weighting."""
+        loss = self.cfg.loss
+        return {
+            "uncertainty": {},
+            "dwa": {"period": loss.dwa_period, "temperature": loss.dwa_temperature},
+            "gradnorm": {"alpha": loss.gradnorm_alpha, "lr": loss.weighting_lr},
+        }.get(loss.weighting, {})
+
+    def objective(self, section: str):
+        """The objective built from config section `section` (e.g. "adapt"), or None."""
+        return next((o for o in self.objectives if o.section == section), None)
+
+    def joint_networks(self) -> list[tuple[nn.Module, Any]]:
+        """(network, objective) of every objective network trained with the model."""
+        return [(net, o) for o in self.objectives for net in o.joint_networks().values()]
+
+    def networks(self) -> list[nn.Module]:
+        """Every trained network: the model, the objectives' own networks and their joint networks."""
+        own = [net for o in self.objectives for net, _ in o.own_networks().values()]
+        return [self.model, *own, *(net for net, _ in self.joint_networks())]
+
+    def needs(self, domain: int) -> list:
+        """What the objectives need from a domain's training stream (one entry per objective that uses it)."""
+        return [n for o in self.objectives if (n := o.needs(domain)) is not None]
+
+    def uses_domain(self, domain: int) -> bool:
+        """Whether a training stream of `domain` is loaded (the source always is)."""
+        return domain == 0 or bool(self.needs(domain))
 
     def label_tasks(self, domain: int) -> tuple[str, ...]:
-        """The labels a training stream loads: none on the target; no depth where depth is self-supervised."""
+        """The labels a training stream loads: none on the target; not those an objective learns otherwise."""
         if domain == 1:
             return ()
-        return tuple(t for t in self.tasks if not (t == "depth" and self.video_domain(domain)))
+        unlabelled = set().union(*(n.unlabelled for n in self.needs(domain)))
+        return tuple(t for t in self.tasks if t not in unlabelled)
+
+    def frames(self, domain: int) -> tuple[int, ...]:
+        """Neighbouring video frames the objectives need from a domain's training stream."""
+        return tuple(sorted(set().union(*(n.frames for n in self.needs(domain)))))
 
     def dataset(
         self,
@@ -270,7 +260,7 @@ class Trainer:
             label_set=data.label_set,
             root=data.root,
             transform=transform,
-            frames=self.photometric.frames if train and self.video_domain(domain) else (),
+            frames=self.frames(domain) if train else (),
             domain=domain,
             variation=data.variation,
         )
@@ -288,7 +278,7 @@ class Trainer:
             cfg.data.num_workers,
         )
         target = None
-        if self.adapt is not None or self.video_domain(1):
+        if self.uses_domain(1):
             target = train_loader(
                 self.dataset(cfg.target, cfg.target.train_split, self.label_tasks(1), train=True, domain=1),
                 cfg.target.batch_size,
@@ -303,114 +293,81 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def set_learning_rates(self, step: int) -> None:
-        """Step schedule: lr x gamma from lr_step_fraction of the run; discriminators: poly decay."""
+        """Model optimiser: lr x gamma from lr_step_fraction of the run; objectives set their own schedules."""
         o = self.cfg.optim
         factor = o.lr_gamma if step >= o.lr_step_fraction * self.cfg.train.iterations else 1.0
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        if self.disc_optimizer is not None:
-            poly = max(0.0, 1 - step / max(1, self.cfg.train.iterations)) ** self.adapt.disc_poly_power
-            for group in self.disc_optimizer.param_groups:
-                group["lr"] = self.adapt.disc_lr * poly
+        for objective in self.objectives:
+            objective.set_step(step)
 
-    def forward_domains(self, batch: Mapping[str, Any]) -> tuple[dict, dict | None]:
-        """Model outputs for the source and (if any) target sub-batches, by the configured BatchNorm mode."""
-        source = batch["source"]["image"]
+    def forward_domains(self, batch: Mapping[str, Any]) -> dict[str, dict]:
+        """Model outputs per domain of the batch ("source", "target"), by train.bn_mode."""
         if "target" not in batch:
-            return self.model(source), None
-        target = batch["target"]["image"]
-        if self.adapt is not None and self.adapt.bn_mode == "joint":
+            return {"source": self.model(batch["source"]["image"])}
+        source, target = batch["source"]["image"], batch["target"]["image"]
+        if self.cfg.train.bn_mode == "joint":
             outputs = self.model(torch.cat([source, target]))
             n = source.shape[0]
-            return unwrap_outputs(outputs, 0, n), unwrap_outputs(outputs, n, n + target.shape[0])
-        return self.model(source), self.model(target)
+            return {
+                "source": unwrap_outputs(outputs, 0, n),
+                "target": unwrap_outputs(outputs, n, n + target.shape[0]),
+            }
+        return {"source": self.model(source), "target": self.model(target)}
 
-    def supervised_view(self, outputs: Mapping[str, Mapping[int, torch.Tensor]]) -> Mapping:
-        """Outputs as the supervised losses expect them: a sigmoid-disparity depth head becomes d_far/depth."""
-        if self.cfg.model.depth_output != "disparity" or "depth" not in outputs:
-            return outputs
-        ph = self.photometric
-        near, far = (ph.min_depth, ph.max_depth) if ph is not None else (0.1, 100.0)
-        depth = {
-            s: self.cfg.loss.d_far / disparity_to_depth(o, near, far) for s, o in outputs["depth"].items()
-        }
-        return {**outputs, "depth": depth}
+    def weighting_context(self) -> WeightingContext:
+        """What the task weighting may use: the step, the model's last shared layer, the process reduction."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        scaler = acc.scaler
+        return WeightingContext(
+            step=self.step,
+            shared=model.shared_layer,
+            reduce_mean=(lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else (lambda t: t),
+            loss_scale=float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0,
+        )
 
-    def photometric_objective(self, video: Mapping[str, Any], outputs: Mapping) -> tuple[torch.Tensor, dict]:
-        """Self-supervised depth: warp the neighbouring frames with predicted depth and pose (Monodepth2)."""
-        target = video["image"]
-        poses = {
-            o: relative_pose(self.posenet, target, video["frames"][o], o) for o in self.photometric.frames
-        }
-        disparities = {s: outputs["depth"][s] for s in self.photometric.scales}
-        loss, logs = self.photometric_loss(disparities, target, video["frames"], poses, video["K"])
-        return loss, {k: torch.as_tensor(v) for k, v in logs.items()}
-
-    def discriminator_input(self, task: str, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """What a discriminator sees: the entropy map (semseg) or fixed-range normalised depth, at image size."""
-        output = F.interpolate(output.float(), size=size, mode="bilinear", align_corners=False)
-        if task == "semseg":
-            return entropy_map(output)
-        if task == "depth":
-            if self.cfg.model.depth_output == "disparity":
-                return output.clamp(0, 1)
-            near, far = self.adapt.depth_range
-            d_far = self.cfg.loss.d_far
-            return normalise_depth_for_discriminator(output, d_far / far, d_far / near)
-        if task == "normals":
-            return F.normalize(output, dim=1)
-        raise ValueError(f"no discriminator input defined for task {task!r}")
-
-    def adversarial_loss(
-        self, outputs: Mapping, size: tuple[int, int], is_source: bool, detach: bool
-    ) -> torch.Tensor:
-        """Mean BCE of the (task, scale) discriminators on outputs, against the source (1) or target (0) label."""
-        losses = []
-        for task, scale in self.aligned:
-            x = self.discriminator_input(task, outputs[task][scale], size)
-            losses.append(
-                bce_with_domain(
-                    self.discriminators[f"{task}_s{scale}"](x.detach() if detach else x), is_source
-                )
-            )
-        return torch.stack(losses).mean()
+    def compose(self, step: Step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The model loss of a step: per-task terms of every objective through the task weighting, then every
+        objective's own weighted total, summed in objective order."""
+        per_task: dict[str, list[torch.Tensor]] = {}
+        totals, logs = [], {}
+        for objective in self.objectives:
+            terms = objective.loss(step)
+            if terms is None:
+                continue
+            for task, values in terms.tasks.items():
+                per_task.setdefault(task, []).extend(values)
+            if terms.total is not None:
+                totals.append(terms.total)
+            logs.update(terms.logs)
+        parts = []
+        if any(per_task.values()):
+            weighted, weight_logs = self.weighting(per_task, self.weighting_context())
+            parts.append(weighted)
+            logs.update(weight_logs)
+        parts += totals
+        if not parts:
+            raise TrainingError("no objective contributes to the model loss; check the config's objectives")
+        loss = parts[0]
+        for part in parts[1:]:
+            loss = loss + part
+        return loss, logs
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the model update (multi-task model and, for self-supervised depth, the pose net)."""
+        """Parameters of the model update: the model, the objectives' joint networks, learnt task weights."""
         params = list(self.model.parameters())
-        return params + list(self.posenet.parameters()) if self.posenet is not None else params
+        params += [p for net, _ in self.joint_networks() for p in net.parameters()]
+        return params + [p for group in self.weighting.param_groups(0.0) for p in group["params"]]
 
-    def adapting(self) -> bool:
-        """Whether the adversarial terms are on at the current step."""
-        return self.adapt is not None and self.step >= self.adapt.start_step and self.adapt.lambda_adv > 0
-
-    def model_update(
-        self, batch: Mapping[str, Any]
-    ) -> tuple[dict, dict | None, dict[str, torch.Tensor], bool]:
-        """Update the multi-task model on the task loss (+ adversarial loss on target outputs, discriminators frozen).
-
-        Returns the outputs of both domains, the detached logs and whether the step was finite (applied).
-        """
+    def model_update(self, batch: Mapping[str, Any]) -> tuple[Step, dict[str, torch.Tensor], bool]:
+        """Update the model (and joint networks) on the composed loss; returns the step (outputs per domain), the
+        detached logs and whether the step was finite (applied)."""
         acc = self.accelerator
-        if self.discriminators is not None:
-            self.discriminators.requires_grad_(False)
         buffers = self.buffer_snapshot()
         with acc.autocast():
-            out_src, out_tgt = self.forward_domains(batch)
-            loss, logs = self.criterion(self.supervised_view(out_src), batch["source"])
-            if self.photometric is not None:
-                domain = self.photometric.domain
-                video = batch[domain]
-                photometric, photo_logs = self.photometric_objective(
-                    video, out_src if domain == "source" else out_tgt
-                )
-                loss = loss + self.photometric.weight * photometric
-                logs.update(photo_logs)
-            if self.adapting():
-                size = tuple(batch["target"]["image"].shape[-2:])
-                adv = self.adversarial_loss(out_tgt, size, is_source=True, detach=False)
-                loss = loss + self.adapt.lambda_adv * adv
-                logs["loss/adv"] = adv.detach()
+            step = Step(self.step, batch, self.forward_domains(batch), acc)
+            loss, logs = self.compose(step)
         acc.backward(loss)
         grad_norm = torch.as_tensor(
             acc.clip_grad_norm_(self.trained_parameters(), self.cfg.optim.clip_grad_norm)
@@ -427,33 +384,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         logs["loss/total"] = loss.detach()
         logs["grad_norm"] = grad_norm.detach()
-        return out_src, out_tgt, logs, finite
-
-    def discriminator_update(
-        self, batch: Mapping[str, Any], out_src: Mapping, out_tgt: Mapping
-    ) -> torch.Tensor:
-        """Update the discriminators on detached outputs: source -> 1, target -> 0 (paper Eq. 7)."""
-        acc = self.accelerator
-        self.discriminators.requires_grad_(True)
-        with acc.autocast():
-            size_s = tuple(batch["source"]["image"].shape[-2:])
-            size_t = tuple(batch["target"]["image"].shape[-2:])
-            d_loss = 0.5 * (
-                self.adversarial_loss(out_src, size_s, is_source=True, detach=True)
-                + self.adversarial_loss(out_tgt, size_t, is_source=False, detach=True)
-            )
-        acc.backward(d_loss)
-        grads = [p.grad for p in self.discriminators.parameters() if p.grad is not None]
-        finite = bool(torch.isfinite(d_loss.detach()).item()) and all(bool(g.isfinite().all()) for g in grads)
-        if checkpoint.all_processes(acc, finite):
-            self.disc_optimizer.step()
-        self.disc_optimizer.zero_grad(set_to_none=True)
-        return d_loss.detach()
+        return step, logs, finite
 
     def buffer_snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, copy) for every buffer of the trained networks (BatchNorm statistics, spectral-norm vectors)."""
-        modules = [self.model, self.discriminators, getattr(self, "posenet", None)]
-        return [(b, b.detach().clone()) for m in modules if m is not None for b in m.buffers()]
+        return [(b, b.detach().clone()) for m in self.networks() for b in m.buffers()]
 
     @staticmethod
     @torch.no_grad()
@@ -463,11 +398,13 @@ class Trainer:
             live.copy_(saved)
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """One optimisation step: model update, then (when adapting) discriminator update."""
+        """One optimisation step: model update, then (if it was applied) the weighting's and objectives' own."""
         self.set_learning_rates(self.step)
-        out_src, out_tgt, logs, finite = self.model_update(batch)
-        if self.adapting() and finite:
-            logs["loss/disc"] = self.discriminator_update(batch, out_src, out_tgt)
+        step, logs, finite = self.model_update(batch)
+        if finite:
+            logs.update(self.weighting.update(self.weighting_context()))
+            for objective in self.objectives:
+                logs.update(objective.update(step))
         values = {k: float(v) for k, v in logs.items()}
         values["finite"] = float(finite)
         return values
@@ -484,6 +421,10 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "config": to_dict(self.cfg),
             "history": self.history,
+            "components": {
+                "weighting": self.weighting.checkpoint_state(),
+                **{o.section: o.checkpoint_state() for o in self.objectives},
+            },
         }
         return checkpoint.save(self.accelerator, self.out, self.step, state, keep)
 
@@ -500,6 +441,12 @@ class Trainer:
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.history = list(state.get("history", []))
+        components = state.get("components", {})
+        if "weighting" in components:
+            self.weighting.load_checkpoint_state(components["weighting"])
+        for objective in self.objectives:
+            if objective.section in components:
+                objective.load_checkpoint_state(components[objective.section])
         return ckpt
 
     # ------------------------------------------------------------------ validation
@@ -565,10 +512,8 @@ class Trainer:
                 model,
                 loader,
                 self.tasks,
-                self.label_set.num_classes,
                 eval_cfg,
-                cfg.model,
-                cfg.loss.d_far,
+                self.space,
                 reduce=lambda s: acc.reduce(s, "sum"),
                 device=acc.device,
                 max_batches=max_batches,

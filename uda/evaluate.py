@@ -11,37 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from uda.config import EvalConfig, ModelConfig
-from uda.geometry import disparity_to_depth, inverse_normalised_to_depth
+from uda.config import EvalConfig
 from uda.metrics import DepthMetric, MultiTaskMetrics
-
-
-def to_predictions(
-    outputs: Mapping[str, Mapping[int, torch.Tensor]],
-    scale: int,
-    model_cfg: ModelConfig,
-    d_far: float,
-    min_depth: float = 0.1,
-    max_depth: float = 100.0,
-) -> dict[str, torch.Tensor]:
-    """Network outputs at one scale -> predictions in the sample units: logits, metres, unit normals, edge prob."""
-    preds: dict[str, torch.Tensor] = {}
-    for task, per_scale in outputs.items():
-        out = per_scale[scale].float()
-        if task == "depth":
-            if model_cfg.depth_output == "disparity":
-                out = disparity_to_depth(out, min_depth, max_depth)
-            else:
-                out = inverse_normalised_to_depth(out, d_far)
-        elif task == "normals":
-            out = F.normalize(out, dim=1)
-        elif task == "edges":
-            out = torch.sigmoid(out)
-        preds[task] = out
-    return preds
+from uda.tasks import OutputSpace, to_predictions
 
 
 def protocol(
@@ -66,17 +40,16 @@ def evaluate(
     model: torch.nn.Module,
     batches: Iterable[Mapping[str, Any]],
     tasks: Sequence[str],
-    num_classes: int,
     eval_cfg: EvalConfig,
-    model_cfg: ModelConfig,
-    d_far: float,
+    space: OutputSpace,
     reduce: Callable[[dict], dict] | None = None,
     device: torch.device | str = "cpu",
     max_batches: int | None = None,
     progress: bool = False,
     on_first_batch: Callable[[Mapping[str, Any], dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, float]:
-    """Run the model over batches and return flat metrics ("semseg/miou", "depth/rmse", ...).
+    """Run the model over batches and return flat metrics ("semseg/miou", "depth/rmse", ...); `space` says how
+    the raw outputs map to sample units (class count, depth parametrisation).
 
     `reduce` sums the metric state across processes (e.g. lambda s: accelerator.reduce(s, "sum")).
     """
@@ -86,7 +59,7 @@ def evaluate(
     model.eval()
     metrics = MultiTaskMetrics(
         tasks,
-        num_classes=num_classes,
+        num_classes=space.num_classes,
         min_depth=eval_cfg.min_depth,
         max_depth=eval_cfg.max_depth,
         median_scaling=eval_cfg.median_scaling,
@@ -105,7 +78,7 @@ def evaluate(
             break
         batch = move_to(batch, device)
         outputs = model(batch["image"])
-        preds = to_predictions(outputs, eval_cfg.scale, model_cfg, d_far)
+        preds = to_predictions(outputs, eval_cfg.scale, space)
         metrics.update(preds, batch)
         if unscaled is not None:
             unscaled.update(preds["depth"], batch["depth"])
@@ -203,14 +176,16 @@ def load_trained_model(path: str | Path) -> tuple[Any, torch.nn.Module, Path]:
     from safetensors.torch import load_file
 
     from uda.config import ExperimentConfig, from_dict
-    from uda.engine import task_channels
+    from uda.data.labels import get_label_set
     from uda.models import build_model
+    from uda.tasks import task_channels
 
     ckpt = find_checkpoint(path)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     cfg = from_dict(ExperimentConfig, state["config"])
     model = build_model(
-        replace(cfg.model, pretrained=False), task_channels(tuple(cfg.tasks), cfg.data.label_set)
+        replace(cfg.model, pretrained=False),
+        task_channels(tuple(cfg.tasks), get_label_set(cfg.data.label_set).num_classes),
     )
     weights = ckpt / "model.safetensors"
     try:

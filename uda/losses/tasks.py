@@ -122,6 +122,7 @@ class MultiTaskLoss(nn.Module):
     configured intermediate scales present in the outputs for task t (Eq. 6 with S shared by all
     tasks when every task has the same scales). The released code averaged the final and intermediate
     terms, i.e. half of Eq. 6 with S = {1}; we implement Eq. 6 as written. Task losses are unitless.
+    `loss_fns` replaces the loss of some tasks (pred, label) -> scalar.
     """
 
     def __init__(
@@ -130,9 +131,13 @@ class MultiTaskLoss(nn.Module):
         weights: Mapping[str, float],
         d_far: float = D_FAR,
         intermediate_scales: Sequence[int] = (1,),
+        loss_fns: Mapping[str, Callable[[Tensor, Tensor], Tensor]] | None = None,
     ) -> None:
         super().__init__()
-        unknown = [t for t in tasks if t not in TASK_LOSSES]
+        self.loss_fns: dict[str, Callable[[Tensor, Tensor], Tensor]] = dict(TASK_LOSSES)
+        self.loss_fns["depth"] = functools.partial(depth_loss, d_far=d_far)
+        self.loss_fns.update(loss_fns or {})
+        unknown = [t for t in tasks if t not in self.loss_fns]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected a subset of {tuple(TASK_LOSSES)}")
         missing = [t for t in tasks if t not in weights]
@@ -143,16 +148,15 @@ class MultiTaskLoss(nn.Module):
         self.tasks = tuple(tasks)
         self.weights = {t: float(weights[t]) for t in self.tasks}
         self.intermediate_scales = tuple(intermediate_scales)
-        self.loss_fns: dict[str, Callable[[Tensor, Tensor], Tensor]] = dict(TASK_LOSSES)
-        self.loss_fns["depth"] = functools.partial(depth_loss, d_far=d_far)
 
-    def forward(
+    def task_terms(
         self,
         outputs: Mapping[str, Mapping[int, Tensor]],
         batch: Mapping[str, Tensor],
         labelled: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total weighted loss and detached unweighted per-(task, scale) losses ("loss/<task>/s<scale>")."""
+    ) -> tuple[dict[str, list[Tensor]], Tensor, dict[str, Tensor]]:
+        """Unweighted terms per task ([L_t^0, mean_s L_t^s] where present), a zero that depends on every output,
+        and detached per-(task, scale) losses ("loss/<task>/s<scale>")."""
         index = None
         if labelled is not None and not bool(labelled.all()):
             index = labelled.bool().nonzero(as_tuple=True)[0]
@@ -162,11 +166,11 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"outputs hold none of the tasks {self.tasks}")
         # Every output enters the graph (with weight 0 if unsupervised in this batch), so backward reaches
         # the same parameters on every process even when a process holds no labelled sample.
-        total = torch.stack([_zero_with_graph(o) for o in used]).sum()
+        zero = torch.stack([_zero_with_graph(o) for o in used]).sum()
+        terms: dict[str, list[Tensor]] = {}
         logs: dict[str, Tensor] = {}
         if index is not None and index.numel() == 0:
-            logs["loss/total"] = total.detach()
-            return total, logs
+            return terms, zero, logs
 
         for task in self.tasks:
             if task not in outputs or task not in batch:
@@ -180,10 +184,21 @@ class MultiTaskLoss(nn.Module):
                     per_scale[scale] = self.loss_fns[task](pred, target)
                     logs[f"loss/{task}/s{scale}"] = per_scale[scale].detach()
             inter = [per_scale[s] for s in self.intermediate_scales if s in per_scale]
-            if 0 in per_scale:
-                total = total + self.weights[task] * per_scale[0]
+            terms[task] = [per_scale[0]] if 0 in per_scale else []
             if inter:
-                total = total + self.weights[task] * torch.stack(inter).mean()
+                terms[task].append(torch.stack(inter).mean())
+        return terms, zero, logs
 
+    def forward(
+        self,
+        outputs: Mapping[str, Mapping[int, Tensor]],
+        batch: Mapping[str, Tensor],
+        labelled: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total weighted loss and detached unweighted per-(task, scale) losses ("loss/<task>/s<scale>")."""
+        terms, total, logs = self.task_terms(outputs, batch, labelled)
+        for task, per_task in terms.items():
+            for term in per_task:
+                total = total + self.weights[task] * term
         logs["loss/total"] = total.detach()
         return total, logs

@@ -102,6 +102,10 @@ class ResNetEncoder(nn.Module):
                     f"is it a torchvision {name} ImageNet state dict?"
                 ) from None
 
+    def last_layer(self) -> list[nn.Parameter]:
+        """The weight of the encoder's last convolution (the last layer shared by tasks on this encoder)."""
+        return [[m for m in self.layer4.modules() if isinstance(m, nn.Conv2d)][-1].weight]
+
     def forward(self, image: Tensor) -> list[Tensor]:
         """image [B,3,H,W] in [0,1] -> five feature maps (strides 2, 4, 8, 16, 16)."""
         x = (image - self.mean) / self.std

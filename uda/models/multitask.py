@@ -106,6 +106,10 @@ class MultiTaskModel(nn.Module):
         """{"backbone": encoder parameters, "decoder": decoders and exchange blocks}."""
         return _split_params(self, [self.encoder])
 
+    def shared_layer(self, task: str) -> list[nn.Parameter]:
+        """The last layer every task shares (the encoder's last convolution), e.g. for GradNorm."""
+        return self.encoder.last_layer()
+
 
 class STLModel(nn.Module):
     """Single-task baselines: one full network (own encoder + 3-ways decoder) per task, outputs merged."""
@@ -124,6 +128,10 @@ class STLModel(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """{"backbone": every task's encoder, "decoder": every task's decoder}."""
         return _split_params(self, [net.encoder for net in self.nets.values()])
+
+    def shared_layer(self, task: str) -> list[nn.Parameter]:
+        """Nothing is shared between single-task networks: the last encoder layer of the task's own network."""
+        return self.nets[task].encoder.last_layer()
 
 
 def _bottlenecks(in_channels: int, width: int) -> nn.Sequential:
@@ -175,6 +183,12 @@ class PADNet(nn.Module):
         """{"backbone": encoder parameters, "decoder": heads and distillation}."""
         return _split_params(self, [self.encoder])
 
+    def shared_layer(self, task: str) -> list[nn.Parameter]:
+        """The last layer every task shares (the encoder's last convolution), e.g. for GradNorm."""
+        return self.encoder.last_layer()
+
+
+from uda.models.xtasc import XTasCUNet  # noqa: E402 - it builds on the helpers above
 
 ARCHS: dict[str, type[nn.Module]] = {
     "stl": STLModel,
@@ -182,6 +196,7 @@ ARCHS: dict[str, type[nn.Module]] = {
     "3ways-padnet": MultiTaskModel,
     "mteb": MultiTaskModel,
     "padnet": PADNet,
+    "xtasc-unet": XTasCUNet,
 }
 
 

@@ -1,0 +1,52 @@
+"""Training objectives the loop composes: supervised task losses, adversarial alignment, photometric
+self-supervised depth, cross-task consistency. Each is one module with its config section; adding one is a
+new module, its section in `uda.config` and a line in `OBJECTIVES`."""
+
+from __future__ import annotations
+
+from uda.objectives.adversarial import Adversarial
+from uda.objectives.base import (
+    DOMAINS,
+    Objective,
+    ObjectiveError,
+    RunContext,
+    Step,
+    StreamNeeds,
+    Terms,
+    attach_prepared,
+    attach_prepared_joint,
+)
+from uda.objectives.photometric import Photometric
+from uda.objectives.supervised import Supervised
+
+# Composition order: networks are built (seeded initialisation) and loss terms summed in this order.
+OBJECTIVES: tuple[type[Objective], ...] = (Supervised, Photometric, Adversarial)
+
+
+def build_objectives(run: RunContext) -> list[Objective]:
+    """The objectives whose config section is set (a section that needs a target is skipped without one)."""
+    objectives = []
+    for cls in OBJECTIVES:
+        section = getattr(run.cfg, cls.section)
+        if section is None or (getattr(section, "NEEDS_TARGET", False) and not run.has_target):
+            continue
+        objectives.append(cls(run, section))
+    return objectives
+
+
+__all__ = [
+    "DOMAINS",
+    "OBJECTIVES",
+    "Adversarial",
+    "Objective",
+    "ObjectiveError",
+    "Photometric",
+    "RunContext",
+    "Step",
+    "StreamNeeds",
+    "Supervised",
+    "Terms",
+    "attach_prepared",
+    "attach_prepared_joint",
+    "build_objectives",
+]

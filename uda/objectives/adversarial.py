@@ -1,0 +1,113 @@
+"""Output-level adversarial alignment (DenseMTL §4.5, Eqs. 7-9; ADVENT-style): one patch discriminator per
+(task, scale) tells source from target outputs, and the model learns to make target outputs look like source.
+
+What a discriminator sees of a task's output is that task's `domain_map` (segmentation: the entropy map;
+depth: inverse depth normalised by a fixed source range), at the image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uda import checkpoint
+from uda.config import AdaptConfig
+from uda.losses.adversarial import bce_with_domain
+from uda.models.discriminator import PatchDiscriminator
+from uda.objectives.base import Objective, RunContext, Step, StreamNeeds, Terms
+from uda.tasks import TASK_DEFS
+
+
+class Adversarial(Objective):
+    """Discriminators on the outputs of (adapt.tasks x adapt.scales); their own Adam, updated after the model.
+
+    Model update (Eq. 8/9): lambda_adv x BCE of the frozen discriminators on target outputs against the source
+    label. Discriminator update (Eq. 7): BCE on detached outputs, source -> 1, target -> 0.
+    """
+
+    section = "adapt"
+
+    def __init__(self, run: RunContext, cfg: AdaptConfig) -> None:
+        super().__init__(run, cfg)
+        scales = cfg.scales if cfg.scales is not None else (*run.intermediate_scales, 0)
+        self.aligned = [(t, s) for t in cfg.tasks if t in run.tasks for s in scales]
+        self.space = replace(run.space, depth_range=cfg.depth_range)
+        self.discriminators = nn.ModuleDict(
+            {
+                f"{t}_s{s}": PatchDiscriminator(run.channels[t], cfg.disc_channels, cfg.spectral_norm)
+                for t, s in self.aligned
+            }
+        )
+        self.discriminators_optimizer = torch.optim.Adam(
+            self.discriminators.parameters(), lr=cfg.disc_lr, betas=cfg.disc_betas
+        )
+
+    def needs(self, domain: int) -> StreamNeeds | None:
+        return StreamNeeds() if domain == 1 else None
+
+    def own_networks(self) -> dict:
+        return {"discriminators": (self.discriminators, self.discriminators_optimizer)}
+
+    def active(self, step: int) -> bool:
+        """Whether the adversarial terms are on at `step`."""
+        return step >= self.cfg.start_step and self.cfg.lambda_adv > 0
+
+    def set_step(self, step: int) -> None:
+        """Discriminators: poly decay of their learning rate over the run."""
+        iterations = self.run.cfg.train.iterations
+        poly = max(0.0, 1 - step / max(1, iterations)) ** self.cfg.disc_poly_power
+        for group in self.discriminators_optimizer.param_groups:
+            group["lr"] = self.cfg.disc_lr * poly
+
+    def discriminator_input(self, task: str, output: Tensor, size: tuple[int, int]) -> Tensor:
+        """What a discriminator sees: the task's domain map of the output, at image size."""
+        output = F.interpolate(output.float(), size=size, mode="bilinear", align_corners=False)
+        return TASK_DEFS[task].domain_map(output, self.space)
+
+    def adversarial_loss(
+        self, outputs: Mapping, size: tuple[int, int], is_source: bool, detach: bool
+    ) -> torch.Tensor:
+        """Mean BCE of the (task, scale) discriminators on outputs, against the source (1) or target (0) label."""
+        losses = []
+        for task, scale in self.aligned:
+            x = self.discriminator_input(task, outputs[task][scale], size)
+            losses.append(
+                bce_with_domain(
+                    self.discriminators[f"{task}_s{scale}"](x.detach() if detach else x), is_source
+                )
+            )
+        return torch.stack(losses).mean()
+
+    def loss(self, step: Step) -> Terms | None:
+        # Frozen for the model update: the adversarial gradient reaches the model only.
+        self.discriminators.requires_grad_(False)
+        if not self.active(step.index):
+            return None
+        size = tuple(step.batch["target"]["image"].shape[-2:])
+        adv = self.adversarial_loss(step.outputs["target"], size, is_source=True, detach=False)
+        return Terms(total=self.cfg.lambda_adv * adv, logs={"loss/adv": adv.detach()})
+
+    def update(self, step: Step) -> dict[str, Tensor]:
+        """Update the discriminators on detached outputs: source -> 1, target -> 0 (paper Eq. 7)."""
+        if not self.active(step.index):
+            return {}
+        acc = step.accelerator
+        self.discriminators.requires_grad_(True)
+        with acc.autocast():
+            size_s = tuple(step.batch["source"]["image"].shape[-2:])
+            size_t = tuple(step.batch["target"]["image"].shape[-2:])
+            d_loss = 0.5 * (
+                self.adversarial_loss(step.outputs["source"], size_s, is_source=True, detach=True)
+                + self.adversarial_loss(step.outputs["target"], size_t, is_source=False, detach=True)
+            )
+        acc.backward(d_loss)
+        grads = [p.grad for p in self.discriminators.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(d_loss.detach()).item()) and all(bool(g.isfinite().all()) for g in grads)
+        if checkpoint.all_processes(acc, finite):
+            self.discriminators_optimizer.step()
+        self.discriminators_optimizer.zero_grad(set_to_none=True)
+        return {"loss/disc": d_loss.detach()}

@@ -1,0 +1,256 @@
+"""The dense tasks, each defined once: output channels, supervised losses, predictions in sample units, and
+what the task contributes to the other objectives (the map a domain discriminator sees, the representation a
+task-transfer network consumes and is compared in).
+
+Objectives and evaluation look a task up in `TASK_DEFS` instead of branching on its name. How raw network
+outputs relate to sample units in a run (the depth parametrisation and the ranges that normalise depth) is
+an `OutputSpace`, built once per run by `output_space`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from uda.geometry import D_FAR, depth_to_inverse_normalised, disparity_to_depth, inverse_normalised_to_depth
+from uda.losses.adversarial import entropy_map, normalise_depth_for_discriminator
+from uda.losses.tasks import (
+    _zero_with_graph,
+    depth_loss,
+    edges_loss,
+    normals_loss,
+    resize_to,
+    semseg_loss,
+)
+
+
+@dataclass(frozen=True)
+class OutputSpace:
+    """How a run's raw outputs map to sample units (metres, unit vectors, probabilities).
+
+    depth_output: "inverse" (linear g = d_far / depth) or "disparity" (sigmoid disparity over
+    disparity_range metres, Monodepth2); depth_range: the fixed metric range mapped to [0, 1] when depth is
+    shown to another network (a domain discriminator, a task-transfer network).
+    """
+
+    num_classes: int = 2
+    depth_output: str = "inverse"
+    d_far: float = D_FAR
+    disparity_range: tuple[float, float] = (0.1, 100.0)
+    depth_range: tuple[float, float] = (1.0, 100.0)
+
+    def depth_to_inverse_normalised(self, output: Tensor) -> Tensor:
+        """A raw depth output as inverse normalised depth g = d_far / depth (the supervised parametrisation)."""
+        if self.depth_output == "disparity":
+            return self.d_far / disparity_to_depth(output, *self.disparity_range)
+        return output
+
+    def depth_metres(self, output: Tensor) -> Tensor:
+        """A raw depth output in metres."""
+        if self.depth_output == "disparity":
+            return disparity_to_depth(output, *self.disparity_range)
+        return inverse_normalised_to_depth(output, self.d_far)
+
+    def normalised_depth(self, output: Tensor) -> Tensor:
+        """A raw depth output mapped to [0, 1] (near = 1) with the fixed depth_range, or its sigmoid disparity."""
+        if self.depth_output == "disparity":
+            return output.clamp(0, 1)
+        near, far = self.depth_range
+        return normalise_depth_for_discriminator(output, self.d_far / far, self.d_far / near)
+
+    def normalised_depth_label(self, depth_m: Tensor) -> Tensor:
+        """Depth labels (metres, 0 = none) in the [0, 1] representation of `normalised_depth` (0 where none)."""
+        if self.depth_output == "disparity":
+            near, far = self.disparity_range
+        else:
+            near, far = self.depth_range
+        inv = depth_to_inverse_normalised(depth_m, 1.0)
+        return torch.where(depth_m > 0, ((inv - 1 / far) / (1 / near - 1 / far)).clamp(0, 1), inv)
+
+
+LossFn = Callable[[Tensor, Tensor, OutputSpace], Tensor]
+
+
+def l1_inverse_depth(pred: Tensor, depth_m: Tensor, space: OutputSpace) -> Tensor:
+    """Mean |g_pred - d_far/depth| over pixels with depth (XTasC's L1 depth loss, on inverse depth)."""
+    g = resize_to(space.depth_to_inverse_normalised(pred), depth_m.shape[-2:])
+    valid = depth_m > 0
+    if not bool(valid.any()):
+        return _zero_with_graph(g)
+    return (g - depth_to_inverse_normalised(depth_m, space.d_far))[valid].abs().mean()
+
+
+class TaskDef:
+    """One dense task. Subclasses set `name`, `losses` (name -> loss; the first is the default) and implement
+    the maps below."""
+
+    name: ClassVar[str]
+    losses: ClassVar[dict[str, LossFn]]
+
+    def channels(self, num_classes: int) -> int:
+        """Output channels of the task's head."""
+        raise NotImplementedError
+
+    def loss(self, kind: str | None = None) -> LossFn:
+        """The supervised loss `kind` (default: the task's first), or ValueError listing the valid ones."""
+        if kind is None:
+            return next(iter(self.losses.values()))
+        if kind not in self.losses:
+            raise ValueError(f"{self.name}: unknown loss {kind!r}; choose one of {', '.join(self.losses)}")
+        return self.losses[kind]
+
+    def predict(self, output: Tensor, space: OutputSpace) -> Tensor:
+        """Raw output -> prediction in sample units (logits, metres, unit normals, edge probability)."""
+        raise NotImplementedError
+
+    def domain_map(self, output: Tensor, space: OutputSpace) -> Tensor:
+        """What a domain discriminator sees of this output."""
+        raise NotImplementedError
+
+    def transfer_input(self, output: Tensor, space: OutputSpace) -> Tensor:
+        """The representation a task-transfer network consumes (and is compared in)."""
+        raise NotImplementedError
+
+    def consistency_loss(self, transferred: Tensor, direct: Tensor, space: OutputSpace) -> Tensor:
+        """Distance of a task-transfer network's raw output to this task's own (detached) prediction."""
+        raise NotImplementedError
+
+    def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
+        """Distance of a task-transfer network's raw output to this task's labels."""
+        raise NotImplementedError
+
+
+class Segmentation(TaskDef):
+    name = "semseg"
+    losses = {"ce": lambda pred, label, space: semseg_loss(pred, label)}
+
+    def channels(self, num_classes: int) -> int:
+        return num_classes
+
+    def predict(self, output: Tensor, space: OutputSpace) -> Tensor:
+        return output
+
+    def domain_map(self, output: Tensor, space: OutputSpace) -> Tensor:
+        # ADVENT: the weighted self-information map, one channel per class.
+        return entropy_map(output)
+
+    def transfer_input(self, output: Tensor, space: OutputSpace) -> Tensor:
+        return output.float().softmax(dim=1)
+
+    def consistency_loss(self, transferred: Tensor, direct: Tensor, space: OutputSpace) -> Tensor:
+        # XTasC Eq. 13: soft cross-entropy against the detached class probabilities.
+        target = direct.detach().float().softmax(dim=1)
+        transferred = resize_to(transferred.float(), target.shape[-2:])
+        return -(target * F.log_softmax(transferred, dim=1)).sum(dim=1).mean()
+
+    def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
+        return semseg_loss(transferred.float(), label)
+
+
+class Depth(TaskDef):
+    name = "depth"
+    losses = {
+        # berHu on g = d_far / depth (DenseMTL §4.1), L1 on g (XTasC Eq. 14).
+        "berhu": lambda pred, label, space: depth_loss(
+            space.depth_to_inverse_normalised(pred), label, space.d_far
+        ),
+        "l1": l1_inverse_depth,
+    }
+
+    def channels(self, num_classes: int) -> int:
+        return 1
+
+    def predict(self, output: Tensor, space: OutputSpace) -> Tensor:
+        return space.depth_metres(output)
+
+    def domain_map(self, output: Tensor, space: OutputSpace) -> Tensor:
+        return space.normalised_depth(output)
+
+    def transfer_input(self, output: Tensor, space: OutputSpace) -> Tensor:
+        return space.normalised_depth(output.float())
+
+    def consistency_loss(self, transferred: Tensor, direct: Tensor, space: OutputSpace) -> Tensor:
+        # XTasC Eq. 15: L1 to the detached direct prediction, in the normalised inverse depth of transfer_input.
+        target = self.transfer_input(direct.detach(), space)
+        return (resize_to(transferred.float(), target.shape[-2:]) - target).abs().mean()
+
+    def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
+        transferred = resize_to(transferred.float(), label.shape[-2:])
+        valid = label > 0
+        if not bool(valid.any()):
+            return _zero_with_graph(transferred)
+        return (transferred - space.normalised_depth_label(label))[valid].abs().mean()
+
+
+class Normals(TaskDef):
+    name = "normals"
+    losses = {"cosine": lambda pred, label, space: normals_loss(pred, label)}
+
+    def channels(self, num_classes: int) -> int:
+        return 3
+
+    def predict(self, output: Tensor, space: OutputSpace) -> Tensor:
+        return F.normalize(output, dim=1)
+
+    domain_map = predict
+    transfer_input = predict
+
+    def consistency_loss(self, transferred: Tensor, direct: Tensor, space: OutputSpace) -> Tensor:
+        target = F.normalize(direct.detach().float(), dim=1)
+        cos = (F.normalize(resize_to(transferred.float(), target.shape[-2:]), dim=1) * target).sum(dim=1)
+        return (1.0 - cos).mean()
+
+    def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
+        return normals_loss(transferred.float(), label)
+
+
+class Edges(TaskDef):
+    name = "edges"
+    losses = {"weighted_bce": lambda pred, label, space: edges_loss(pred, label)}
+
+    def channels(self, num_classes: int) -> int:
+        return 1
+
+    def predict(self, output: Tensor, space: OutputSpace) -> Tensor:
+        return torch.sigmoid(output)
+
+    domain_map = predict
+    transfer_input = predict
+
+    def consistency_loss(self, transferred: Tensor, direct: Tensor, space: OutputSpace) -> Tensor:
+        target = torch.sigmoid(direct.detach().float())
+        transferred = resize_to(transferred.float(), target.shape[-2:])
+        return F.binary_cross_entropy_with_logits(transferred, target)
+
+    def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
+        return edges_loss(transferred.float(), label)
+
+
+TASK_DEFS: dict[str, TaskDef] = {t.name: t for t in (Segmentation(), Depth(), Normals(), Edges())}
+
+
+def task_channels(tasks: tuple[str, ...], num_classes: int) -> dict[str, int]:
+    """Output channels per task: the class count (semseg), 1 (depth), 3 (normals), 1 (edges)."""
+    return {t: TASK_DEFS[t].channels(num_classes) for t in tasks}
+
+
+def to_predictions(outputs: Mapping[str, Mapping[int, Tensor]], scale: int, space: OutputSpace) -> dict:
+    """Network outputs at one scale -> predictions in sample units: logits, metres, unit normals, edge prob."""
+    return {t: TASK_DEFS[t].predict(per[scale].float(), space) for t, per in outputs.items()}
+
+
+def output_space(cfg, num_classes: int) -> OutputSpace:
+    """The output space of an ExperimentConfig: its depth parametrisation (a sigmoid disparity head spans the
+    photometric objective's depth range when depth is self-supervised, 0.1-100 m otherwise)."""
+    ph = cfg.photometric
+    return OutputSpace(
+        num_classes=num_classes,
+        depth_output=cfg.model.depth_output,
+        d_far=cfg.loss.d_far,
+        disparity_range=(ph.min_depth, ph.max_depth) if ph is not None else (0.1, 100.0),
+    )
