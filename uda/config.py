@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 Task = Literal["semseg", "depth", "normals", "edges"]
-Arch = Literal["stl", "mtl", "padnet", "3ways-padnet", "mteb", "xtasc-unet"]
+Arch = Literal["stl", "mtl", "padnet", "3ways-padnet", "mteb", "xtasc-unet", "xtasc-stl"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
 

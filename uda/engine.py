@@ -28,6 +28,7 @@ from uda.data.transforms import EvalTransform, TrainTransform
 from uda.evaluate import evaluate, protocol, write_report
 from uda.losses import default_task_weights
 from uda.models import build_model
+from uda.models.multitask import intermediate_scales
 from uda.objectives import (
     ObjectiveError,
     RunContext,
@@ -139,7 +140,7 @@ class Trainer:
                 )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.space = output_space(cfg, self.label_set.num_classes)
-        run = RunContext(cfg, self.tasks, channels, self.space, self.intermediate_scales)
+        run = RunContext(cfg, self.tasks, channels, self.space, intermediate_scales(cfg.model))
         try:
             self.objectives = build_objectives(run)
             weighting = build_weighting(
@@ -187,14 +188,6 @@ class Trainer:
         self.loss_log: list[dict[str, float]] = []  # training losses of this process, per step
 
     # ------------------------------------------------------------------ construction helpers
-
-    @property
-    def intermediate_scales(self) -> tuple[int, ...]:
-        if self.cfg.model.arch == "padnet":
-            return (4,)
-        if self.cfg.model.arch == "xtasc-unet":
-            return ()
-        return tuple(self.cfg.model.exchange_scales)
 
     def weighting_options(self) -> dict[str, Any]:
         """Options of the configured task weighting."""

@@ -8,7 +8,7 @@ edges 1). Outputs are raw, except depth with `depth_output="disparity"` (sigmoid
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -112,11 +112,15 @@ class MultiTaskModel(nn.Module):
 
 
 class STLModel(nn.Module):
-    """Single-task baselines: one full network (own encoder + 3-ways decoder) per task, outputs merged."""
+    """Single-task baselines: one full network (own encoder + decoder) per task, outputs merged.
 
-    def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig):
+    `network(tasks, cfg)` builds each task's network (default: the 3-ways model without exchange block).
+    """
+
+    def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, network=None):
         super().__init__()
-        self.nets = nn.ModuleDict({t: MultiTaskModel({t: n}, cfg, exchange="none") for t, n in tasks.items()})
+        network = network or (lambda one, c: MultiTaskModel(one, c, exchange="none"))
+        self.nets = nn.ModuleDict({t: network({t: n}, cfg) for t, n in tasks.items()})
 
     def forward(self, image: Tensor) -> Outputs:
         """image [B,3,H,W] in [0,1] -> {task: {scale: prediction}} (each task from its own network)."""
@@ -190,14 +194,24 @@ class PADNet(nn.Module):
 
 from uda.models.xtasc import XTasCUNet  # noqa: E402 - it builds on the helpers above
 
-ARCHS: dict[str, type[nn.Module]] = {
+ARCHS: dict[str, Callable[[Mapping[str, int], ModelConfig], nn.Module]] = {
     "stl": STLModel,
     "mtl": MultiTaskModel,
     "3ways-padnet": MultiTaskModel,
     "mteb": MultiTaskModel,
     "padnet": PADNet,
     "xtasc-unet": XTasCUNet,
+    "xtasc-stl": lambda tasks, cfg: STLModel(tasks, cfg, network=XTasCUNet),  # XTasC's Base ST-Net
 }
+
+
+def intermediate_scales(cfg: ModelConfig) -> tuple[int, ...]:
+    """Scales of the intermediate predictions (taken before the exchange block) a model of cfg emits."""
+    if cfg.arch == "padnet":
+        return (PADNet.INTERMEDIATE_SCALE,)
+    if cfg.arch in ("xtasc-unet", "xtasc-stl"):
+        return ()  # one final prediction per task
+    return tuple(cfg.exchange_scales)
 
 
 def build_model(cfg: ModelConfig, tasks: Mapping[str, int]) -> nn.Module:

@@ -16,11 +16,12 @@ from uda.objectives.base import (
     attach_prepared,
     attach_prepared_joint,
 )
+from uda.objectives.consistency import Consistency
 from uda.objectives.photometric import Photometric
 from uda.objectives.supervised import Supervised
 
 # Composition order: networks are built (seeded initialisation) and loss terms summed in this order.
-OBJECTIVES: tuple[type[Objective], ...] = (Supervised, Photometric, Adversarial)
+OBJECTIVES: tuple[type[Objective], ...] = (Supervised, Photometric, Adversarial, Consistency)
 
 
 def build_objectives(run: RunContext) -> list[Objective]:
@@ -38,6 +39,7 @@ __all__ = [
     "DOMAINS",
     "OBJECTIVES",
     "Adversarial",
+    "Consistency",
     "Objective",
     "ObjectiveError",
     "Photometric",
