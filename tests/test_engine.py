@@ -27,7 +27,7 @@ def test_short_run_lowers_every_task_loss_and_beats_chance(toy_root, tmp_path):
         last = mean_loss(log, f"loss/{task}/s0", lambda rows: rows[-10:])
         assert last < 0.8 * first, (task, first, last)
     # Chance: the best constant prediction (the majority class of the validation ground truth).
-    dataset = trainer.dataset(cfg.data, "val", cfg.tasks, train=False, domain=0)
+    dataset = trainer.data.dataset(cfg.data, "val", cfg.tasks, train=False, domain=0)
     labels = torch.stack([dataset[i]["semseg"] for i in range(len(dataset))])
     majority = torch.bincount(labels[labels != 255].flatten()).argmax()
     chance = SegmentationMetric(trainer.label_set.num_classes)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 from tqdm import tqdm
 
 from uda.config import OBJECTIVE_SECTIONS
@@ -72,6 +73,61 @@ def remove_leftovers(root: Path) -> None:
         for d in root.iterdir():
             if d.is_dir() and d.name.startswith((TMP_PREFIX, OLD_PREFIX)):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before training when the run folder cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"{out}: run folder is not writable ({exc.strerror}); pass --out to a writable folder"
+        ) from None
+
+
+def initialise_from(path: str | Path, model: nn.Module, networks: list[nn.Module] = ()) -> None:
+    """Initialise from another run's weights (e.g. a depth-only self-supervised run, paper §4.4).
+
+    Tensors with the same name and shape are copied; task decoders the source run did not have start from
+    its depth decoder (both decoders of the paper's 3-ways model start from the depth model); each of
+    `networks` (an objective's networks, e.g. the pose net) is taken from the checkpoint file whose tensors
+    match it. Output heads are never copied across tasks (different channels).
+    """
+    from safetensors.torch import load_file
+
+    from uda.evaluate import find_checkpoint
+
+    ckpt = find_checkpoint(path)
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"{ckpt}: no model*.safetensors to initialise from; pass a run or checkpoint folder"
+        )
+    tensors = [load_file(str(f)) for f in files]
+    own = model.state_dict()
+    source = tensors[0]
+    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    for key in own:
+        if key in copied or not key.startswith("decoders.") or ".heads." in key:
+            continue
+        depth_key = "decoders.depth." + key.split(".", 2)[2]
+        if depth_key in source and source[depth_key].shape == own[key].shape:
+            copied[key] = source[depth_key]
+    model.load_state_dict(copied, strict=False)
+    message = f"initialised {len(copied)}/{len(own)} model tensors from {ckpt}"
+    for net in networks:
+        keys = set(net.state_dict())
+        match = [t for t in tensors[1:] if set(t) == keys]
+        if match:
+            net.load_state_dict(match[0])
+            message += f" (and the {type(net).__name__})"
+    print(message, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ saving

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from uda.config import ConfigError, DataConfig, ExperimentConfig, apply_overrides
+from uda.config import ConfigError, ConsistencyConfig, DataConfig, ExperimentConfig, apply_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_ROOT = REPO_ROOT / "datasets" / "toy"
@@ -107,6 +107,14 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
     parser.add_argument(
         "--resume", action="store_true", help="resume from the newest usable checkpoint in --out"
     )
+    parser.add_argument(
+        "--consistency",
+        choices=["none", "consistency", "alignment"],
+        default="none",
+        help="add cross-task consistency (XTasC, Nakano et al.): task-transfer networks between the first two "
+        "tasks, trained against the other task's own prediction (consistency; on the target too when adapting) "
+        "or against its labels (alignment, Align-Net); tune with consistency.* keys (default: none)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     return parser
 
@@ -147,12 +155,30 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
         cfg = replace(cfg, tasks=TASK_SETS[args.tasks], loss=replace(cfg.loss, weights={}))
     if args.seed is not None:
         cfg = replace(cfg, train=replace(cfg.train, seed=args.seed))
+    if getattr(args, "consistency", "none") != "none":
+        cfg = with_consistency(cfg, args.consistency)
     cfg = apply_overrides(cfg, list(args.overrides))
     check_label_sets(cfg)
     variant = "" if cfg.name == "experiment" else f"{cfg.name}-"
     name = f"{recipe}-{variant}{cfg.model.arch}"
     out = args.out or REPO_ROOT / "runs" / recipe / f"{variant}{cfg.model.arch}-s{cfg.train.seed}"
     return replace(cfg, name=name, out=str(out))
+
+
+def with_consistency(cfg: ExperimentConfig, mode: str) -> ExperimentConfig:
+    """Add the cross-task consistency objective between the first two tasks: on the source, and on the target
+    too when the run adapts to one (consistency needs no labels)."""
+    tasks = tuple(cfg.tasks[:2])
+    if len(tasks) < 2:
+        raise ConfigError(f"--consistency needs two tasks, this run has {cfg.tasks}; pass --tasks SD")
+    adapting = cfg.target is not None and cfg.adapt is not None
+    domains = ("source", "target") if mode == "consistency" and adapting else ("source",)
+    return replace(
+        cfg,
+        consistency=ConsistencyConfig(
+            mode=mode, tasks=tasks, lambdas={t: 0.01 for t in tasks}, domains=domains
+        ),
+    )
 
 
 def run(cfg: ExperimentConfig, resume: bool) -> dict:

@@ -91,6 +91,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_step_fraction: float = 0.75  # learning rate x gamma at this fraction of the iterations
+    lr_step_every: int = 0  # if > 0: learning rate x gamma every this many steps instead (step decay)
     lr_gamma: float = 0.1
     clip_grad_norm: float = 10.0
 

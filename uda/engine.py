@@ -20,13 +20,11 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from uda import checkpoint
-from uda.config import DataConfig, ExperimentConfig, save_config, to_dict
+from uda.config import ExperimentConfig, save_config, to_dict
 from uda.data.labels import get_label_set
-from uda.data.loader import MixedBatches, eval_loader, move_to, train_loader
-from uda.data.readers import build_dataset
-from uda.data.transforms import EvalTransform, TrainTransform
+from uda.data.loader import MixedBatches, eval_loader, move_to
+from uda.data.streams import RunData
 from uda.evaluate import evaluate, protocol, write_report
-from uda.losses import default_task_weights
 from uda.models import build_model
 from uda.models.multitask import intermediate_scales
 from uda.objectives import (
@@ -37,7 +35,7 @@ from uda.objectives import (
     attach_prepared_joint,
     build_objectives,
 )
-from uda.objectives.weighting import WeightingContext, build_weighting
+from uda.objectives.weighting import WeightingContext, weighting_from_config
 from uda.tasks import output_space, task_channels
 from uda.visualize import save_prediction_images
 
@@ -51,65 +49,16 @@ def unwrap_outputs(outputs: Mapping[str, Mapping[int, torch.Tensor]], start: int
     return {t: {s: o[start:stop] for s, o in per.items()} for t, per in outputs.items()}
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail before training when the run folder cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise TrainingError(
-            f"{out}: run folder is not writable ({exc.strerror}); pass --out to a writable folder"
-        ) from None
-
-
-def initialise_from(path: str | Path, model: nn.Module, networks: list[nn.Module] = ()) -> None:
-    """Initialise from another run's weights (e.g. a depth-only self-supervised run, paper §4.4).
-
-    Tensors with the same name and shape are copied; task decoders the source run did not have start from
-    its depth decoder (both decoders of the paper's 3-ways model start from the depth model); each of
-    `networks` (an objective's networks, e.g. the pose net) is taken from the checkpoint file whose tensors
-    match it. Output heads are never copied across tasks (different channels).
-    """
-    from safetensors.torch import load_file
-
-    from uda.evaluate import find_checkpoint
-
-    ckpt = find_checkpoint(path)
-    files = sorted(ckpt.glob("model*.safetensors"))
-    if not files:
-        raise TrainingError(
-            f"{ckpt}: no model*.safetensors to initialise from; pass a run or checkpoint folder"
-        )
-    tensors = [load_file(str(f)) for f in files]
-    own = model.state_dict()
-    source = tensors[0]
-    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    for key in own:
-        if key in copied or not key.startswith("decoders.") or ".heads." in key:
-            continue
-        depth_key = "decoders.depth." + key.split(".", 2)[2]
-        if depth_key in source and source[depth_key].shape == own[key].shape:
-            copied[key] = source[depth_key]
-    model.load_state_dict(copied, strict=False)
-    message = f"initialised {len(copied)}/{len(own)} model tensors from {ckpt}"
-    for net in networks:
-        keys = set(net.state_dict())
-        match = [t for t in tensors[1:] if set(t) == keys]
-        if match:
-            net.load_state_dict(match[0])
-            message += f" (and the {type(net).__name__})"
-    print(message, flush=True)
-
-
 class Trainer:
     """Builds data, model, objectives, task weighting and optimiser from an ExperimentConfig and trains."""
 
     def __init__(self, cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        check_output_dir(self.out)
+        try:
+            checkpoint.check_output_dir(self.out)
+        except checkpoint.CheckpointError as exc:
+            raise TrainingError(str(exc)) from None
         self.accelerator = accelerator or Accelerator(
             mixed_precision=cfg.train.mixed_precision,
             log_with="tensorboard",
@@ -128,7 +77,6 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.tasks = tuple(cfg.tasks)
         self.label_set = get_label_set(cfg.data.label_set)
-        self.val_data = cfg.target if cfg.target is not None else cfg.data
 
         channels = task_channels(self.tasks, self.label_set.num_classes)
         model = build_model(cfg.model, channels)
@@ -143,21 +91,22 @@ class Trainer:
         run = RunContext(cfg, self.tasks, channels, self.space, intermediate_scales(cfg.model))
         try:
             self.objectives = build_objectives(run)
-            weighting = build_weighting(
-                cfg.loss.weighting,
-                self.tasks,
-                cfg.loss.weights or default_task_weights(self.tasks),
-                **self.weighting_options(),
-            )
+            weighting = weighting_from_config(cfg.loss, self.tasks)
         except ObjectiveError as exc:
             raise TrainingError(str(exc)) from None
-        if self.uses_domain(1) and cfg.train.bn_mode == "joint" and cfg.target.size != cfg.data.size:
+        self.data = RunData(
+            cfg, [[n for o in self.objectives if (n := o.needs(d)) is not None] for d in (0, 1)]
+        )
+        if self.data.uses_domain(1) and cfg.train.bn_mode == "joint" and cfg.target.size != cfg.data.size:
             raise TrainingError(
                 f"train.bn_mode=joint needs equal image sizes, got data.size={cfg.data.size} and "
                 f"target.size={cfg.target.size}; set train.bn_mode=separate or equal sizes"
             )
         if cfg.train.init_from:
-            initialise_from(cfg.train.init_from, model, [n for n, _ in self.joint_networks()])
+            try:
+                checkpoint.initialise_from(cfg.train.init_from, model, [n for n, _ in self.joint_networks()])
+            except checkpoint.CheckpointError as exc:
+                raise TrainingError(str(exc)) from None
         self.weighting = weighting.to(acc.device)
         groups = model.param_groups()
         param_groups = [
@@ -189,15 +138,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction helpers
 
-    def weighting_options(self) -> dict[str, Any]:
-        """Options of the configured task weighting."""
-        loss = self.cfg.loss
-        return {
-            "uncertainty": {},
-            "dwa": {"period": loss.dwa_period, "temperature": loss.dwa_temperature},
-            "gradnorm": {"alpha": loss.gradnorm_alpha, "lr": loss.weighting_lr},
-        }.get(loss.weighting, {})
-
     def objective(self, section: str):
         """The objective built from config section `section` (e.g. "adapt"), or None."""
         return next((o for o in self.objectives if o.section == section), None)
@@ -211,84 +151,21 @@ class Trainer:
         own = [net for o in self.objectives for net, _ in o.own_networks().values()]
         return [self.model, *own, *(net for net, _ in self.joint_networks())]
 
-    def needs(self, domain: int) -> list:
-        """What the objectives need from a domain's training stream (one entry per objective that uses it)."""
-        return [n for o in self.objectives if (n := o.needs(domain)) is not None]
-
-    def uses_domain(self, domain: int) -> bool:
-        """Whether a training stream of `domain` is loaded (the source always is)."""
-        return domain == 0 or bool(self.needs(domain))
-
-    def label_tasks(self, domain: int) -> tuple[str, ...]:
-        """The labels a training stream loads: none on the target; not those an objective learns otherwise."""
-        if domain == 1:
-            return ()
-        unlabelled = set().union(*(n.unlabelled for n in self.needs(domain)))
-        return tuple(t for t in self.tasks if t not in unlabelled)
-
-    def frames(self, domain: int) -> tuple[int, ...]:
-        """Neighbouring video frames the objectives need from a domain's training stream."""
-        return tuple(sorted(set().union(*(n.frames for n in self.needs(domain)))))
-
-    def dataset(
-        self,
-        data: DataConfig,
-        split: str,
-        tasks: tuple[str, ...],
-        train: bool,
-        domain: int,
-        labels_native: bool | None = None,
-    ):
-        """A reader for one split with the train or evaluation transform of `data` (evaluation: labels at the
-        working size, or at their native resolution when labels_native / eval.label_resolution)."""
-        if train:
-            transform = TrainTransform(data.size, data.scale_range, data.hflip, data.color_jitter)
-        else:
-            native = self.cfg.eval.label_resolution if labels_native is None else labels_native
-            transform = EvalTransform(data.size, keep_label_resolution=native)
-        return build_dataset(
-            data.dataset,
-            split,
-            tasks,
-            label_set=data.label_set,
-            root=data.root,
-            transform=transform,
-            frames=self.frames(domain) if train else (),
-            domain=domain,
-            variation=data.variation,
-        )
-
     def batches(self, start_step: int) -> MixedBatches:
-        """The endless mixed stream, positioned at start_step."""
-        acc, cfg = self.accelerator, self.cfg
-        source = train_loader(
-            self.dataset(cfg.data, cfg.data.train_split, self.label_tasks(0), train=True, domain=0),
-            cfg.data.batch_size,
-            cfg.train.seed,
-            acc.process_index,
-            acc.num_processes,
-            start_step,
-            cfg.data.num_workers,
-        )
-        target = None
-        if self.uses_domain(1):
-            target = train_loader(
-                self.dataset(cfg.target, cfg.target.train_split, self.label_tasks(1), train=True, domain=1),
-                cfg.target.batch_size,
-                cfg.train.seed + 1,
-                acc.process_index,
-                acc.num_processes,
-                start_step,
-                cfg.target.num_workers,
-            )
-        return MixedBatches(source, target)
+        """The endless mixed training stream of this process, positioned at start_step."""
+        acc = self.accelerator
+        return self.data.batches(start_step, acc.process_index, acc.num_processes)
 
     # ------------------------------------------------------------------ one step
 
     def set_learning_rates(self, step: int) -> None:
-        """Model optimiser: lr x gamma from lr_step_fraction of the run; objectives set their own schedules."""
+        """Model optimiser: lr x gamma from lr_step_fraction of the run (or every lr_step_every steps); objectives
+        set their own schedules."""
         o = self.cfg.optim
-        factor = o.lr_gamma if step >= o.lr_step_fraction * self.cfg.train.iterations else 1.0
+        if o.lr_step_every > 0:
+            factor = o.lr_gamma ** (step // o.lr_step_every)
+        else:
+            factor = o.lr_gamma if step >= o.lr_step_fraction * self.cfg.train.iterations else 1.0
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         for objective in self.objectives:
@@ -444,16 +321,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
-    def validation_sets(self) -> list[tuple[str, DataConfig, int]]:
-        """(name, data, domain) of each evaluated split: the target's (or the data's) and, in UDA, the source's."""
-        cfg = self.cfg
-        sets = [
-            ("target" if cfg.target is not None else "val", self.val_data, 1 if cfg.target is not None else 0)
-        ]
-        if cfg.target is not None and cfg.target.dataset != cfg.data.dataset:
-            sets.append(("source", cfg.data, 0))
-        return sets
-
     def validate(self, final: bool = False) -> dict[str, Any]:
         """Evaluate on the validation split (the target's in UDA) and write metrics, report and images."""
         acc, cfg = self.accelerator, self.cfg
@@ -465,7 +332,7 @@ class Trainer:
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         runs = []
-        for name, data, domain in self.validation_sets():
+        for name, data, domain in self.data.validation_sets():
             runs.append(
                 (
                     name,
@@ -478,7 +345,7 @@ class Trainer:
                 # The final evaluation also compares at the label files' resolution (e.g. 2048x1024 Cityscapes).
                 runs.append((f"{name}@labels", data, domain, replace(cfg.eval, label_resolution=True)))
         for name, data, domain, eval_cfg in runs:
-            dataset = self.dataset(
+            dataset = self.data.dataset(
                 data,
                 data.val_split,
                 self.tasks,
@@ -554,9 +421,9 @@ class Trainer:
             if ckpt is not None and acc.is_main_process:
                 tqdm.write(f"resumed from {ckpt} at step {self.step}")
         batches = self.batches(self.step)
-        for _, data, domain in self.validation_sets():
+        for _, data, domain in self.data.validation_sets():
             # Fail now, not after days of training, if a validation split is missing or empty.
-            self.dataset(data, data.val_split, self.tasks, train=False, domain=domain)
+            self.data.dataset(data, data.val_split, self.tasks, train=False, domain=domain)
         self.model.train()
         bar = tqdm(
             total=cfg.train.iterations, initial=self.step, disable=not acc.is_main_process, desc=cfg.name

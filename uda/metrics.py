@@ -139,11 +139,11 @@ def _median(x: Tensor) -> Tensor:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-_DEPTH_TERMS = ("abs_rel", "sq_rel", "sq_err", "log_sq_err", "a1", "a2", "a3")
+_DEPTH_TERMS = ("abs_rel", "abs_err", "sq_rel", "sq_err", "log_sq_err", "a1", "a2", "a3")
 
 
 class DepthMetric(StreamingMetric):
-    """Depth errors in metres (abs_rel, sq_rel, rmse, rmse_log, a1-a3) on GT pixels in (min_depth, max_depth).
+    """Depth errors in metres (abs_rel, abs_err, sq_rel, rmse, rmse_log, a1-a3) on GT pixels in (min_depth, max_depth).
 
     per_image=True averages each image's metric over images (rmse = mean of per-image RMSE; the released
     code's sqrt of the mean per-image MSE is `rmse_of_mean_mse`); per_image=False pools all pixels of
@@ -187,6 +187,7 @@ class DepthMetric(StreamingMetric):
             ratio_max = torch.maximum(p / g, g / p)
             terms = {
                 "abs_rel": (p - g).abs() / g,
+                "abs_err": (p - g).abs(),
                 "sq_rel": (p - g).square() / g,
                 "sq_err": (p - g).square(),
                 "log_sq_err": (p.log() - g.log()).square(),
@@ -209,7 +210,7 @@ class DepthMetric(StreamingMetric):
         """Depth metrics; `median_scale` (mean GT/prediction median ratio) only with median scaling."""
         s = {k: float(v) for k, v in self._state.items()}
         n = s["images"] if self.per_image else s["count"]
-        out = {k: _div(s[k], n) for k in ("abs_rel", "sq_rel", "a1", "a2", "a3")}
+        out = {k: _div(s[k], n) for k in ("abs_rel", "abs_err", "sq_rel", "a1", "a2", "a3")}
         if self.per_image:
             out["rmse"] = _div(s["rmse"], n)
             out["rmse_log"] = _div(s["rmse_log"], n)
@@ -319,6 +320,7 @@ METRIC_DIRECTIONS: dict[str, int] = {
     "semseg/miou": +1,
     "semseg/pixel_acc": +1,
     "depth/abs_rel": -1,
+    "depth/abs_err": -1,
     "depth/sq_rel": -1,
     "depth/rmse": -1,
     "depth/rmse_log": -1,

@@ -44,6 +44,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from uda.config import LossConfig
+from uda.losses import default_task_weights
+from uda.objectives.base import ObjectiveError
+
 
 def _identity(t: Tensor) -> Tensor:
     return t
@@ -580,3 +584,18 @@ def build_weighting(
             f"unknown options {unknown} for loss weighting {kind!r}; accepted: {', '.join(accepted) or 'none'}"
         )
     return cls(tasks, base, **options)
+
+
+def weighting_from_config(loss: LossConfig, tasks: Sequence[str]) -> TaskWeighting:
+    """The task weighting `loss.weighting` of a run, on the base weights `loss.weights` (default: the paper's
+    preset for the task set)."""
+    options = {
+        "dwa": {"period": loss.dwa_period, "temperature": loss.dwa_temperature},
+        "gradnorm": {"alpha": loss.gradnorm_alpha, "lr": loss.weighting_lr},
+    }.get(loss.weighting, {})
+    try:
+        return build_weighting(loss.weighting, tasks, loss.weights or default_task_weights(tasks), **options)
+    except (KeyError, ValueError) as exc:
+        raise ObjectiveError(
+            f"loss.weighting={loss.weighting} with loss.weights={loss.weights}: {exc}"
+        ) from None

@@ -1,0 +1,94 @@
+"""The data of a run: the training streams (source always; the target when an objective trains on it, with the
+frames and labels the objectives ask for) and the validation splits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from uda.config import DataConfig, ExperimentConfig
+from uda.data.loader import MixedBatches, train_loader
+from uda.data.readers import build_dataset
+from uda.data.transforms import EvalTransform, TrainTransform
+
+
+class RunData:
+    """Datasets and streams of a run; `needs[d]` lists what each objective using domain d needs of its stream
+    (objects with `frames` and `unlabelled`, see uda.objectives.StreamNeeds)."""
+
+    def __init__(self, cfg: ExperimentConfig, needs: Sequence[Sequence]) -> None:
+        self.cfg = cfg
+        self.needs = needs
+
+    def uses_domain(self, domain: int) -> bool:
+        """Whether a training stream of `domain` is loaded (the source always is)."""
+        return domain == 0 or bool(self.needs[domain])
+
+    def label_tasks(self, domain: int) -> tuple[str, ...]:
+        """The labels a training stream loads: none on the target; not those an objective learns otherwise."""
+        if domain == 1:
+            return ()
+        unlabelled = set().union(*(n.unlabelled for n in self.needs[domain]))
+        return tuple(t for t in self.cfg.tasks if t not in unlabelled)
+
+    def frames(self, domain: int) -> tuple[int, ...]:
+        """Neighbouring video frames the objectives need from a domain's training stream."""
+        return tuple(sorted(set().union(*(n.frames for n in self.needs[domain]))))
+
+    def dataset(
+        self,
+        data: DataConfig,
+        split: str,
+        tasks: tuple[str, ...],
+        train: bool,
+        domain: int,
+        labels_native: bool | None = None,
+    ):
+        """A reader for one split with the train or evaluation transform of `data` (evaluation: labels at the
+        working size, or at their native resolution when labels_native / eval.label_resolution)."""
+        if train:
+            transform = TrainTransform(data.size, data.scale_range, data.hflip, data.color_jitter)
+        else:
+            native = self.cfg.eval.label_resolution if labels_native is None else labels_native
+            transform = EvalTransform(data.size, keep_label_resolution=native)
+        return build_dataset(
+            data.dataset,
+            split,
+            tasks,
+            label_set=data.label_set,
+            root=data.root,
+            transform=transform,
+            frames=self.frames(domain) if train else (),
+            domain=domain,
+            variation=data.variation,
+        )
+
+    def batches(self, start_step: int, process_index: int = 0, num_processes: int = 1) -> MixedBatches:
+        """The endless mixed stream of one process, positioned at start_step."""
+        cfg = self.cfg
+        streams = []
+        for domain, data in enumerate((cfg.data, cfg.target)):
+            if not self.uses_domain(domain):
+                streams.append(None)
+                continue
+            streams.append(
+                train_loader(
+                    self.dataset(data, data.train_split, self.label_tasks(domain), train=True, domain=domain),
+                    data.batch_size,
+                    cfg.train.seed + domain,
+                    process_index,
+                    num_processes,
+                    start_step,
+                    data.num_workers,
+                )
+            )
+        return MixedBatches(*streams)
+
+    def validation_sets(self) -> list[tuple[str, DataConfig, int]]:
+        """(name, data, domain) of each evaluated split: the target's (or the data's) and, in UDA, the source's."""
+        cfg = self.cfg
+        if cfg.target is None:
+            return [("val", cfg.data, 0)]
+        sets = [("target", cfg.target, 1)]
+        if cfg.target.dataset != cfg.data.dataset:
+            sets.append(("source", cfg.data, 0))
+        return sets
