@@ -183,11 +183,14 @@ def assert_same_run(ref: Path, run: Path, iterations: int, models: tuple[str, ..
         assert not differing(load_file(a / name), load_file(b / name)), (name, where)
     for x, y in zip(optimizer_state(a), optimizer_state(b), strict=True):
         assert torch.equal(x, y), ("optimizer.bin", where)
+    # The objectives' and task weighting's own state (e.g. learnt log-variances), bit for bit.
+    states = [json.loads((d / checkpoint.STATE_FILE).read_text())["components"] for d in (a, b)]
+    assert states[0] == states[1], where
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (ref, run))
     assert ma["history"] and ma == mb, where  # results, protocol and the validation history
 
 
-@pytest.mark.parametrize("setting", ["supervised", "adaptation"])
+@pytest.mark.parametrize("setting", ["supervised", "adaptation", "uncertainty", "consistency"])
 def test_sigkill_at_a_random_step_then_resume_is_exact(setting, toy_root, tmp_path, capsys, monkeypatch):
     iterations = 6
     schedule = [
@@ -197,15 +200,19 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(setting, toy_root, tmp_pa
         "train.val_batches=1",
         "optim.lr_step_fraction=0.5",  # the learning rate drops mid-run: schedules follow the step
     ]
-    if setting == "supervised":
+    if setting in ("supervised", "uncertainty"):
+        weighting = ["loss.weighting=uncertainty"] if setting == "uncertainty" else []
         recipe, argv, models = (
             "synthia",
-            ["--data-root", str(toy_root), *TINY, *schedule],
+            ["--data-root", str(toy_root), *TINY, *schedule, *weighting],
             ("model.safetensors",),
         )
     else:
         recipe, argv = "synthia2cityscapes", ["--data-root", str(toy_root), *TINY_UDA, *schedule]
         models = ("model.safetensors", "model_1.safetensors")  # the discriminators
+        if setting == "consistency":  # adversarial + consistency on both domains
+            argv += ["--consistency", "consistency"]
+            models += ("model_2.safetensors",)  # the task-transfer networks
     code, _, _ = recipe_in_process(recipe, ["--out", str(tmp_path / "ref"), *argv], capsys, monkeypatch)
     assert code == 0
     where = kill_and_resume(recipe, argv, tmp_path / "cut", iterations, tmp_path / "killed.log")
@@ -836,7 +843,12 @@ def close(a: float, b: float) -> bool:
     return (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=1e-15)
 
 
-def test_two_processes_train_resume_and_evaluate_like_one(toy_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "objectives",
+    [[], ["loss.weighting=uncertainty"], ["--consistency", "consistency"]],
+    ids=["supervised", "uncertainty", "consistency"],
+)
+def test_two_processes_train_resume_and_evaluate_like_one(objectives, toy_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = [
         "recipes/synthia.py",
@@ -845,6 +857,7 @@ def test_two_processes_train_resume_and_evaluate_like_one(toy_root, tmp_path, mo
         "--out",
         str(out),
         *TINY,
+        *objectives,
         "train.iterations=2",
         "train.ckpt_every=1",
         "train.val_every=0",
@@ -925,3 +938,46 @@ def test_sync_batchnorm_option(toy_root, tmp_path):
         "error: model.sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU processes; "
         "set model.sync_bn=false"
     }
+
+
+RANKS_SCRIPT = '''\
+"""Train a few steps with each learnt task weighting on 2 processes; each rank writes its weighting state."""
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tests.conftest import tiny_config
+from uda.data.loader import move_to
+from uda.engine import Trainer
+
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+for weighting in ("uncertainty", "dwa", "gradnorm"):
+    cfg = tiny_config(root, out / weighting, arch="mtl", iterations=3)
+    trainer = Trainer(replace(cfg, loss=replace(cfg.loss, weighting=weighting, dwa_period=1)))
+    initial = trainer.weighting.checkpoint_state()
+    batches = trainer.batches(0)
+    for _ in range(cfg.train.iterations):
+        logs = trainer.train_step(move_to(next(batches), trainer.accelerator.device))
+        trainer.step += 1
+    rank = trainer.accelerator.process_index
+    record = {"initial": initial, "final": trainer.weighting.checkpoint_state(), "logs": logs}
+    (out / f"{weighting}-rank{rank}.json").write_text(json.dumps(record))
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
+'''
+
+
+def test_two_processes_hold_identical_task_weights(toy_root, tmp_path):
+    script = tmp_path / "weights_per_rank.py"
+    script.write_text(RANKS_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = launch([str(script), str(toy_root), str(out)], 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for weighting in ("uncertainty", "dwa", "gradnorm"):
+        ranks = [json.loads((out / f"{weighting}-rank{r}.json").read_text()) for r in (0, 1)]
+        assert ranks[0]["final"] == ranks[1]["final"], weighting  # identical on every process, bit for bit
+        assert ranks[0]["final"] != ranks[0]["initial"], weighting  # and they did learn
+        # The processes saw different samples, so their own losses differ: the agreement is not trivial.
+        assert ranks[0]["logs"]["loss/semseg/s0"] != ranks[1]["logs"]["loss/semseg/s0"]
