@@ -61,3 +61,18 @@ def test_round_trip(tmp_path):
     data["train"]["warmup"] = 3
     with pytest.raises(ConfigError, match="unknown config key train.warmup"):
         from_dict(ExperimentConfig, data)
+
+
+def test_a_config_of_the_previous_version_loads_with_bn_mode_moved(tmp_path):
+    data = to_dict(ExperimentConfig(adapt=AdaptConfig()))
+    data["train"].pop("bn_mode")
+    data["adapt"]["bn_mode"] = "joint"  # where runs before the objectives refactor saved it
+    path = tmp_path / "config.json"
+    path.write_text(__import__("json").dumps(data))
+    cfg = load_config(ExperimentConfig, path)
+    assert cfg.train.bn_mode == "joint" and not hasattr(cfg.adapt, "bn_mode")
+
+
+def test_the_old_spelling_of_a_moved_key_names_the_new_one():
+    with pytest.raises(ConfigError, match=r"adapt.bn_mode \(it moved: use train.bn_mode\)"):
+        apply_overrides(ExperimentConfig(adapt=AdaptConfig()), ["adapt.bn_mode=joint"])

@@ -310,9 +310,15 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# Keys that moved to another section: named in the error of the old spelling.
+MOVED_KEYS = {"adapt.bn_mode": "train.bn_mode"}
+
+
 def _unknown(key: str, valid: list[str], prefix: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    if f"{prefix}{key}" in MOVED_KEYS:
+        hint = f" (it moved: use {MOVED_KEYS[prefix + key]})"
     return ConfigError(f"unknown config key {prefix}{key}{hint}; valid keys: {', '.join(valid)}")
 
 
