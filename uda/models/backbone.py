@@ -73,17 +73,27 @@ class ResNetEncoder(nn.Module):
     """torchvision ResNet, last stage dilated (output stride 16), classifier removed.
 
     Input: RGB [B,3,H,W] in [0,1] (ImageNet normalisation happens inside). Output: five maps
-    [relu(conv1) 1/2, layer1 1/4, layer2 1/8, layer3 1/16, layer4 1/16] with `channels` channels.
+    [relu(conv1) 1/2, layer1 1/4, layer2 1/8, layer3 1/16, layer4 1/16] with `channels` channels;
+    with dilated=False the plain ResNet, whose layer4 is at 1/32 (a U-Net encoder).
     """
 
-    def __init__(self, name: str = "resnet101", pretrained: bool = False, weights_path: str | None = None):
+    def __init__(
+        self,
+        name: str = "resnet101",
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        dilated: bool = True,
+    ):
         super().__init__()
         if name not in _RESNETS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(_RESNETS)}")
         build = _RESNETS[name][0]
         bottleneck = name in ("resnet50", "resnet101")
-        net = build(weights=None, replace_stride_with_dilation=[False, False, True] if bottleneck else None)
-        if not bottleneck:
+        dilate_bottleneck = dilated and bottleneck
+        net = build(
+            weights=None, replace_stride_with_dilation=[False, False, True] if dilate_bottleneck else None
+        )
+        if dilated and not bottleneck:
             _dilate_basic_layer(net.layer4)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -107,7 +117,7 @@ class ResNetEncoder(nn.Module):
         return [[m for m in self.layer4.modules() if isinstance(m, nn.Conv2d)][-1].weight]
 
     def forward(self, image: Tensor) -> list[Tensor]:
-        """image [B,3,H,W] in [0,1] -> five feature maps (strides 2, 4, 8, 16, 16)."""
+        """image [B,3,H,W] in [0,1] -> five feature maps (strides 2, 4, 8, 16, 16; 32 last if not dilated)."""
         x = (image - self.mean) / self.std
         f0 = self.relu(self.bn1(self.conv1(x)))
         f1 = self.layer1(self.maxpool(f0))

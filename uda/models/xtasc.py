@@ -15,16 +15,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock
 
 from uda.config import ModelConfig
-from uda.models.backbone import (
-    _IMAGENET_MEAN,
-    _IMAGENET_STD,
-    _RESNETS,
-    PretrainedWeightsError,
-    _imagenet_state_dict,
-)
+from uda.models.backbone import ResNetEncoder
 from uda.models.decoder import output_head
 from uda.models.multitask import Outputs, _head_bias, _sigmoid_head, _split_params
 
@@ -82,48 +75,10 @@ class TransferNet(nn.Module):
         return self.head(x)[..., :h, :w]
 
 
-class UNetResNetEncoder(nn.Module):
-    """torchvision ResNet without dilation or classifier: five maps at strides 2, 4, 8, 16, 32.
-
-    Input RGB [B,3,H,W] in [0,1] (ImageNet normalisation inside); maps [relu(conv1), layer1..layer4] with
-    `channels` channels. ImageNet weights are loaded as ResNetEncoder loads them (pretrained/weights_path).
-    """
-
-    def __init__(self, name: str = "resnet34", pretrained: bool = False, weights_path: str | None = None):
-        super().__init__()
-        if name not in _RESNETS:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(_RESNETS)}")
-        net = _RESNETS[name][0](weights=None)
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        expansion = 1 if isinstance(net.layer1[0], BasicBlock) else 4
-        self.channels: list[int] = [64] + [c * expansion for c in (64, 128, 256, 512)]
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        if pretrained or weights_path is not None:
-            state = _imagenet_state_dict(name, weights_path)
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            try:
-                self.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise PretrainedWeightsError(
-                    f"the {name} weights do not fit the encoder ({str(exc).splitlines()[0]}); "
-                    f"is it a torchvision {name} ImageNet state dict?"
-                ) from None
-
-    def forward(self, image: Tensor) -> list[Tensor]:
-        """image [B,3,H,W] in [0,1] -> five feature maps (strides 2, 4, 8, 16, 32)."""
-        x = (image - self.mean) / self.std
-        f0 = self.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(self.maxpool(f0))
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
-        return [f0, f1, f2, f3, f4]
-
-    def last_layer(self) -> list[nn.Parameter]:
-        """The weight of layer4's last conv (conv2 of a BasicBlock, conv3 of a Bottleneck), as ResNetEncoder."""
-        return [[m for m in self.layer4.modules() if isinstance(m, nn.Conv2d)][-1].weight]
+def UNetResNetEncoder(name: str = "resnet34", pretrained: bool = False, weights_path: str | None = None):
+    """torchvision ResNet without dilation or classifier: five maps at strides 2, 4, 8, 16, 32 (see
+    ResNetEncoder; ImageNet weights load the same way)."""
+    return ResNetEncoder(name, pretrained, weights_path, dilated=False)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
