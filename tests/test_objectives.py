@@ -65,10 +65,11 @@ def fresh_accelerator():
 @pytest.mark.parametrize(
     "weighting, arch, precision",
     # bf16 runs a slow reference kernel on CPUs without AVX-512 BF16: autocast is covered on the small model.
+    # (accelerate applies no fp16 autocast on a CPU: fp16 with its GradScaler is a GPU path.)
     [
         ("fixed", "mtl", "bf16"),
-        ("uncertainty", "mtl", "fp16"),
-        ("dwa", "mtl", "fp16"),
+        ("uncertainty", "mtl", "bf16"),
+        ("dwa", "mtl", "no"),
         ("gradnorm", "mtl", "bf16"),
     ]
     + [("gradnorm", arch, "no") for arch in ARCHS if arch != "mtl"]
