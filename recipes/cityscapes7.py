@@ -11,8 +11,9 @@ The rows of its Table I, each with uncertainty weighting (this recipe's loss.wei
 and MTL with each task weighting: --model xtasc-unet loss.weighting=fixed|uncertainty|dwa|gradnorm.
 
 Settings of the paper: ResNet-34 U-Net without ImageNet weights, Adam at 1e-4 halved every 80 epochs for 250
-epochs (372 steps of batch 8 per epoch), lambda = 0.01 per task, L1 depth loss on inverse depth, horizontal
-flips and scale crops in [1, 1.5]; labels: the 7 Cityscapes categories (label set cityscapes7).
+epochs (372 steps of batch 8 per epoch), lambda = 0.01 per task, L1 depth loss on inverse depth (the
+network regresses 1/depth in 1/m: loss.d_far=1), horizontal flips and scale crops in [1, 1.5]; labels: the 7
+Cityscapes categories (label set cityscapes7). Depth is evaluated in metres (from disparity, 80 m cap).
 """
 
 import sys
@@ -32,11 +33,13 @@ def build(args):
     )
     return replace(
         cfg,
-        model=replace(cfg.model, backbone="resnet34", pretrained=False),
+        # Depth is regressed as inverse depth in 1/m (d_far = 1 m: g = 1 / depth), starting at 1/20 m.
+        model=replace(cfg.model, backbone="resnet34", pretrained=False, depth_init=1 / 20),
         data=replace(cfg.data, batch_size=8, scale_range=(1.0, 1.5)),
         loss=replace(
             cfg.loss,
             weights={"semseg": 1.0, "depth": 1.0},
+            d_far=1.0,
             functions={"depth": "l1"},
             weighting="uncertainty",
         ),
