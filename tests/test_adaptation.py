@@ -150,3 +150,33 @@ def test_bn_mode_decides_whether_target_outputs_see_source_statistics(trainer):
     b = trainer.forward_domains(other)["target"]
     target_changed = not torch.allclose(a["semseg"][0], b["semseg"][0])
     assert target_changed == (trainer.cfg.train.bn_mode == "joint")
+
+
+def test_discriminator_inputs_of_both_domains_are_randomly_flipped(trainer):
+    adversarial = trainer.adversarial
+    assert adversarial.cfg.flip_inputs and adversarial.cfg.spectral_norm  # the authors' defaults
+    seen = []
+    hook = adversarial.discriminators["semseg_s0"].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0])
+    )
+    outputs = {
+        d: {t: {s: o.detach() for s, o in per.items()} for t, per in out.items()}
+        for d, out in trainer.forward_domains(trainer.batch).items()
+    }
+    torch.manual_seed(0)
+    flipped = {}
+    for domain, is_source in (("source", True), ("target", False)):
+        size = tuple(trainer.batch[domain]["image"].shape[-2:])
+        plain = adversarial.discriminator_input("semseg", outputs[domain]["semseg"][0], size)
+        assert not torch.equal(plain, plain.flip(-1))
+        flips = []
+        for _ in range(16):
+            seen.clear()
+            adversarial.adversarial_loss(outputs[domain], size, is_source=is_source, detach=True)
+            (x,) = seen
+            assert torch.equal(x, plain) or torch.equal(x, plain.flip(-1))
+            flips.append(torch.equal(x, plain.flip(-1)))
+        flipped[domain] = flips
+    hook.remove()
+    for domain, flips in flipped.items():
+        assert 0 < sum(flips) < len(flips), (domain, flips)  # both orientations, for both domains

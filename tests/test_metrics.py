@@ -16,11 +16,14 @@ from sklearn.metrics import (
 )
 
 from uda.metrics import (
+    METRIC_DIRECTIONS,
+    PRIMARY_METRICS,
     DepthMetric,
     EdgesMetric,
     MultiTaskMetrics,
     NormalsMetric,
     SegmentationMetric,
+    metric_direction,
     multitask_delta,
 )
 
@@ -101,10 +104,10 @@ def numpy_depth(preds, gts, median_scaling, per_image, lo=1e-3, hi=80.0):
         per_img.append(
             {
                 "abs_rel": np.mean(np.abs(p - g) / g),
+                "abs_err": np.mean(np.abs(p - g)),
                 "sq_rel": np.mean((p - g) ** 2 / g),
-                "rmse": np.sqrt(np.mean((p - g) ** 2)),
                 "mse": np.mean((p - g) ** 2),
-                "rmse_log": np.sqrt(np.mean((np.log(p) - np.log(g)) ** 2)),
+                "log_mse": np.mean((np.log(p) - np.log(g)) ** 2),
                 "a1": np.mean(thresh < 1.25),
                 "a2": np.mean(thresh < 1.25**2),
                 "a3": np.mean(thresh < 1.25**3),
@@ -113,13 +116,16 @@ def numpy_depth(preds, gts, median_scaling, per_image, lo=1e-3, hi=80.0):
         pooled["p"].append(p)
         pooled["g"].append(g)
     if per_image:
-        out = {k: np.mean([m[k] for m in per_img]) for k in per_img[0] if k != "mse"}
-        out["rmse_of_mean_mse"] = np.sqrt(np.mean([m["mse"] for m in per_img]))
+        out = {k: np.mean([m[k] for m in per_img]) for k in per_img[0]}
+        # The DenseMTL authors' RMSE: sqrt of the mean over images of the per-image MSE.
+        out["rmse"] = np.sqrt(out.pop("mse"))
+        out["rmse_log"] = np.sqrt(out.pop("log_mse"))
     else:
         p, g = np.concatenate(pooled["p"]), np.concatenate(pooled["g"])
         thresh = np.maximum(p / g, g / p)
         out = {
             "abs_rel": np.mean(np.abs(p - g) / g),
+            "abs_err": np.mean(np.abs(p - g)),
             "sq_rel": np.mean((p - g) ** 2 / g),
             "rmse": np.sqrt(np.mean((p - g) ** 2)),
             "rmse_log": np.sqrt(np.mean((np.log(p) - np.log(g)) ** 2)),
@@ -127,7 +133,8 @@ def numpy_depth(preds, gts, median_scaling, per_image, lo=1e-3, hi=80.0):
             "a2": np.mean(thresh < 1.25**2),
             "a3": np.mean(thresh < 1.25**3),
         }
-        out["rmse_of_mean_mse"] = out["rmse"]
+    out["rmse_per_image"] = np.mean([np.sqrt(m["mse"]) for m in per_img])
+    out["rmse_log_per_image"] = np.mean([np.sqrt(m["log_mse"]) for m in per_img])
     if median_scaling:
         out["median_scale"] = np.mean(ratios)
     return out
@@ -168,6 +175,20 @@ def test_depth_prediction_is_resized_to_ground_truth():
     assert metric.compute()["rmse"] == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("per_image", [True, False])
+def test_depth_rmse_aggregation_by_hand(per_image):
+    """Image 0: 4 pixels off by 1 m; image 1: 2 valid pixels off by 3 m (two have no GT)."""
+    gt = torch.full((2, 1, 2, 2), 10.0)
+    gt[1, 0, 0] = 0
+    pred = gt + torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
+    metric = DepthMetric(per_image=per_image)
+    metric.update(pred, gt)
+    result = metric.compute()
+    # Per image: sqrt((1 + 9) / 2); pooled: sqrt((4 * 1 + 2 * 9) / 6). Mean of per-image RMSE: (1 + 3) / 2.
+    assert result["rmse"] == pytest.approx(math.sqrt(5.0) if per_image else math.sqrt(22 / 6))
+    assert result["rmse_per_image"] == pytest.approx(2.0)
+
+
 def numpy_angles(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     p = np.moveaxis(pred, 1, -1).reshape(-1, 3)
     g = np.moveaxis(gt, 1, -1).reshape(-1, 3)
@@ -185,21 +206,57 @@ def random_normals(seed: int, batch: int = 2, h: int = 7, w: int = 5):
     return pred, gt
 
 
+def numpy_normals(preds, gts):
+    """Per-image (averaged over images) and pooled angular metrics from independent numpy code."""
+    per_img, pooled = [], []
+    for pred, gt in zip(preds, gts):
+        a = numpy_angles(pred[None], gt[None])
+        if a.size == 0:
+            continue
+        pooled.append(a)
+        per_img.append(
+            {"mean": a.mean(), "median": np.median(a), "mse": np.mean(a**2)}
+            | {f"within_{t}": np.mean(a < t) for t in (11.25, 22.5, 30.0)}
+        )
+    out = {k: np.mean([m[k] for m in per_img]) for k in per_img[0]}
+    out["rmse"] = np.sqrt(out.pop("mse"))
+    a = np.concatenate(pooled)
+    out |= {"mean_pooled": a.mean(), "median_pooled": np.median(a), "rmse_pooled": np.sqrt(np.mean(a**2))}
+    out |= {f"within_{t}_pooled": np.mean(a < t) for t in (11.25, 22.5, 30.0)}
+    return out
+
+
 @pytest.mark.parametrize("halves", [1, 2])  # odd and even pixel counts for the median
 def test_normals_metrics_match_numpy(halves):
     metric = NormalsMetric()
-    angles = []
+    preds, gts = [], []
     for seed in range(halves):
-        pred, gt = random_normals(seed)
+        pred, gt = random_normals(seed, batch=3)
+        gt[-1] = 0  # an image without any known normal is skipped
         metric.update(pred, gt)
-        angles.append(numpy_angles(pred.numpy(), gt.numpy()))
-    a = np.concatenate(angles)
+        preds += list(pred.numpy())
+        gts += list(gt.numpy())
+    expected = numpy_normals(preds, gts)
     result = metric.compute()
-    assert result["mean"] == pytest.approx(a.mean(), rel=1e-6)
-    assert result["rmse"] == pytest.approx(np.sqrt(np.mean(a**2)), rel=1e-6)
-    assert abs(result["median"] - np.median(a)) <= 0.01  # histogram resolution
-    for t in (11.25, 22.5, 30.0):
-        assert result[f"within_{t}"] == pytest.approx(np.mean(a < t))
+    assert set(result) == set(expected)
+    for key, value in expected.items():
+        if key == "median_pooled":
+            assert abs(result[key] - value) <= 0.01  # histogram resolution
+        else:
+            assert result[key] == pytest.approx(value, rel=1e-6), key
+    # The two aggregations differ on this data: the test tells them apart.
+    assert abs(result["mean"] - result["mean_pooled"]) > 1e-6
+
+
+def numpy_edges(logit, target, threshold):
+    """Edge F1 as the DenseMTL authors compute it: 2-class confusion, nanmean of per-class F1."""
+    keep = (target == 0) | (target == 1)
+    y = target[keep].astype(int)
+    p = (1 / (1 + np.exp(-logit[keep])) > threshold).astype(int)
+    cm = np.bincount(2 * y + p, minlength=4).reshape(2, 2).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * np.diag(cm) / (cm.sum(0) + cm.sum(1))
+    return {"f1": np.nanmean(f1), "f1_bg": f1[0], "f1_edge": f1[1]}, y, p
 
 
 def test_edges_f1_matches_sklearn():
@@ -209,14 +266,23 @@ def test_edges_f1_matches_sklearn():
     target[0, 0, 0] = 255  # ignored
     metric = EdgesMetric(threshold=0.6)
     metric.update(logit, target)
-    keep = (target != 255).numpy().ravel()
-    y = target.numpy().ravel()[keep].astype(int)
-    p = (1 / (1 + np.exp(-logit.numpy().ravel()[keep])) > 0.6).astype(int)
+    expected, y, p = numpy_edges(logit.numpy(), target.numpy(), 0.6)
     result = metric.compute()
-    assert result["f1"] == pytest.approx(f1_score(y, p))
-    assert result["precision"] == pytest.approx(precision_score(y, p))
-    assert result["recall"] == pytest.approx(recall_score(y, p))
-    assert result["f1_mean_bg_edge"] == pytest.approx(f1_score(y, p, average="macro"))
+    assert set(result) == {"f1", "f1_edge", "f1_bg", "precision_edge", "recall_edge"}
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value), key
+    assert result["f1_edge"] == pytest.approx(f1_score(y, p))
+    assert result["f1_bg"] == pytest.approx(f1_score(y, p, pos_label=0))
+    assert result["precision_edge"] == pytest.approx(precision_score(y, p))
+    assert result["recall_edge"] == pytest.approx(recall_score(y, p))
+    assert result["f1"] == pytest.approx(f1_score(y, p, average="macro"))
+
+
+def test_edges_f1_skips_a_class_absent_from_gt_and_prediction():
+    metric = EdgesMetric()
+    metric.update(torch.full((1, 1, 3, 3), -5.0), torch.zeros(1, 1, 3, 3))  # no edge anywhere
+    result = metric.compute()
+    assert math.isnan(result["f1_edge"]) and result["f1_bg"] == 1.0 and result["f1"] == 1.0
 
 
 def make_multitask_batch(seed: int, batch: int = 4):
@@ -256,15 +322,31 @@ def test_two_process_states_sum_to_the_whole(per_image):
     rank1.update({k: v[2:] for k, v in outputs.items()}, {k: v[2:] for k, v in batch.items()})
 
     other = rank1.state()
+    # The merge path: a fresh accumulator loads rank 0's state and adds rank 1's, task by task.
+    merged = new()
+    merged.load_state(rank0.state())
+    for task, metric in merged.metrics.items():
+        metric.merge({k[len(task) + 1 :]: v for k, v in other.items() if k.startswith(f"{task}/")})
     rank0.sync(lambda s: {k: v + other[k] for k, v in s.items()})  # what a sum all-reduce returns
-    for key, value in whole.state().items():
-        torch.testing.assert_close(rank0.state()[key], value, rtol=1e-12, atol=1e-12, msg=key)
     expected = whole.compute()
-    assert set(rank0.compute()) == set(expected)
-    for key, value in rank0.compute().items():
-        assert value == pytest.approx(expected[key], rel=1e-12, nan_ok=True), key
-    for key in ("semseg/miou", "depth/rmse", "normals/median", "edges/f1"):
-        assert key in expected
+    for combined in (rank0, merged):
+        for key, value in whole.state().items():
+            torch.testing.assert_close(combined.state()[key], value, rtol=1e-12, atol=1e-12, msg=key)
+        assert set(combined.compute()) == set(expected)
+        for key, value in combined.compute().items():
+            assert value == pytest.approx(expected[key], rel=1e-12, nan_ok=True), key
+    for key in (
+        "semseg/miou",
+        "depth/rmse",
+        "depth/rmse_per_image",
+        "normals/mean",
+        "normals/median",
+        "normals/mean_pooled",
+        "normals/median_pooled",
+        "edges/f1",
+        "edges/f1_edge",
+    ):
+        assert key in expected and not math.isnan(expected[key]), key
 
     whole.reset()
     assert all(float(v.abs().sum()) == 0 for v in whole.state().values())
@@ -286,3 +368,56 @@ def test_multitask_delta_mixed_directions():
     assert multitask_delta(metrics, baselines, keys=["semseg/miou", "depth/rmse"]) == pytest.approx(22.5)
     with pytest.raises(KeyError, match="baseline"):
         multitask_delta(metrics, {"semseg/miou": 0.4, "depth/rmse": 5.0})
+
+
+def test_every_reported_metric_has_a_direction_and_no_direction_is_stale():
+    outputs, batch = make_multitask_batch(2)
+    reported = set()
+    for per_image in (True, False):
+        metrics = MultiTaskMetrics(
+            ["semseg", "depth", "normals", "edges"], num_classes=5, median_scaling=True, per_image=per_image
+        )
+        metrics.update(outputs, batch)
+        reported |= set(metrics.compute())
+    for key in reported - {"depth/median_scale"}:  # a diagnostic ratio, neither better nor worse
+        assert metric_direction(key) in (+1, -1), key
+    assert set(METRIC_DIRECTIONS) <= reported
+    assert set(PRIMARY_METRICS.values()) <= reported
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_multitask_delta_on_primary_metrics_matches_numpy(per_image):
+    """Delta_T of the evaluated metrics against those of other predictions on the same labels."""
+    outputs, batch = make_multitask_batch(7)
+    baseline_outputs, _ = make_multitask_batch(8)
+    tasks = ["semseg", "depth", "normals", "edges"]
+    evaluated = {}
+    for name, preds in (("mtl", outputs), ("stl", baseline_outputs)):
+        metrics = MultiTaskMetrics(tasks, num_classes=5, per_image=per_image)
+        metrics.update(preds, batch)
+        evaluated[name] = metrics.compute()
+
+    def numpy_primary(preds):
+        p, t = preds["semseg"].numpy().ravel(), batch["semseg"].numpy().ravel()
+        keep = t != 255
+        present = sorted(set(t[keep]) | set(p[keep]))
+        depth = numpy_depth(
+            list(preds["depth"].numpy()[:, 0]), list(batch["depth"].numpy()[:, 0]), False, per_image
+        )
+        normals = numpy_normals(list(preds["normals"].numpy()), list(batch["normals"].numpy()))
+        edges, _, _ = numpy_edges(preds["edges"].numpy(), batch["edges"].numpy(), 0.5)
+        return {
+            "semseg/miou": jaccard_score(t[keep], p[keep], labels=present, average="macro"),
+            "depth/rmse": depth["rmse"],
+            "normals/mean": normals["mean"],
+            "edges/f1": edges["f1"],
+        }
+
+    m, b = numpy_primary(outputs), numpy_primary(baseline_outputs)
+    for key in m:
+        assert evaluated["mtl"][key] == pytest.approx(m[key], rel=1e-6), key
+        assert evaluated["stl"][key] == pytest.approx(b[key], rel=1e-6), key
+    signs = {"semseg/miou": 1, "depth/rmse": -1, "normals/mean": -1, "edges/f1": 1}
+    expected = 100 * np.mean([signs[k] * (m[k] - b[k]) / b[k] for k in m])
+    assert set(PRIMARY_METRICS.values()) == set(m)
+    assert multitask_delta(evaluated["mtl"], evaluated["stl"]) == pytest.approx(expected, rel=1e-5)

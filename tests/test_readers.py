@@ -340,3 +340,72 @@ def test_camera_json_is_read_exactly(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="aachen_000000_000019_camera.json: malformed camera json"):
         ds[0]
+
+
+# ------------------------------------------------------------------------------------------------ VKITTI2 sky
+
+
+def test_vkitti2_sky_depth_far_or_none_on_toy_depth_png(tmp_path: Path) -> None:
+    from uda.data import decode
+    from uda.data.toy import make_toy_data
+
+    # The toy renderer writes sky as the PNG maximum 65535 cm, as real VKITTI2 does.
+    make_toy_data(tmp_path, frames=2, height=64, width=128, domains=("vkitti2",), workers=1, progress=False)
+    root = tmp_path / "vkitti2"
+    png_path = next(root.rglob("depth_00000.png"))
+    png = cv2.imread(str(png_path), cv2.IMREAD_UNCHANGED)
+    sky = png == 65535
+    assert 0 < sky.mean() < 0.5
+
+    far = decode.vkitti2_depth(png_path, "far")
+    none = decode.vkitti2_depth(png_path, "none")
+    assert np.all(far[sky] == np.float32(655.35)) and np.all(none[sky] == 0)
+    assert np.array_equal(far[~sky], none[~sky]) and np.all(far[~sky] > 0)
+    assert np.array_equal(decode.vkitti2_sky(far), sky)
+    assert np.array_equal(decode.vkitti2_depth(png_path), none)  # the reader API's default: today's decoding
+    with pytest.raises(ValueError, match="sky='sea'"):
+        decode.vkitti2_depth(png_path, "sea")
+
+    tasks = ("depth", "normals")
+    samples = {
+        mode: build_dataset("vkitti2", "all", tasks, root=root, sky_depth=mode)[0] for mode in ("far", "none")
+    }
+    assert samples["far"]["meta"]["id"] == "Scene01/00000"
+    assert np.array_equal(samples["far"]["depth"][0].numpy(), far)
+    assert np.array_equal(samples["none"]["depth"][0].numpy(), none)
+    # Far sky is no surface: normals are finite, 0 on sky and its neighbours, and identical for both options.
+    n_far, n_none = samples["far"]["normals"], samples["none"]["normals"]
+    assert torch.isfinite(n_far).all() and torch.equal(n_far, n_none)
+    assert (n_far[:, torch.from_numpy(sky)] == 0).all() and (n_far.norm(dim=0) > 0.5).float().mean() > 0.4
+
+    with pytest.raises(ValueError, match="sky_depth='sea' for vkitti2"):
+        build_dataset("vkitti2", "all", tasks, root=root, sky_depth="sea")
+
+
+def test_sky_depth_and_resize_to_reach_the_reader_and_transforms(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from uda.config import ConfigError, DataConfig, ExperimentConfig, apply_overrides
+    from uda.data.streams import RunData
+
+    make_vkitti2(tmp_path)
+    assert DataConfig().sky_depth == "far" and DataConfig().resize_to is None  # the authors' sky
+    data = DataConfig(
+        dataset="vkitti2", root=str(tmp_path), label_set="vkitti2_14", size=(4, 6), resize_to=(6, 10)
+    )
+    run = RunData(ExperimentConfig(data=data), needs=[[], []])
+    train = run.dataset(data, "train", ("depth",), train=True, domain=0)
+    val = run.dataset(data, "val", ("depth",), train=False, domain=0)
+    assert train.sky_depth == "far" and train.transform.resize_to == (6, 10)
+    assert val.transform.size == (6, 10)  # evaluated whole, at resize_to
+    assert val[0]["depth"][0, 0, 0] == np.float32(655.35)  # the fake's sky pixel, resized 6x10 -> 6x10
+    none = run.dataset(replace(data, sky_depth="none"), "val", ("depth",), train=False, domain=0)
+    assert none[0]["depth"][0, 0, 0] == 0
+
+    cfg = apply_overrides(ExperimentConfig(data=data), ["data.sky_depth=none", "data.resize_to=8,12"])
+    assert cfg.data.sky_depth == "none" and cfg.data.resize_to == (8, 12)
+    assert apply_overrides(cfg, ["data.resize_to=none"]).data.resize_to is None
+    with pytest.raises(ConfigError, match="sky_depth='none' is an option of vkitti2 only"):
+        DataConfig(dataset="synthia", sky_depth="none")
+    with pytest.raises(ConfigError, match="not one of far, none"):
+        apply_overrides(cfg, ["data.sky_depth=zero"])

@@ -1,9 +1,10 @@
 """Tests for uda/data/transforms.py: alignment of every map, K consistency, flips, padding, determinism."""
 
+import pytest
 import torch
 
-from uda.data.transforms import EvalTransform, TrainTransform, resize_nearest
-from uda.geometry import backproject
+from uda.data.transforms import EvalTransform, TrainTransform, crop_pad, resize_bilinear, resize_nearest
+from uda.geometry import backproject, resize_intrinsics
 
 H0, W0 = 8, 12
 
@@ -199,3 +200,131 @@ def test_resize_nearest_picks_the_nearest_source_centre():
     assert resize_nearest(x, (1, 4)).tolist() == [[0, 2, 3, 5]]
     # 2 -> 6 (x3): destination centres at -1/3, 0, 1/3, 2/3, 1, 4/3.
     assert resize_nearest(torch.tensor([[7, 9]]), (1, 6)).tolist() == [[7, 7, 7, 9, 9, 9]]
+
+
+# ------------------------------------------------------------------ resize_to: VKITTI2 -> Cityscapes source
+
+VK_HW, VK_RESIZE, VK_SIZE = (375, 1242), (512, 1696), (512, 1024)
+VK_K = (725.0087, 725.0087, 620.5, 187.0)  # fx, fy, cx, cy at 1242x375
+
+
+def vkitti2_like_sample() -> dict:
+    g = torch.Generator().manual_seed(7)
+    h, w = VK_HW
+    return {
+        "image": torch.rand(3, h, w, generator=g),
+        "depth": torch.rand(1, h, w, generator=g) * 80 + 1,
+        "semseg": torch.randint(0, 8, (h, w), generator=g),
+        "K": make_K(*VK_K),
+        "frames": {-1: torch.rand(3, h, w, generator=g)},
+    }
+
+
+def resized_K(hw: tuple[int, int]) -> tuple[float, float, float, float]:
+    """fx, fy, cx, cy of the VKITTI2 K after a resize of 1242x375 to hw (pixel-centre convention)."""
+    sx, sy = hw[1] / VK_HW[1], hw[0] / VK_HW[0]
+    fx, fy, cx, cy = VK_K
+    return fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5
+
+
+def test_resize_to_then_crop_is_an_exact_crop_of_the_uniformly_resized_sample():
+    src = vkitti2_like_sample()
+    full = {
+        "image": resize_bilinear(src["image"], VK_RESIZE),
+        "frame": resize_bilinear(src["frames"][-1], VK_RESIZE),
+        "depth": resize_nearest(src["depth"], VK_RESIZE),
+        "semseg": resize_nearest(src["semseg"], VK_RESIZE),
+    }
+    fx, fy, cx_full, cy_full = resized_K(VK_RESIZE)
+    # 1242 -> 1696 and 375 -> 512 scale by the same factor to 2e-4: the aspect ratio is kept.
+    assert abs((fx / VK_K[0]) / (fy / VK_K[1]) - 1) < 2e-4
+    t = TrainTransform(VK_SIZE, hflip=True, resize_to=VK_RESIZE)
+    lefts, flips = set(), set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = t(src)
+        K = out["K"].double()
+        assert out["image"].shape == (3, *VK_SIZE) and out["semseg"].shape == VK_SIZE
+        # fx, fy follow the resize; the crop and the flip never change them; rows are not cropped (512 = 512).
+        assert abs(K[0, 0] / fx - 1) < 1e-6 and abs(K[1, 1] / fy - 1) < 1e-6
+        assert abs(K[1, 2] - cy_full) < 1e-3
+        for flipped in (False, True):
+            cx = VK_SIZE[1] - 1 - K[0, 2] if flipped else K[0, 2]
+            left = round(float(cx_full - cx))
+            window = full["image"][..., left : left + VK_SIZE[1]]
+            if 0 <= left <= VK_RESIZE[1] - VK_SIZE[1] and torch.equal(
+                out["image"], window.flip(-1) if flipped else window
+            ):
+                break
+        else:
+            raise AssertionError(f"seed {seed}: the image is no crop of the resized image at the K offset")
+        # cx moved by exactly the crop offset (mirrored as width - 1 - cx on a flip).
+        assert abs(cx_full - cx - left) < 1e-3
+
+        def crop(x: torch.Tensor, left: int = left, flipped: bool = flipped) -> torch.Tensor:
+            x = x[..., left : left + VK_SIZE[1]]
+            return x.flip(-1) if flipped else x
+
+        assert torch.equal(out["depth"], crop(full["depth"]))
+        assert torch.equal(out["semseg"], crop(full["semseg"]))
+        assert torch.equal(out["frames"][-1], crop(full["frame"]))
+        lefts.add(left)
+        flips.add(flipped)
+    assert len(lefts) > 4 and flips == {False, True}
+
+    # Without resize_to the same sample is stretched to 512x1024: fx/fy changes by 0.6, the distortion avoided.
+    stretched = TrainTransform(VK_SIZE, hflip=False)(src)["K"].double()
+    assert abs((stretched[0, 0] / stretched[1, 1]) / (VK_K[0] / VK_K[1]) - 0.604) < 1e-3
+
+
+def test_resize_to_scale_zooms_relative_to_resize_to_and_pads():
+    src = vkitti2_like_sample()
+    for scale in (0.5, 1.5):
+        hw = (round(VK_RESIZE[0] * scale), round(VK_RESIZE[1] * scale))  # 256x848 (padded) or 768x2544
+        fx, fy, cx, cy = resized_K(hw)
+        torch.manual_seed(1)
+        out = TrainTransform(VK_SIZE, scale_range=(scale, scale), hflip=False, resize_to=VK_RESIZE)(src)
+        K = out["K"].double()
+        assert abs(K[0, 0] / fx - 1) < 1e-6 and abs(K[1, 1] / fy - 1) < 1e-6
+        top, left = round(float(cy - K[1, 2])), round(float(cx - K[0, 2]))
+        assert abs(cy - K[1, 2] - top) < 1e-3 and abs(cx - K[0, 2] - left) < 1e-3
+        assert (top < 0 and left < 0) if scale < 1 else (top >= 0 and left >= 0)
+        expected = crop_pad(resize_bilinear(src["image"], hw), top, left, VK_SIZE, 0.0)
+        assert torch.equal(out["image"], expected)
+        semseg = crop_pad(resize_nearest(src["semseg"], hw), top, left, VK_SIZE, 255)
+        assert torch.equal(out["semseg"], semseg)
+
+
+def test_eval_transform_with_resize_to_evaluates_the_whole_resized_image():
+    src = vkitti2_like_sample()
+    out = EvalTransform(VK_SIZE, resize_to=VK_RESIZE)(src)
+    assert torch.equal(out["image"], resize_bilinear(src["image"], VK_RESIZE))
+    assert torch.equal(out["depth"], resize_nearest(src["depth"], VK_RESIZE))
+    torch.testing.assert_close(out["K"], resize_intrinsics(src["K"], VK_HW, VK_RESIZE))
+    kept = EvalTransform(VK_SIZE, keep_label_resolution=True, resize_to=VK_RESIZE)(src)
+    assert kept["image"].shape == (3, *VK_RESIZE) and torch.equal(kept["depth"], src["depth"])
+    assert EvalTransform(VK_SIZE)(src)["image"].shape == (3, *VK_SIZE)  # without resize_to: as before
+    for bad in ((0, 10), (5.5, 10)):
+        with pytest.raises(ValueError, match="resize_to must be"):
+            TrainTransform(VK_SIZE, resize_to=bad)
+
+
+def test_vkitti2_to_cityscapes_recipe_resizes_the_source_keeping_its_aspect(monkeypatch, tmp_path):
+    import uda.cli
+    from uda.adaptation import adaptation_config, adaptation_parser
+
+    parser = adaptation_parser("test")
+    cfg = adaptation_config(parser.parse_args([]), "vkitti2", "vkitti2_8", "cityscapes8")
+    assert cfg.data.resize_to == (512, 1696) and cfg.data.size == (512, 1024)
+    assert cfg.data.sky_depth == "far" and cfg.target.resize_to is None and cfg.target.size == (512, 1024)
+    oracle = adaptation_config(parser.parse_args(["--oracle"]), "vkitti2", "vkitti2_8", "cityscapes8")
+    assert oracle.data.dataset == "cityscapes" and oracle.data.resize_to is None
+    synthia = adaptation_config(parser.parse_args([]), "synthia", "synthia16", "cityscapes16")
+    assert synthia.data.resize_to is None
+
+    # --toy: finalise sets the toy size; resize_to is scaled alike (same height, VKITTI2's aspect ratio).
+    monkeypatch.setattr(uda.cli, "ensure_toy_data", lambda root: tmp_path)
+    args = parser.parse_args(["--toy"])
+    toy = uda.cli.finalise(adaptation_config(args, "vkitti2", "vkitti2_8", "cityscapes8"), args, "vk2cs")
+    assert toy.data.size == uda.cli.TOY_SIZE and toy.data.resize_to == (96, 318)
+    assert abs(318 / 96 / (1242 / 375) - 1) < 0.01 and toy.target.resize_to is None

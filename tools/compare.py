@@ -4,7 +4,10 @@
 
 Runs are grouped by their config name (recipe, variant, model); seeds of one group are averaged. Delta_T
 (paper Eq. from Vandenhende et al.) is computed per run against the mean of the baseline group: by default
-the STL group of the same recipe and variant (STL-UDA for adaptation runs).
+the STL group of the same recipe and variant (STL-UDA for adaptation runs). It uses one primary metric per
+task, as the DenseMTL authors' released code defines it: semseg/miou; depth/rmse (with per-image
+evaluation, sqrt of the mean per-image MSE); normals/mean (per-image mean angle averaged over images);
+edges/f1 (mean of the background and edge F1).
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda.metrics import PRIMARY_METRICS, multitask_delta  # noqa: E402
 
 SHOWN = ["semseg/miou", "semseg/miou_subset", "depth/rmse", "depth/abs_rel", "normals/mean", "edges/f1"]
+
+# Keys only metrics.json files written before the headline metrics followed the authors' definitions hold;
+# their depth/rmse (per image), normals/mean and edges/f1 mean something else.
+LEGACY_KEYS = ("depth/rmse_of_mean_mse", "edges/f1_mean_bg_edge")
+
+
+def is_legacy(metrics: dict) -> bool:
+    """Whether a split's metrics predate the authors' definitions of the headline metrics."""
+    pooled_normals_only = "normals/mean" in metrics and "normals/mean_pooled" not in metrics
+    return pooled_normals_only or any(k in metrics for k in LEGACY_KEYS)
 
 
 def load_run(path: Path, split: str | None) -> tuple[str, dict, list[str], str]:
@@ -65,6 +78,12 @@ def main(argv: list[str] | None = None) -> str:
     info: dict[str, tuple[list[str], str]] = {}
     for run in args.runs:
         name, metrics, tasks, arch = load_run(run, args.split)
+        if is_legacy(metrics):
+            print(
+                f"warning: {run}/metrics.json uses the older metric definitions (depth/rmse per image, "
+                "normals/mean, edges/f1 differ); re-evaluate it with tools/evaluate.py before comparing",
+                file=sys.stderr,
+            )
         groups[name].append(metrics)
         info[name] = (tasks, arch)
 

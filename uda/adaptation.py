@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from uda.cli import base_parser
+from uda.cli import TOY_SIZE, base_parser
 from uda.config import AdaptConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
 from uda.selfsupervised import with_photometric
 
 # mIoU* of SYNTHIA -> Cityscapes: the 16 classes without wall, fence and pole.
 CLASSES_13_OF_16 = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+# VKITTI2 (1242x375) as the authors' VK -> CS code feeds it: resized to 1696x512 (aspect ratio kept,
+# 1242 * 512 / 375 = 1695.7), then randomly cropped to the 1024x512 working size; (height, width).
+VKITTI2_RESIZE_TO = (512, 1696)
 
 
 def adaptation_parser(description: str) -> argparse.ArgumentParser:
@@ -39,11 +42,18 @@ def adaptation_config(
     """SYNTHIA/VKITTI2 -> Cityscapes, S-D, mTEB, lambda_adv 5e-3, evaluated on Cityscapes val at 1024x512 with
     per-image median depth scaling (depth scale is ambiguous across domains)."""
     size = (512, 1024)
+    resize_to = None
+    if source == "vkitti2":
+        # --toy later sets data.size to TOY_SIZE (uda.cli.finalise): scale resize_to by the same factor, so
+        # the toy run also trains on undistorted crops of the resized source (96x318 -> 96x192).
+        f = TOY_SIZE[0] / size[0] if args.toy else 1.0
+        resize_to = (round(VKITTI2_RESIZE_TO[0] * f), round(VKITTI2_RESIZE_TO[1] * f))
     src = DataConfig(
         dataset=source,
         label_set=source_labels,
         size=size,
         variation="clone" if args.toy else "15-deg-left",
+        resize_to=resize_to,
     )
     tgt = DataConfig(dataset="cityscapes", label_set=target_labels, size=size)
     cfg = ExperimentConfig(

@@ -31,6 +31,9 @@ class ModelConfig:
     backbone: Backbone = "resnet101"
     pretrained: bool = True  # ImageNet weights through torchvision
     weights_path: str | None = None  # local copy of the torchvision ImageNet weights (.pth)
+    # The task decoder of stl/mtl: 3-ways (ASPP 6/12/18 + 4 upsampling stages) or the DeepLab head of the MTL
+    # survey (ASPP 12/24/36 + 3x3 + 1x1 at output stride 16) used by the paper's STL/MTL baselines.
+    decoder: Literal["3ways", "deeplab"] = "3ways"
     decoder_channels: tuple[int, ...] = (64, 128, 128, 256, 256)  # fine (scale 0) to coarse (scale 4)
     exchange_scales: tuple[int, ...] = (1,)  # decoder scales where the exchange block sits (1..4)
     fusion: Literal["add", "prod", "concat"] = "add"  # mTEB fusion, paper Table 4a
@@ -60,6 +63,22 @@ class DataConfig:
     batch_size: int = 2
     num_workers: int = 2
     variation: str = "clone"  # VKITTI2 variation folder
+    # (height, width) every sample is resized to before the random scale (relative to it) and the crop to
+    # `size`, e.g. VKITTI2 375x1242 -> (512, 1696), aspect kept, then crop 512x1024; evaluation runs on the
+    # whole image at resize_to. None = resize straight to the (scaled) `size`.
+    resize_to: tuple[int, int] | None = None
+    # VKITTI2 sky (depth PNG 65535): "far" = supervised as 655.35 m, as the authors (the < 80 m evaluation
+    # cap removes it); "none" = 0, no measurement. Other datasets have no sky code and only accept "far".
+    sky_depth: Literal["far", "none"] = "far"
+
+    def __post_init__(self) -> None:
+        if self.resize_to is not None and min(self.resize_to) < 1:
+            raise ConfigError(f"resize_to: {self.resize_to} must be (height, width) >= 1, or None")
+        if self.sky_depth != "far" and self.dataset != "vkitti2":
+            raise ConfigError(
+                f"sky_depth={self.sky_depth!r} is an option of vkitti2 only ({self.dataset} reads its depth "
+                "files as stored); remove the key"
+            )
 
 
 @dataclass
@@ -143,7 +162,8 @@ class AdaptConfig:
     disc_betas: tuple[float, float] = (0.9, 0.99)
     disc_poly_power: float = 0.9
     disc_channels: int = 64
-    spectral_norm: bool = False
+    spectral_norm: bool = True  # spectral-norm convolutions, as the authors' discriminator
+    flip_inputs: bool = True  # mirror each discriminator's input batch with p = 1/2, as the authors' code
     depth_range: tuple[float, float] = (
         1.0,
         100.0,

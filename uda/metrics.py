@@ -145,9 +145,12 @@ _DEPTH_TERMS = ("abs_rel", "abs_err", "sq_rel", "sq_err", "log_sq_err", "a1", "a
 class DepthMetric(StreamingMetric):
     """Depth errors in metres (abs_rel, abs_err, sq_rel, rmse, rmse_log, a1-a3) on GT pixels in (min_depth, max_depth).
 
-    per_image=True averages each image's metric over images (rmse = mean of per-image RMSE; the released
-    code's sqrt of the mean per-image MSE is `rmse_of_mean_mse`); per_image=False pools all pixels of
-    the set (rmse = sqrt of the mean squared error over every valid pixel).
+    per_image=True (the DenseMTL authors' protocol) computes every metric per image and averages over
+    images; `rmse` is sqrt of the mean over images of the per-image MSE, `rmse_log` likewise from the
+    per-image mean squared log error. per_image=False pools all valid pixels of the set: rmse and
+    rmse_log are the root of the mean over every pixel. In both modes `rmse_per_image` and
+    `rmse_log_per_image` are the mean over images of each image's RMSE (RMSE-log), the other common
+    per-image convention. Images without a valid GT pixel are skipped.
     """
 
     def __init__(
@@ -165,7 +168,7 @@ class DepthMetric(StreamingMetric):
         super().__init__(device)
 
     def _empty_state(self) -> State:
-        keys = (*_DEPTH_TERMS, "rmse", "rmse_log", "median_scale", "count", "images")
+        keys = (*_DEPTH_TERMS, "rmse_per_image", "rmse_log_per_image", "median_scale", "count", "images")
         return {k: torch.zeros((), dtype=torch.float64) for k in keys}
 
     @torch.no_grad()
@@ -195,14 +198,11 @@ class DepthMetric(StreamingMetric):
                 "a2": (ratio_max < 1.25**2).double(),
                 "a3": (ratio_max < 1.25**3).double(),
             }
-            if self.per_image:
-                for key, term in terms.items():
-                    self._add(key, term.mean())
-                self._add("rmse", terms["sq_err"].mean().sqrt())
-                self._add("rmse_log", terms["log_sq_err"].mean().sqrt())
-            else:
-                for key, term in terms.items():
-                    self._add(key, term.sum())
+            # Sums of per-image means (per image) or of per-pixel values (pooled).
+            for key, term in terms.items():
+                self._add(key, term.mean() if self.per_image else term.sum())
+            self._add("rmse_per_image", terms["sq_err"].mean().sqrt())
+            self._add("rmse_log_per_image", terms["log_sq_err"].mean().sqrt())
             self._add("count", valid.sum())
             self._add("images", 1.0)
 
@@ -211,24 +211,27 @@ class DepthMetric(StreamingMetric):
         s = {k: float(v) for k, v in self._state.items()}
         n = s["images"] if self.per_image else s["count"]
         out = {k: _div(s[k], n) for k in ("abs_rel", "abs_err", "sq_rel", "a1", "a2", "a3")}
-        if self.per_image:
-            out["rmse"] = _div(s["rmse"], n)
-            out["rmse_log"] = _div(s["rmse_log"], n)
-        else:
-            out["rmse"] = math.sqrt(_div(s["sq_err"], n))
-            out["rmse_log"] = math.sqrt(_div(s["log_sq_err"], n))
-        # Per image: sqrt of the mean of per-image MSE (released code); per pixel: equal to rmse.
-        out["rmse_of_mean_mse"] = math.sqrt(_div(s["sq_err"], n))
+        # sqrt of the mean squared error: over images of per-image MSE, or over pooled pixels.
+        out["rmse"] = math.sqrt(_div(s["sq_err"], n))
+        out["rmse_log"] = math.sqrt(_div(s["log_sq_err"], n))
+        out["rmse_per_image"] = _div(s["rmse_per_image"], s["images"])
+        out["rmse_log_per_image"] = _div(s["rmse_log_per_image"], s["images"])
         if self.median_scaling:
             out["median_scale"] = _div(s["median_scale"], s["images"])
         return out
 
 
 class NormalsMetric(StreamingMetric):
-    """Angular error (degrees) of normals over pixels with known GT, pooled over all pixels of the set.
+    """Angular error (degrees) of normals over pixels with known GT, per image and pooled.
 
-    The median comes from a histogram with 0.01 degree bins over [0, 180] (bin centre), so it is exact
-    to within 0.01 degrees and still reduces by summation across processes.
+    Per image (the DenseMTL authors' protocol, the unsuffixed keys): each image's mean and median angle
+    and its fraction of pixels under 11.25/22.5/30 degrees are averaged over images; `rmse` is sqrt of
+    the mean over images of the per-image mean squared angle. Images without a known GT normal are
+    skipped. The per-image median is exact (numpy's: the mean of the two middle values for an even
+    count; the released code's torch.median takes the lower one).
+    Pooled (`*_pooled`): the same quantities over all valid pixels of the set. The pooled median comes
+    from a histogram with 0.01 degree bins over [0, 180] (bin centre), so it is exact to within 0.01
+    degrees and still reduces by summation across processes.
     """
 
     BIN_DEG = 0.01
@@ -236,8 +239,10 @@ class NormalsMetric(StreamingMetric):
     THRESHOLDS = (11.25, 22.5, 30.0)
 
     def _empty_state(self) -> State:
-        state = {k: torch.zeros((), dtype=torch.float64) for k in ("sum", "sum_sq", "count")}
-        state.update({f"within_{t}": torch.zeros((), dtype=torch.float64) for t in self.THRESHOLDS})
+        # Pooled: sums over pixels. Per image: sums over images of per-image values.
+        keys = ["sum", "sum_sq", "count", "image_mean", "image_median", "image_mse", "images"]
+        keys += [f"within_{t}" for t in self.THRESHOLDS] + [f"image_within_{t}" for t in self.THRESHOLDS]
+        state = {k: torch.zeros((), dtype=torch.float64) for k in keys}
         state["hist"] = torch.zeros(self.NUM_BINS, dtype=torch.float64)
         return state
 
@@ -246,41 +251,64 @@ class NormalsMetric(StreamingMetric):
         """Add raw predicted normals [B,3,h,w] (resized bilinearly) vs GT [B,3,H,W] (0 = unknown)."""
         pred = resize_to(pred.float(), target.shape[-2:])
         valid = target.norm(dim=1) > 0.5
-        p = F.normalize(pred, dim=1, eps=1e-8).movedim(1, -1)[valid].double()
-        g = F.normalize(target.float(), dim=1, eps=1e-8).movedim(1, -1)[valid].double()
+        p = F.normalize(pred, dim=1, eps=1e-8).movedim(1, -1).double()
+        g = F.normalize(target.float(), dim=1, eps=1e-8).movedim(1, -1).double()
         # 2 atan2(|p-g|, |p+g|) is accurate near 0 and 180 degrees, where arccos(p.g) loses precision.
-        angle = torch.rad2deg(2.0 * torch.atan2((p - g).norm(dim=-1), (p + g).norm(dim=-1)))
-        self._add("sum", angle.sum())
-        self._add("sum_sq", angle.square().sum())
-        self._add("count", float(angle.numel()))
-        for t in self.THRESHOLDS:
-            self._add(f"within_{t}", (angle < t).sum())
-        bins = (angle / self.BIN_DEG).long().clamp(0, self.NUM_BINS - 1)
-        self._add("hist", torch.bincount(bins, minlength=self.NUM_BINS))
+        angles = torch.rad2deg(2.0 * torch.atan2((p - g).norm(dim=-1), (p + g).norm(dim=-1)))
+        for image_angles, image_valid in zip(angles, valid, strict=True):
+            angle = image_angles[image_valid]
+            if angle.numel() == 0:
+                continue  # an image without known GT normals says nothing about the prediction
+            self._add("sum", angle.sum())
+            self._add("sum_sq", angle.square().sum())
+            self._add("count", float(angle.numel()))
+            self._add("image_mean", angle.mean())
+            self._add("image_median", _median(angle))
+            self._add("image_mse", angle.square().mean())
+            self._add("images", 1.0)
+            for t in self.THRESHOLDS:
+                below = (angle < t).double()
+                self._add(f"within_{t}", below.sum())
+                self._add(f"image_within_{t}", below.mean())
+            bins = (angle / self.BIN_DEG).long().clamp(0, self.NUM_BINS - 1)
+            self._add("hist", torch.bincount(bins, minlength=self.NUM_BINS))
+
+    def _pooled_median(self) -> float:
+        n = float(self._state["count"])
+        if n <= 0:
+            return math.nan
+        # Like numpy: the middle value, or the mean of the two middle values for an even count.
+        count = round(n)
+        ranks = [(count + 1) // 2] if count % 2 else [count // 2, count // 2 + 1]
+        cumulative = self._state["hist"].cpu().cumsum(0)
+        bins = torch.searchsorted(cumulative, torch.tensor(ranks, dtype=torch.float64))
+        return float((bins.double() + 0.5).mean()) * self.BIN_DEG
 
     def compute(self) -> dict[str, float]:
-        """mean, median, rmse (degrees) and within_<t> (fraction of pixels under t degrees)."""
-        s = self._state
-        n = float(s["count"])
-        out = {"mean": _div(float(s["sum"]), n), "rmse": math.sqrt(_div(float(s["sum_sq"]), n))}
-        if n > 0:
-            # Like numpy: the middle value, or the mean of the two middle values for an even count.
-            count = round(n)
-            ranks = [(count + 1) // 2] if count % 2 else [count // 2, count // 2 + 1]
-            cumulative = s["hist"].cpu().cumsum(0)
-            bins = torch.searchsorted(cumulative, torch.tensor(ranks, dtype=torch.float64))
-            out["median"] = float((bins.double() + 0.5).mean()) * self.BIN_DEG
-        else:
-            out["median"] = math.nan
-        out.update({f"within_{t}": _div(float(s[f"within_{t}"]), n) for t in self.THRESHOLDS})
+        """mean, median, rmse (degrees) and within_<t> (fraction under t degrees): per image averaged over
+        images, and the same keys with the suffix `_pooled` over all valid pixels."""
+        s = {k: float(v) for k, v in self._state.items() if k != "hist"}
+        images, n = s["images"], s["count"]
+        out = {
+            "mean": _div(s["image_mean"], images),
+            "median": _div(s["image_median"], images),
+            "rmse": math.sqrt(_div(s["image_mse"], images)),
+        }
+        out.update({f"within_{t}": _div(s[f"image_within_{t}"], images) for t in self.THRESHOLDS})
+        out["mean_pooled"] = _div(s["sum"], n)
+        out["median_pooled"] = self._pooled_median()
+        out["rmse_pooled"] = math.sqrt(_div(s["sum_sq"], n))
+        out.update({f"within_{t}_pooled": _div(s[f"within_{t}"], n) for t in self.THRESHOLDS})
         return out
 
 
 class EdgesMetric(StreamingMetric):
-    """F1 of the edge class at a fixed threshold on sigmoid(logit), from summed TP/FP/FN. Not ODS-F.
+    """Edge metrics at a fixed threshold on sigmoid(logit), from a summed 2-class confusion (TP/FP/FN/TN).
 
-    `f1_mean_bg_edge` is the released code's number: the mean of the edge and background F1. GT pixels
-    other than 0 and 1 are ignored.
+    `f1` is the DenseMTL authors' headline: the mean of the background and edge F1, skipping a class
+    absent from both GT and prediction (its F1 is 0/0); not ODS-F. `f1_edge`, `precision_edge` and
+    `recall_edge` are those of the edge class, `f1_bg` that of the background. GT pixels other than 0
+    and 1 are ignored.
     """
 
     def __init__(self, threshold: float = 0.5, device: torch.device | str | None = None) -> None:
@@ -303,15 +331,17 @@ class EdgesMetric(StreamingMetric):
         self._add("tn", (~pred & ~gt).sum())
 
     def compute(self) -> dict[str, float]:
-        """f1, precision, recall of the edge class and f1_mean_bg_edge (fractions)."""
+        """f1 (mean of background and edge F1), f1_edge, f1_bg, precision_edge, recall_edge (fractions)."""
         tp, fp, fn, tn = (float(self._state[k]) for k in ("tp", "fp", "fn", "tn"))
-        f1 = _div(2 * tp, 2 * tp + fp + fn)
+        f1_edge = _div(2 * tp, 2 * tp + fp + fn)
         f1_bg = _div(2 * tn, 2 * tn + fn + fp)
+        defined = [f for f in (f1_bg, f1_edge) if not math.isnan(f)]
         return {
-            "f1": f1,
-            "precision": _div(tp, tp + fp),
-            "recall": _div(tp, tp + fn),
-            "f1_mean_bg_edge": 0.5 * (f1 + f1_bg),
+            "f1": sum(defined) / len(defined) if defined else math.nan,
+            "f1_edge": f1_edge,
+            "f1_bg": f1_bg,
+            "precision_edge": _div(tp, tp + fp),
+            "recall_edge": _div(tp, tp + fn),
         }
 
 
@@ -324,7 +354,8 @@ METRIC_DIRECTIONS: dict[str, int] = {
     "depth/sq_rel": -1,
     "depth/rmse": -1,
     "depth/rmse_log": -1,
-    "depth/rmse_of_mean_mse": -1,
+    "depth/rmse_per_image": -1,
+    "depth/rmse_log_per_image": -1,
     "depth/a1": +1,
     "depth/a2": +1,
     "depth/a3": +1,
@@ -334,13 +365,22 @@ METRIC_DIRECTIONS: dict[str, int] = {
     "normals/within_11.25": +1,
     "normals/within_22.5": +1,
     "normals/within_30.0": +1,
+    "normals/mean_pooled": -1,
+    "normals/median_pooled": -1,
+    "normals/rmse_pooled": -1,
+    "normals/within_11.25_pooled": +1,
+    "normals/within_22.5_pooled": +1,
+    "normals/within_30.0_pooled": +1,
     "edges/f1": +1,
-    "edges/precision": +1,
-    "edges/recall": +1,
-    "edges/f1_mean_bg_edge": +1,
+    "edges/f1_edge": +1,
+    "edges/f1_bg": +1,
+    "edges/precision_edge": +1,
+    "edges/recall_edge": +1,
 }
 
-# One metric per task for the multi-task delta (paper §4.1): mIoU, RMSE, mean angle error, F1.
+# One metric per task for the multi-task delta (paper §4.1), as the authors' released code defines them:
+# mIoU; depth RMSE (per_image: sqrt of the mean per-image MSE); mean angle error per image averaged over
+# images; F1 averaged over the background and edge classes.
 PRIMARY_METRICS: dict[str, str] = {
     "semseg": "semseg/miou",
     "depth": "depth/rmse",

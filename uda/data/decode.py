@@ -275,12 +275,29 @@ def vkitti2_label(path: str | Path, colors: dict[tuple[int, int, int], int]) -> 
     return table_ids[pos]
 
 
-def vkitti2_depth(path: str | Path) -> np.ndarray:
-    """VKITTI2 depth in metres float32 [H,W]: 16-bit PNG in centimetres; 65535 (sky, far) becomes 0 = none."""
+VKITTI2_SKY_CM = 65535  # the depth PNG value of sky (and of anything as far or farther)
+VKITTI2_SKY_M = VKITTI2_SKY_CM * 0.01  # 655.35 m
+SKY_DEPTH_MODES = ("far", "none")
+
+
+def vkitti2_depth(path: str | Path, sky: str = "none") -> np.ndarray:
+    """VKITTI2 depth in metres float32 [H,W] from a 16-bit PNG in centimetres.
+
+    Sky (65535) becomes VKITTI2_SKY_M = 655.35 m with sky="far" (the DenseMTL code supervises it as the far
+    value; the < 80 m evaluation cap removes it) or 0 = no measurement with sky="none".
+    """
+    if sky not in SKY_DEPTH_MODES:
+        raise ValueError(f"sky={sky!r}: use one of {', '.join(SKY_DEPTH_MODES)}")
     png = read_png16(path, "depth")
     depth = png.astype(np.float32) * 0.01
-    depth[png == 65535] = 0.0
+    depth[png == VKITTI2_SKY_CM] = VKITTI2_SKY_M if sky == "far" else 0.0
     return depth
+
+
+def vkitti2_sky(depth: np.ndarray) -> np.ndarray:
+    """Sky mask bool [H,W] of a depth map in metres decoded with sky="far" (the 65535 cm value)."""
+    # Every other PNG value is at most 655.34 m, so half a centimetre separates sky from the farthest depth.
+    return depth > VKITTI2_SKY_M - 0.005
 
 
 def vkitti2_intrinsics(path: str | Path) -> dict[tuple[int, int], np.ndarray]:

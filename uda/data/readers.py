@@ -343,15 +343,25 @@ class CityscapesDataset(DenseDataset):
 
 
 class VKitti2Dataset(DenseDataset):
-    """Virtual KITTI 2, one variation (default 'clone'), Camera_0; colour-coded labels, depth PNG in cm."""
+    """Virtual KITTI 2, one variation (default 'clone'), Camera_0; colour-coded labels, depth PNG in cm.
+
+    sky_depth: what the depth PNG's sky value (65535 cm) becomes: "far" = 655.35 m, supervised like any
+    depth (as the DenseMTL code does; the < 80 m evaluation cap removes it), or "none" = 0, no measurement.
+    Normals derived from depth are 0 (unknown) on sky either way: sky is no surface.
+    """
 
     name = "vkitti2"
     image_folder = "Scene*"
     supports_frames = True
     camera_id = 0
 
-    def __init__(self, *args: Any, variation: str = "clone", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, variation: str = "clone", sky_depth: str = "none", **kwargs: Any) -> None:
+        if sky_depth not in decode.SKY_DEPTH_MODES:
+            raise ValueError(
+                f"sky_depth={sky_depth!r} for vkitti2: use one of {', '.join(decode.SKY_DEPTH_MODES)}"
+            )
         self.variation = variation
+        self.sky_depth = sky_depth
         self._colors: dict[str, dict[tuple[int, int, int], int]] = {}
         self._K: dict[str, dict[tuple[int, int], np.ndarray]] = {}
         super().__init__(*args, **kwargs)
@@ -409,7 +419,16 @@ class VKitti2Dataset(DenseDataset):
 
     def depth_m(self, split: str, id: str) -> tuple[np.ndarray, Path]:
         path = self._frame_file(id, "depth", "depth", ".png")
-        return decode.vkitti2_depth(path), path
+        return decode.vkitti2_depth(path, self.sky_depth), path
+
+    def normals(
+        self, split: str, id: str, depth: np.ndarray | None, K: np.ndarray
+    ) -> tuple[np.ndarray, Path | None]:
+        # Far sky would otherwise pass as a fronto-parallel plane at 655.35 m with normal (0, 0, -1). As 0 it
+        # is unknown, and so are its neighbours (their 3x3 window lacks depth), whatever sky_depth is.
+        if depth is not None and self.sky_depth == "far":
+            depth = np.where(decode.vkitti2_sky(depth), np.float32(0.0), depth)
+        return super().normals(split, id, depth, K)
 
     def intrinsics(self, split: str, id: str, width: int, height: int) -> np.ndarray:
         txt = self._scene(id) / "intrinsic.txt"
@@ -519,9 +538,14 @@ def build_dataset(
     frames: Sequence[int] = (),
     domain: int = 0,
     variation: str = "clone",
+    sky_depth: str = "none",
 ) -> DenseDataset:
-    """The reader for dataset `name` (root = its folder; default datasets/<name>) serving the given tasks."""
+    """The reader for dataset `name` (root = its folder; default datasets/<name>) serving the given tasks.
+
+    variation and sky_depth ("far": sky = 655.35 m, "none": sky = 0) are VKITTI2's; other datasets ignore
+    them (their depth files have no sky code; uda.config.DataConfig refuses sky_depth="none" for them).
+    """
     if name not in DATASET_CLASSES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_CLASSES)}")
-    kwargs: dict[str, Any] = {"variation": variation} if name == "vkitti2" else {}
+    kwargs: dict[str, Any] = {"variation": variation, "sky_depth": sky_depth} if name == "vkitti2" else {}
     return DATASET_CLASSES[name](split, tasks, label_set, root, transform, frames, domain, **kwargs)

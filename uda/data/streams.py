@@ -46,10 +46,12 @@ class RunData:
         """A reader for one split with the train or evaluation transform of `data` (evaluation: labels at the
         working size, or at their native resolution when labels_native / eval.label_resolution)."""
         if train:
-            transform = TrainTransform(data.size, data.scale_range, data.hflip, data.color_jitter)
+            transform = TrainTransform(
+                data.size, data.scale_range, data.hflip, data.color_jitter, resize_to=data.resize_to
+            )
         else:
             native = self.cfg.eval.label_resolution if labels_native is None else labels_native
-            transform = EvalTransform(data.size, keep_label_resolution=native)
+            transform = EvalTransform(data.size, keep_label_resolution=native, resize_to=data.resize_to)
         return build_dataset(
             data.dataset,
             split,
@@ -60,6 +62,7 @@ class RunData:
             frames=self.frames(domain) if train else (),
             domain=domain,
             variation=data.variation,
+            sky_depth=data.sky_depth,
         )
 
     def batches(self, start_step: int, process_index: int = 0, num_processes: int = 1) -> MixedBatches:

@@ -10,6 +10,11 @@ crop changes K but not the scene, so normals keep their values, even when the as
 and fy then scale differently, and back-projection with the new K still yields the same 3-D surface).
 Only the flip, which mirrors the scene (x -> -x), changes them: their x component is negated.
 
+`resize_to` (DataConfig.resize_to) fixes the size every sample is resized to before the random zoom and the
+crop, e.g. VKITTI2 1242x375 -> 1696x512 (aspect ratio kept) then a 1024x512 crop, as the DenseMTL code does
+for VKITTI2 -> Cityscapes. Without it a sample is resized straight to the (zoomed) output size, which
+changes the aspect ratio when the two differ. Evaluation then runs on the whole image at resize_to.
+
 Randomness comes from torch's global RNG only (also for albumentations, which gets a seed drawn from it),
 so torch.manual_seed and DataLoader worker seeding make runs reproducible.
 """
@@ -130,8 +135,18 @@ def _hflip(sample: Sample) -> Sample:
     return sample
 
 
+def _check_hw(hw: tuple[int, int] | None, name: str) -> tuple[int, int] | None:
+    """hw as a pair of positive ints (None passes through), or ValueError naming the argument."""
+    if hw is None:
+        return None
+    if len(hw) != 2 or any(int(v) != v or v < 1 for v in hw):
+        raise ValueError(f"{name} must be (height, width) in whole pixels >= 1, got {hw}")
+    return int(hw[0]), int(hw[1])
+
+
 class TrainTransform:
-    """Random scale, crop (padding if needed), horizontal flip and colour jitter for training samples."""
+    """Resize (to resize_to if given), random scale, crop (padding if needed), horizontal flip and colour
+    jitter for training samples."""
 
     def __init__(
         self,
@@ -139,13 +154,16 @@ class TrainTransform:
         scale_range: tuple[float, float] = (1.0, 1.0),
         hflip: bool = True,
         color_jitter: float = 0.0,
+        resize_to: tuple[int, int] | None = None,
     ) -> None:
-        """size (h, w) in pixels of the output; scale_range of the random zoom; jitter strength in [0, 1]."""
+        """size (h, w) in pixels of the output; scale_range of the random zoom, relative to resize_to (h, w)
+        when given, else to size; jitter strength in [0, 1]."""
         if scale_range[0] <= 0 or scale_range[1] < scale_range[0]:
             raise ValueError(f"scale_range must be 0 < lo <= hi, got {scale_range}")
         if color_jitter < 0:
             raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
-        self.size = (int(size[0]), int(size[1]))
+        self.size = _check_hw(size, "size")
+        self.resize_to = _check_hw(resize_to, "resize_to")
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.hflip = hflip
         self.color_jitter = float(color_jitter)
@@ -160,9 +178,12 @@ class TrainTransform:
         """The transformed copy of `sample`; keys other than the maps, K and frames pass through."""
         out = _copy(sample)
         h, w = self.size
+        base_h, base_w = self.resize_to or self.size
         lo, hi = self.scale_range
         s = lo + (hi - lo) * torch.rand(()).item()
-        scaled = (max(1, round(h * s)), max(1, round(w * s)))
+        # Resizing to resize_to and then zooming by s is one resize to the product: a single interpolation,
+        # and K follows the same (src -> scaled) map.
+        scaled = (max(1, round(base_h * s)), max(1, round(base_w * s)))
         out = _resize(out, scaled)
 
         # Offsets range over every window that overlaps the scaled image; negative ones pad it when smaller.
@@ -203,11 +224,22 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Deterministic resize for evaluation; labels optionally stay at their native resolution."""
+    """Deterministic resize for evaluation; labels optionally stay at their native resolution.
 
-    def __init__(self, size: tuple[int, int] | None, keep_label_resolution: bool = False) -> None:
-        """size (h, w) in pixels of the network input (None: keep); keep_label_resolution: labels not resized."""
-        self.size = None if size is None else (int(size[0]), int(size[1]))
+    With resize_to the whole image is evaluated at resize_to, the scale it was trained at, and not cropped
+    to size (as the DenseMTL code validates: resize, no crop): no part of the image is left out and no
+    aspect ratio changes. Without it, images are resized to size as before.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int] | None,
+        keep_label_resolution: bool = False,
+        resize_to: tuple[int, int] | None = None,
+    ) -> None:
+        """size (h, w) in pixels of the network input (None: keep); keep_label_resolution: labels not resized;
+        resize_to (h, w): the network input size instead of size (the training transform's resize_to)."""
+        self.size = _check_hw(resize_to, "resize_to") or (None if size is None else _check_hw(size, "size"))
         self.keep_label_resolution = keep_label_resolution
 
     def __call__(self, sample: Sample) -> Sample:

@@ -1,7 +1,8 @@
-"""The "3-ways" task decoder: ASPP on the deepest features, four upsampling stages with skips, side heads.
+"""Task decoders: the "3-ways" decoder (ASPP, four upsampling stages with skips, side heads) and the DeepLab head.
 
-The decoder runs stage by stage (`stage(s, x, skips)`) so that the multi-task model can insert an exchange
-block after any stage; `head(s, x)` turns stage-s features into the task prediction at scale s.
+The 3-ways decoder runs stage by stage (`stage(s, x, skips)`) so that the multi-task model can insert an
+exchange block after any stage; `head(s, x)` turns stage-s features into the task prediction at scale s.
+The DeepLab head (`DeepLabDecoder`) maps the deepest encoder map straight to a full-resolution prediction.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-ASPP_RATES = (6, 12, 18)
+ASPP_RATES = (6, 12, 18)  # 3-ways decoder
+DEEPLAB_RATES = (12, 24, 36)  # DeepLab head of the MTL survey (Vandenhende et al., TPAMI 2021)
+DEEPLAB_CHANNELS = 256
 
 
 class ConvBlock(nn.Sequential):
@@ -93,3 +96,36 @@ class TaskDecoder(nn.Module):
     def head(self, s: int, x: Tensor) -> Tensor:
         """Prediction at scale s from stage-s features."""
         return self.heads[str(s)](x)
+
+
+class DeepLabDecoder(nn.Sequential):
+    """DeepLab-v3 head of the MTL survey: [B,C_in,h,w] deepest map -> [B,out_channels,H,W] at `size`.
+
+    ASPP (torchvision's: 1x1 + three 3x3 atrous at rates 12/24/36 + image pooling, 256 ch, 1x1 projection +
+    BN + ReLU + Dropout 0.5), Conv3x3 + BN + ReLU, then `output_head` at 1/16 of the input, upsampled
+    bilinearly to `size`. Laid out as torchvision's `DeepLabHead` (same module indices, so its state dict
+    fits), except that the last layer comes from `output_head`: with sigmoid=True (disparity) it is a 3x3
+    reflection-padded conv + sigmoid instead of the 1x1 conv, which needs the deepest map to be >= 2 px a side.
+    In training a forward needs >= 2 images (the image-pooling branch's BatchNorm sees one value per image).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, sigmoid: bool = False, bias: float | None = None):
+        super().__init__(
+            ASPP(in_channels, DEEPLAB_RATES, DEEPLAB_CHANNELS),
+            nn.Conv2d(DEEPLAB_CHANNELS, DEEPLAB_CHANNELS, 3, padding=1, bias=False),
+            nn.BatchNorm2d(DEEPLAB_CHANNELS),
+            nn.ReLU(),
+            output_head(DEEPLAB_CHANNELS, out_channels, sigmoid, bias),
+        )
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """x: deepest encoder map (output stride 16). size: output (H, W), the input image size (default 16x x).
+
+        Returns the prediction [B, out_channels, H, W], bilinearly upsampled from 1/16 resolution.
+        """
+        for layer in self:
+            x = layer(x)
+        # Bilinear (not nearest) as the survey's code: a smooth x16 upsampling of the coarse prediction.
+        return F.interpolate(
+            x, size=size, scale_factor=None if size else 16.0, mode="bilinear", align_corners=False
+        )

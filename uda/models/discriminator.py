@@ -10,7 +10,7 @@ class PatchDiscriminator(nn.Module):
     """Five 4x4 stride-2 convs (ndf, 2ndf, 4ndf, 8ndf, 1), LeakyReLU(0.2) between; optional spectral norm.
 
     Input [B,in_channels,H,W] -> patch logits [B,1,~H/32,~W/32] (e.g. 64x128 -> 2x4). No augmentation here:
-    a random flip of its input, as in the reference, belongs to the training loop.
+    the random flip of its input (adapt.flip_inputs, as in the authors' code) belongs to the objective.
     """
 
     def __init__(self, in_channels: int, ndf: int = 64, spectral_norm: bool = False):

@@ -1,5 +1,8 @@
 """Assembled networks: multi-task (MTL, 3-ways PAD-Net, mTEB), single-task baselines and original PAD-Net.
 
+STL and MTL take either task decoder (cfg.decoder): the 3-ways decoder or the DeepLab head of the MTL survey
+(the paper's STL/MTL baselines), which predicts at scale 0 only.
+
 Every model maps an RGB batch [B,3,H,W] in [0,1] to `{task: {scale: prediction}}`: scale 0 is the final
 prediction at full input resolution, scale s > 0 an intermediate one at 1/2^s resolution taken before the
 exchange block at that scale. Task output channels come from the caller (semseg C, depth 1, normals 3,
@@ -16,13 +19,26 @@ from torchvision.models.resnet import Bottleneck
 
 from uda.config import ModelConfig
 from uda.models.backbone import ResNetEncoder
-from uda.models.decoder import TaskDecoder, output_head
+from uda.models.decoder import DeepLabDecoder, TaskDecoder, output_head
 from uda.models.exchange import EXCHANGE_BLOCKS, PADNetDistillation
 
 Outputs = dict[str, dict[int, Tensor]]
 
 # Exchange block of each multi-task architecture built on the 3-ways decoder.
 EXCHANGE_OF_ARCH = {"mtl": "none", "3ways-padnet": "padnet", "mteb": "mteb"}
+
+# Architectures whose task decoder is chosen by cfg.decoder (the others have their own decoder design).
+DEEPLAB_ARCHS = ("stl", "mtl")
+
+
+def check_decoder(cfg: ModelConfig, arch: str | None = None) -> None:
+    """Raise ValueError unless `arch` (default cfg.arch) can take cfg.decoder (the DeepLab head: stl, mtl)."""
+    arch = arch or cfg.arch
+    if cfg.decoder == "deeplab" and arch not in DEEPLAB_ARCHS:
+        raise ValueError(
+            f"model.decoder=deeplab is the task decoder of the STL/MTL baselines: it works with model.arch "
+            f"{' or '.join(DEEPLAB_ARCHS)}, not model.arch={arch}; set model.decoder=3ways"
+        )
 
 
 def output_scales(cfg: ModelConfig) -> tuple[int, ...]:
@@ -55,11 +71,17 @@ class MultiTaskModel(nn.Module):
 
     exchange: registered exchange block kind; default from cfg.arch ("mtl" none, "3ways-padnet" padnet,
     "mteb" mteb). Exchange scales must lie in 1..4; the block at scale s works on decoder_channels[s].
+    With cfg.decoder="deeplab" (exchange "none" only): one DeepLab head per task on the deepest encoder map,
+    outputs at scale 0 only; cfg.decoder_channels, exchange_scales and output_scales do not apply.
     """
 
     def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, exchange: str | None = None):
         super().__init__()
         kind = exchange if exchange is not None else EXCHANGE_OF_ARCH[cfg.arch]
+        self.decoder_kind = cfg.decoder
+        if cfg.decoder == "deeplab":
+            self._build_deeplab(tasks, cfg, kind)
+            return
         if not set(cfg.exchange_scales) <= {1, 2, 3, 4}:
             raise ValueError(f"model.exchange_scales must lie in 1..4, got {cfg.exchange_scales}")
         self.tasks = tuple(tasks)
@@ -86,8 +108,34 @@ class MultiTaskModel(nn.Module):
             }
         )
 
+    def _build_deeplab(self, tasks: Mapping[str, int], cfg: ModelConfig, kind: str) -> None:
+        """Encoder + one DeepLab head per task; exchange `kind` must be "none", side outputs scale 0 only."""
+        if kind != "none":
+            raise ValueError(
+                f"model.decoder=deeplab takes no exchange block (got {kind!r}): it works with model.arch "
+                f"{' or '.join(DEEPLAB_ARCHS)}; set model.decoder=3ways"
+            )
+        if cfg.output_scales is not None and not set(cfg.output_scales) <= {0}:
+            raise ValueError(
+                f"model.decoder=deeplab predicts at scale 0 only (it has no decoder stages), but "
+                f"model.output_scales={cfg.output_scales}; set model.decoder=3ways or drop model.output_scales"
+            )
+        self.tasks = tuple(tasks)
+        self.scales = (0,)
+        self.encoder = ResNetEncoder(cfg.backbone, cfg.pretrained, cfg.weights_path)
+        self.decoders = nn.ModuleDict(
+            {
+                t: DeepLabDecoder(self.encoder.channels[-1], n, _sigmoid_head(t, cfg), _head_bias(t, cfg))
+                for t, n in tasks.items()
+            }
+        )
+        self.exchange = nn.ModuleDict()  # none: tasks meet only in the shared encoder
+
     def forward(self, image: Tensor) -> Outputs:
-        """image [B,3,H,W] in [0,1] -> {task: {scale: [B,C_task,H/2^s,W/2^s]}}."""
+        """image [B,3,H,W] in [0,1] -> {task: {scale: [B,C_task,H/2^s,W/2^s]}} (deeplab: scale 0 only)."""
+        if self.decoder_kind == "deeplab":
+            deepest = self.encoder(image)[-1]
+            return {t: {0: self.decoders[t](deepest, image.shape[-2:])} for t in self.tasks}
         skips = self.encoder(image)
         x = {t: skips[4] for t in self.tasks}
         out: Outputs = {t: {} for t in self.tasks}
@@ -114,7 +162,8 @@ class MultiTaskModel(nn.Module):
 class STLModel(nn.Module):
     """Single-task baselines: one full network (own encoder + decoder) per task, outputs merged.
 
-    `network(tasks, cfg)` builds each task's network (default: the 3-ways model without exchange block).
+    `network(tasks, cfg)` builds each task's network (default: MultiTaskModel without exchange block, whose
+    decoder is cfg.decoder: 3-ways or the DeepLab head).
     """
 
     def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, network=None):
@@ -159,6 +208,7 @@ class PADNet(nn.Module):
 
     def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, width: int = 256):
         super().__init__()
+        check_decoder(cfg, arch="padnet")
         self.tasks = tuple(tasks)
         self.encoder = ResNetEncoder(cfg.backbone, cfg.pretrained, cfg.weights_path)
         deepest = self.encoder.channels[-1]
@@ -207,6 +257,9 @@ ARCHS: dict[str, Callable[[Mapping[str, int], ModelConfig], nn.Module]] = {
 
 def intermediate_scales(cfg: ModelConfig) -> tuple[int, ...]:
     """Scales of the intermediate predictions (taken before the exchange block) a model of cfg emits."""
+    check_decoder(cfg)
+    if cfg.decoder == "deeplab":
+        return ()  # the DeepLab head has no decoder stage to take an intermediate prediction from
     if cfg.arch == "padnet":
         return (PADNet.INTERMEDIATE_SCALE,)
     if cfg.arch in ("xtasc-unet", "xtasc-stl"):
@@ -218,4 +271,5 @@ def build_model(cfg: ModelConfig, tasks: Mapping[str, int]) -> nn.Module:
     """The network of cfg.arch for `tasks` (task -> output channels)."""
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    check_decoder(cfg)
     return ARCHS[cfg.arch](tasks, cfg)

@@ -68,6 +68,13 @@ class Adversarial(Objective):
         output = F.interpolate(output.float(), size=size, mode="bilinear", align_corners=False)
         return TASK_DEFS[task].domain_map(output, self.space)
 
+    def discriminate(self, key: str, x: Tensor) -> Tensor:
+        """Patch logits of discriminator `key`; with adapt.flip_inputs its input batch is mirrored with
+        probability 1/2 (one draw per call, as the authors' RandomHorizontalFlip on the batch tensor)."""
+        if self.cfg.flip_inputs and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        return self.discriminators[key](x)
+
     def adversarial_loss(
         self, outputs: Mapping, size: tuple[int, int], is_source: bool, detach: bool
     ) -> torch.Tensor:
@@ -75,16 +82,15 @@ class Adversarial(Objective):
         losses = []
         for task, scale in self.aligned:
             x = self.discriminator_input(task, outputs[task][scale], size)
-            losses.append(
-                bce_with_domain(
-                    self.discriminators[f"{task}_s{scale}"](x.detach() if detach else x), is_source
-                )
-            )
+            logits = self.discriminate(f"{task}_s{scale}", x.detach() if detach else x)
+            losses.append(bce_with_domain(logits, is_source))
         return torch.stack(losses).mean()
 
     def loss(self, step: Step) -> Terms | None:
-        # Frozen for the model update: the adversarial gradient reaches the model only.
+        # Frozen for the model update: the adversarial gradient reaches the model only, and in eval mode the
+        # spectral norms use their current estimate instead of advancing their power iteration.
         self.discriminators.requires_grad_(False)
+        self.discriminators.eval()
         if not self.active(step.index):
             return None
         size = tuple(step.batch["target"]["image"].shape[-2:])
@@ -97,6 +103,7 @@ class Adversarial(Objective):
             return {}
         acc = step.accelerator
         self.discriminators.requires_grad_(True)
+        self.discriminators.train()
         with acc.autocast():
             size_s = tuple(step.batch["source"]["image"].shape[-2:])
             size_t = tuple(step.batch["target"]["image"].shape[-2:])
