@@ -59,3 +59,37 @@ def test_resume_matches_uninterrupted_run(toy_root, tmp_path):
         assert a["loss/total"] == b["loss/total"], (a, b)
     for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_each_single_task_network_is_clipped_on_its_own(toy_root, tmp_path):
+    """Scaling one task's loss by 1000 must not change the (clipped) gradient of another task's network."""
+    from dataclasses import replace
+
+    from uda.data.loader import move_to
+    from uda.objectives import Step
+
+    grads, norms = [], []
+    for weight in (1.0, 1000.0):
+        cfg = tiny_config(toy_root, tmp_path / f"w{weight}", arch="stl")
+        cfg = replace(
+            cfg,
+            loss=replace(cfg.loss, weights={"semseg": weight, "depth": 1.0}),
+            optim=replace(cfg.optim, clip_grad_norm=1.0),
+        )
+        trainer = Trainer(cfg)
+        batch = move_to(next(trainer.batches(0)), trainer.accelerator.device)
+        loss, _ = trainer.compose(Step(0, batch, trainer.forward_domains(batch), trainer.accelerator))
+        trainer.accelerator.backward(loss)
+        trainer.clip_gradients()
+        nets = trainer.accelerator.unwrap_model(trainer.model).nets
+        grads.append({k: p.grad.clone() for k, p in nets["depth"].named_parameters() if p.grad is not None})
+        norms.append(
+            {
+                t: torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]).norm()
+                for t, net in nets.items()
+            }
+        )
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    # The scaled segmentation network was clipped to the limit; one global clip would have shrunk depth's too.
+    assert abs(float(norms[1]["semseg"]) - 1.0) < 1e-4 and float(norms[1]["depth"]) > 0

@@ -86,3 +86,19 @@ def test_benchmark_reports_every_arch(tmp_path):
     assert [r["arch"] for r in rows] == ["mtl", "mteb"] and all(r["ms_per_step"] > 0 for r in rows)
     assert rows[1]["params_m"] > rows[0]["params_m"]  # mTEB adds parameters
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["arch"] == "mtl"
+
+
+def test_evaluate_takes_the_protocol_from_the_run(toy_root, tmp_path, capsys):
+    from dataclasses import replace
+
+    cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl", iterations=1, ckpt_every=1)
+    Trainer(replace(cfg, eval=replace(cfg.eval, median_scaling=True))).fit()
+    data = ["--dataset", "synthia", "--split", "val", "--data-root", str(toy_root / "synthia")]
+    capsys.readouterr()
+    results = evaluate_tool.main([str(tmp_path / "run"), *data, "--out", str(tmp_path / "a")])
+    assert "depth/median_scale" in results  # the run's eval.median_scaling, no flag needed
+    assert "median_scaling=True" in capsys.readouterr().out  # and it says which protocol it used
+    off = evaluate_tool.main(
+        [str(tmp_path / "run"), *data, "--no-median-scaling", "--out", str(tmp_path / "b")]
+    )
+    assert "depth/median_scale" not in off

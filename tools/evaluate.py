@@ -38,12 +38,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--label-set", default=None, help="label set of the ground truth (default: the run's)"
     )
     parser.add_argument(
-        "--median-scaling", action="store_true", help="per-image median scaling of predicted depth"
+        "--median-scaling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per-image median scaling of predicted depth (default: the run's eval.median_scaling)",
     )
     parser.add_argument(
         "--label-resolution",
-        action="store_true",
-        help="compare at the label files' native resolution (predictions are upsampled)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare at the label files' native resolution, predictions upsampled (default: the run's "
+        "eval.label_resolution)",
     )
     parser.add_argument(
         "--size",
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="input size (default: the run's working size for that dataset)",
     )
     parser.add_argument(
-        "--scale", type=int, default=0, help="output scale to evaluate (default 0, the final)"
+        "--scale", type=int, default=None, help="output scale to evaluate (default: the run's eval.scale)"
     )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument(
@@ -69,16 +74,22 @@ def main(argv: list[str] | None = None) -> dict:
     data_cfg = cfg.target if cfg.target is not None and cfg.target.dataset == args.dataset else cfg.data
     size = tuple(args.size) if args.size else data_cfg.size
     root = args.data_root or (data_cfg.root if data_cfg.dataset == args.dataset else None)
-    eval_cfg = replace(
-        cfg.eval, median_scaling=args.median_scaling, label_resolution=args.label_resolution, scale=args.scale
-    )
+    # The run's own protocol (eval section, depth parametrisation and range); a flag overrides one choice.
+    flags = {
+        "median_scaling": args.median_scaling,
+        "label_resolution": args.label_resolution,
+        "scale": args.scale,
+    }
+    eval_cfg = replace(cfg.eval, **{k: v for k, v in flags.items() if v is not None})
+    # A source resized before its crop (e.g. VKITTI2 to 1696x512) is evaluated whole at that size, as in training.
+    resize_to = None if args.size or data_cfg.dataset != args.dataset else data_cfg.resize_to
     dataset = build_dataset(
         args.dataset,
         args.split,
         tuple(cfg.tasks),
         label_set=label_set,
         root=root,
-        transform=EvalTransform(size, keep_label_resolution=args.label_resolution),
+        transform=EvalTransform(size, keep_label_resolution=eval_cfg.label_resolution, resize_to=resize_to),
         variation=data_cfg.variation,
     )
     labels = get_label_set(label_set)
@@ -101,11 +112,13 @@ def main(argv: list[str] | None = None) -> dict:
         on_first_batch=write_images,
     )
     name = f"{args.dataset}/{args.split}"
+    used = protocol(eval_cfg, args.dataset, args.split, label_set, str(ckpt))
+    print("protocol: " + ", ".join(f"{k}={v}" for k, v in used.items()))
     report = write_report(
         out,
         f"{cfg.name} on {name}",
         {name: results},
-        {name: protocol(eval_cfg, args.dataset, args.split, label_set, str(ckpt))},
+        {name: used},
         class_names=labels.class_names,
         images=images,
     )

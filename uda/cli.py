@@ -155,6 +155,11 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
         cfg = replace(cfg, tasks=TASK_SETS[args.tasks], loss=replace(cfg.loss, weights={}))
     if args.seed is not None:
         cfg = replace(cfg, train=replace(cfg.train, seed=args.seed))
+    cfg = model_defaults(cfg)
+    if getattr(args, "paper_tables", False):
+        cfg = paper_baselines(cfg)
+    if getattr(args, "optim_preset", "paper") == "released":
+        cfg = released_adaptation_optimiser(cfg)
     if getattr(args, "consistency", "none") != "none":
         cfg = with_consistency(cfg, args.consistency)
     cfg = apply_overrides(cfg, list(args.overrides))
@@ -163,6 +168,48 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     name = f"{recipe}-{variant}{cfg.model.arch}"
     out = args.out or REPO_ROOT / "runs" / recipe / f"{variant}{cfg.model.arch}-s{cfg.train.seed}"
     return replace(cfg, name=name, out=str(out))
+
+
+def model_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Per-architecture defaults (before the user's overrides): 3-ways PAD-Net distils at decoder scale 2, where
+    the authors' PadnetPlus places its block (mTEB sits at scale 1)."""
+    if cfg.model.arch == "3ways-padnet":
+        return replace(cfg, model=replace(cfg.model, exchange_scales=(2,)))
+    return cfg
+
+
+def paper_baselines(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The baselines of the paper's Tables 1, 2 and 6 (§4.1, App. B.2): STL and MTL with the DeepLab head of the
+    MTL survey; STL trained by SGD (1e-3 encoder / 1e-2 decoder, momentum 0.9, weight decay 5e-4) with uniform
+    task weights (each network has one task). mTEB and the PAD-Nets keep their own settings."""
+    arch = cfg.model.arch
+    if arch not in ("stl", "mtl"):
+        return cfg
+    cfg = replace(cfg, model=replace(cfg.model, decoder="deeplab"))
+    if arch == "stl":
+        optim = replace(
+            cfg.optim, optimizer="sgd", lr_backbone=1e-3, lr_decoder=1e-2, momentum=0.9, weight_decay=5e-4
+        )
+        cfg = replace(cfg, optim=optim, loss=replace(cfg.loss, weights={t: 1.0 for t in cfg.tasks}))
+    return cfg
+
+
+def released_adaptation_optimiser(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The optimiser of the authors' DA configs (configs/da/*): Adam (0.9, 0.98) at 1.5e-5 encoder / 2.5e-4
+    decoders, constant (no step decay), no gradient clipping, for every model (their runs: 90k iterations,
+    train.iterations=90000)."""
+    optim = replace(
+        cfg.optim,
+        optimizer="adam",
+        betas=(0.9, 0.98),
+        lr_backbone=1.5e-5,
+        lr_decoder=2.5e-4,
+        weight_decay=0.0,
+        lr_gamma=1.0,
+        lr_step_every=0,
+        clip_grad_norm=0.0,
+    )
+    return replace(cfg, optim=optim)
 
 
 def with_consistency(cfg: ExperimentConfig, mode: str) -> ExperimentConfig:
@@ -284,4 +331,6 @@ def supervised_recipe(
     recipe: str, doc: str, dataset: str, label_set: str, size: tuple[int, int], tasks: str, **kwargs
 ) -> None:
     """Entry point of a supervised recipe file."""
-    main(supervised_config(dataset, label_set, size, tasks, **kwargs), base_parser(doc), recipe)
+    parser = base_parser(doc)
+    parser.set_defaults(paper_tables=True)  # the recipes of Tables 1 and 2: the paper's baselines
+    main(supervised_config(dataset, label_set, size, tasks, **kwargs), parser, recipe)

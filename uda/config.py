@@ -112,7 +112,7 @@ class OptimConfig:
     lr_step_fraction: float = 0.75  # learning rate x gamma at this fraction of the iterations
     lr_step_every: int = 0  # if > 0: learning rate x gamma every this many steps instead (step decay)
     lr_gamma: float = 0.1
-    clip_grad_norm: float = 10.0
+    clip_grad_norm: float = 10.0  # per independent network; <= 0: no clipping
 
 
 @dataclass

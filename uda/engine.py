@@ -224,11 +224,28 @@ class Trainer:
             loss = loss + part
         return loss, logs
 
-    def trained_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the model update: the model, the objectives' joint networks, learnt task weights."""
-        params = list(self.model.parameters())
-        params += [p for net, _ in self.joint_networks() for p in net.parameters()]
-        return params + [p for group in self.weighting.param_groups(0.0) for p in group["params"]]
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters of the model update, in groups whose gradient norm is clipped on its own: the model (or each
+        of its independent networks, e.g. STL's), then the objectives' joint networks and learnt task weights."""
+        model = self.accelerator.unwrap_model(self.model)
+        parts = (
+            model.independent_parts() if hasattr(model, "independent_parts") else [list(model.parameters())]
+        )
+        rest = [p for net, _ in self.joint_networks() for p in net.parameters()]
+        rest += [p for group in self.weighting.param_groups(0.0) for p in group["params"]]
+        if len(parts) == 1:
+            return [parts[0] + rest]
+        return [*parts, rest] if rest else parts
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip each group's gradient norm at optim.clip_grad_norm (<= 0: no clipping); the total norm."""
+        acc, groups = self.accelerator, self.clip_groups()
+        limit = self.cfg.optim.clip_grad_norm if self.cfg.optim.clip_grad_norm > 0 else float("inf")
+        if len(groups) == 1:
+            return torch.as_tensor(acc.clip_grad_norm_(groups[0], limit))
+        acc.unscale_gradients()  # once (fp16): a GradScaler refuses to unscale an optimiser twice per step
+        norms = [torch.nn.utils.clip_grad_norm_(g, limit) for g in groups]
+        return torch.stack([n.float() for n in norms]).norm()
 
     def model_update(self, batch: Mapping[str, Any]) -> tuple[Step, dict[str, torch.Tensor], bool]:
         """Update the model (and joint networks) on the composed loss; returns the step (outputs per domain), the
@@ -239,9 +256,7 @@ class Trainer:
             step = Step(self.step, batch, self.forward_domains(batch), acc)
             loss, logs = self.compose(step)
         acc.backward(loss)
-        grad_norm = torch.as_tensor(
-            acc.clip_grad_norm_(self.trained_parameters(), self.cfg.optim.clip_grad_norm)
-        )
+        grad_norm = self.clip_gradients()
         loss_ok = bool(torch.isfinite(loss.detach()).item())
         grads_ok = bool(torch.isfinite(grad_norm).item())
         # With fp16 the GradScaler skips an overflowing step itself and lowers its scale, so it must see it.

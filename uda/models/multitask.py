@@ -186,6 +186,10 @@ class STLModel(nn.Module):
         """Nothing is shared between single-task networks: the last encoder layer of the task's own network."""
         return self.nets[task].encoder.last_layer()
 
+    def independent_parts(self) -> list[list[nn.Parameter]]:
+        """The parameters of each task's network: they share nothing, so each is clipped on its own."""
+        return [list(net.parameters()) for net in self.nets.values()]
+
 
 def _bottlenecks(in_channels: int, width: int) -> nn.Sequential:
     """Two torchvision Bottleneck blocks giving `width` channels (a 1x1 projection on the first if needed)."""
