@@ -102,3 +102,31 @@ def test_evaluate_takes_the_protocol_from_the_run(toy_root, tmp_path, capsys):
         [str(tmp_path / "run"), *data, "--no-median-scaling", "--out", str(tmp_path / "b")]
     )
     assert "depth/median_scale" not in off
+
+
+def fake_run(folder: Path, name: str, arch: str, tasks: list[str], metrics: dict) -> Path:
+    """A finished run folder as compare reads it: config.json (name, tasks, arch) and metrics.json."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"name": name, "tasks": tasks, "model": {"arch": arch}}))
+    (folder / "metrics.json").write_text(json.dumps({"results": {"val": metrics}}))
+    return folder
+
+
+def test_compare_partial_delta_and_a_dashed_arch(tmp_path):
+    tasks = ["semseg", "depth", "normals"]
+    stl = {"semseg/miou": 0.5, "depth/rmse": 4.0, "normals/mean": 20.0, "normals/mean_pooled": 20.0}
+    padnet = {"semseg/miou": 0.55, "depth/rmse": 3.0, "normals/mean": 30.0, "normals/mean_pooled": 30.0}
+    runs = [
+        fake_run(tmp_path / "a", "synthia-stl", "stl", tasks, stl),
+        fake_run(tmp_path / "b", "synthia-3ways-padnet", "3ways-padnet", tasks, padnet),
+    ]
+    full = compare.main([str(r) for r in runs])  # the STL baseline is found for a dashed arch name
+    sd = compare.main([*map(str, runs), "--tasks", "semseg,depth"])
+    row = {line.split("|")[1].strip(): line for line in full.splitlines()[2:]}["synthia-3ways-padnet"]
+    row_sd = {line.split("|")[1].strip(): line for line in sd.splitlines()[2:]}["synthia-3ways-padnet"]
+    expected_full = multitask_delta(padnet, stl, ["semseg/miou", "depth/rmse", "normals/mean"])
+    expected_sd = multitask_delta(padnet, stl, ["semseg/miou", "depth/rmse"])
+    assert row.rstrip(" |").endswith(f"{expected_full:.4f}") and row_sd.rstrip(" |").endswith(
+        f"{expected_sd:.4f}"
+    )
+    assert expected_sd != expected_full

@@ -71,8 +71,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--baseline", default=None, help="group name used as the Delta_T baseline (default: STL)"
     )
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated tasks of a partial Delta_T, e.g. semseg,depth for Delta_SD of S-D-N runs "
+        "(default: every task of each run)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the table (Markdown) here")
     args = parser.parse_args(argv)
+    if args.tasks and not set(args.tasks.split(",")) <= set(PRIMARY_METRICS):
+        parser.error(f"--tasks {args.tasks}: choose among {', '.join(PRIMARY_METRICS)}")
 
     groups: dict[str, list[dict]] = defaultdict(list)
     info: dict[str, tuple[list[str], str]] = {}
@@ -90,8 +98,9 @@ def main(argv: list[str] | None = None) -> str:
     def baseline_for(name: str) -> str | None:
         if args.baseline:
             return args.baseline
-        stem = name.rsplit("-", 1)[0]
-        candidates = [g for g in groups if info[g][1] == "stl" and g.rsplit("-", 1)[0] == stem]
+        # The group name ends with the arch, which may itself hold a dash (3ways-padnet).
+        stem = name.removesuffix("-" + info[name][1])
+        candidates = [g for g in groups if info[g][1] == "stl" and g.removesuffix("-stl") == stem]
         return candidates[0] if candidates else None
 
     columns = [k for k in SHOWN if any(k in m for runs in groups.values() for m in runs)]
@@ -103,7 +112,8 @@ def main(argv: list[str] | None = None) -> str:
         base = baseline_for(name)
         delta = "–"
         if base is not None and base in groups:
-            keys = [PRIMARY_METRICS[t] for t in info[name][0] if PRIMARY_METRICS[t] in groups[base][0]]
+            tasks = args.tasks.split(",") if args.tasks else info[name][0]
+            keys = [PRIMARY_METRICS[t] for t in tasks if PRIMARY_METRICS[t] in groups[base][0]]
             reference = {k: statistics.mean(m[k] for m in groups[base]) for k in keys}
             delta = mean_std([multitask_delta(m, reference, keys) * 1.0 for m in runs])
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {delta} |")
