@@ -348,14 +348,8 @@ class Trainer:
                 torch.distributed.broadcast(buffer, src=0)
         runs = []
         for name, data, domain in self.data.validation_sets():
-            runs.append(
-                (
-                    name,
-                    data,
-                    domain,
-                    replace(cfg.eval, median_scaling=False) if name == "source" else cfg.eval,
-                )
-            )
+            eval_cfg = replace(cfg.eval, median_scaling=False) if name == "source" else cfg.eval
+            runs.append((name, data, domain, eval_cfg))
             if final and name != "source" and not cfg.eval.label_resolution:
                 # The final evaluation also compares at the label files' resolution (e.g. 2048x1024 Cityscapes).
                 runs.append((f"{name}@labels", data, domain, replace(cfg.eval, label_resolution=True)))
@@ -479,17 +473,10 @@ class Trainer:
                     {**{f"train/{k}": v for k, v in last.items()}, "train/it_per_s": rate}, step=self.step
                 )
             # Validation first, so that the checkpoint of this step holds its result in the history.
-            if (
-                cfg.train.val_every
-                and self.step % cfg.train.val_every == 0
-                and self.step < cfg.train.iterations
-            ):
+            mid_run = self.step < cfg.train.iterations
+            if mid_run and cfg.train.val_every and self.step % cfg.train.val_every == 0:
                 self.validate()
-            if (
-                cfg.train.ckpt_every
-                and self.step % cfg.train.ckpt_every == 0
-                and self.step < cfg.train.iterations
-            ):
+            if mid_run and cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
