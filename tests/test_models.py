@@ -9,6 +9,7 @@ import urllib.error
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet18
 
 from uda.config import ModelConfig
@@ -96,22 +97,65 @@ def test_xtam_correlation_branch_is_silent_at_init_but_alpha_learns():
     assert xtam.query[0].weight.grad.abs().sum() == 0  # reached only through alpha, which is zero
 
 
-@pytest.mark.parametrize("attention", ["spatial", "channel", "both"])
-def test_xtam_correlation_matches_the_formula(attention):
-    torch.manual_seed(0)
-    xtam = XTAM(8, downscale=2, attention=attention).eval()
-    f_i, g = torch.randn(1, 8, 6, 10), torch.randn(1, 8, 6, 10)
+def explicit_correlation(xtam: XTAM, f_i: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """xTAM's correlation-guided attention (downscale 2, one image) written out with the full matrices."""
     q = xtam.query(f_i[..., ::2, ::2]).flatten(2)[0]  # [C,N]: nearest downscale by 2
     src = F.max_pool2d(g, 2)
     k, v = xtam.key(src).flatten(2)[0], xtam.value(src).flatten(2)[0]
     c, n = q.shape
     expected = torch.zeros(c, n)
-    if attention in ("spatial", "both"):
-        expected += v @ torch.softmax(q.T @ k / math.sqrt(c), dim=1).T
-    if attention in ("channel", "both"):
-        expected += torch.softmax(q @ k.T / math.sqrt(n), dim=1) @ v
-    expected = expected.view(1, c, 3, 5).repeat_interleave(2, -2).repeat_interleave(2, -1)
-    torch.testing.assert_close(xtam.correlation(f_i, g), expected, rtol=1e-4, atol=1e-5)
+    if xtam.attention in ("spatial", "both"):
+        expected = expected + v @ torch.softmax(q.T @ k / math.sqrt(c), dim=1).T  # the N x N matrix
+    if xtam.attention in ("channel", "both"):
+        expected = expected + torch.softmax(q @ k.T / math.sqrt(n), dim=1) @ v
+    h, w = f_i.shape[-2] // 2, f_i.shape[-1] // 2
+    return expected.view(1, c, h, w).repeat_interleave(2, -2).repeat_interleave(2, -1)
+
+
+@pytest.mark.parametrize("attention", ["spatial", "channel", "both"])
+def test_xtam_correlation_matches_the_formula_in_outputs_and_gradients(attention):
+    torch.manual_seed(0)
+    xtam = XTAM(8, downscale=2, attention=attention).train()  # train: BatchNorm from the batch, both ways
+    f_i, g = torch.randn(1, 8, 6, 10, requires_grad=True), torch.randn(1, 8, 6, 10, requires_grad=True)
+    weight = torch.randn(1, 8, 6, 10)  # a loss that weighs every output differently
+    grads = []
+    for correlation in (xtam.correlation, lambda a, b: explicit_correlation(xtam, a, b)):
+        out = correlation(f_i, g)
+        grads.append(
+            torch.autograd.grad((out * weight).sum(), [f_i, g, *xtam.parameters()], allow_unused=True)
+        )
+        grads[-1] = [torch.zeros(()) if t is None else t for t in grads[-1]]
+        grads[-1].insert(0, out.detach())
+    fused, explicit = grads
+    assert any(t.abs().sum() > 0 for t in explicit[1:])
+    for a, b in zip(fused, explicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the size of the largest tensor any operation produces (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.numel = max([self.numel, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("attention", ["spatial", "both"])
+def test_xtam_never_holds_the_token_by_token_matrix(attention):
+    # 64 x 64 tokens (N = 4096): the attention matrix would hold N^2 = 16.8M numbers, every other tensor of
+    # the block at most C x 4 x N (the upsampled output). Memory stays linear in tokens, forward and backward.
+    xtam = XTAM(16, downscale=1, attention=attention).train()
+    f_i, g = torch.randn(1, 16, 64, 64, requires_grad=True), torch.randn(1, 16, 64, 64, requires_grad=True)
+    with LargestTensor() as largest:
+        xtam.correlation(f_i, g).sum().backward()
+    assert largest.numel <= 16 * 4 * 4096 < 4096**2, largest.numel
+    assert f_i.grad.abs().sum() > 0 and xtam.query[0].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("size", [(12, 20), (13, 21), (3, 5)])

@@ -107,7 +107,9 @@ class XTAM(nn.Module):
         out = torch.zeros_like(q)
         if self.attention in ("spatial", "both"):
             # tokens are positions: [B,1,N,C]; the default scale 1/sqrt(C) is the paper's 1/sqrt(d).
-            qt, kt, vt = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
+            # Contiguous [B,1,N,C] lets torch pick a fused kernel (flash / memory-efficient) that never holds the
+            # N x N matrix, forward and backward; transposed views fall back to the explicit math kernel.
+            qt, kt, vt = (t.transpose(1, 2).contiguous().unsqueeze(1) for t in (q, k, v))
             out = out + F.scaled_dot_product_attention(qt, kt, vt).squeeze(1).transpose(1, 2)
         if self.attention in ("channel", "both"):
             # tokens are channels: [B,1,C,N]; scale 1/sqrt(N).
