@@ -1,10 +1,12 @@
 """Command-line tools on a real (tiny) run: evaluate a checkpoint, compare runs with Delta_T, benchmark."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import tiny_config
 from uda.engine import Trainer
@@ -64,28 +66,92 @@ def test_compare_rejects_a_folder_without_metrics(tmp_path):
         compare.main([str(tmp_path)])
 
 
-def test_benchmark_reports_every_arch(tmp_path):
+TINY_BENCH = [
+    "--backbone",
+    "resnet18",
+    "--size",
+    "32",
+    "64",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--threads",
+    "1",
+]
+
+
+def test_benchmark_reports_every_arch(tmp_path, capsys):
+    out = tmp_path / "b.json"
     rows = benchmark.main(
-        [
-            "--backbone",
-            "resnet18",
-            "--size",
-            "32",
-            "64",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--archs",
-            "mtl",
-            "mteb",
-            "--json",
-            str(tmp_path / "b.json"),
-        ]
+        [*TINY_BENCH, "--benches", "step", "--archs", "mtl", "mteb", "--tasks", "SD", "--json", str(out)]
     )
-    assert [r["arch"] for r in rows] == ["mtl", "mteb"] and all(r["ms_per_step"] > 0 for r in rows)
-    assert rows[1]["params_m"] > rows[0]["params_m"]  # mTEB adds parameters
-    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["arch"] == "mtl"
+    assert [(r["bench"], r["arch"], r["options"]) for r in rows] == [
+        ("step", "mtl", "fp32"),
+        ("step", "mteb", "fp32"),
+    ]
+    assert all("error" not in r and 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"] for r in rows)
+    # Each configuration ran in its own fresh process, with its own memory figures.
+    pids = [r["pid"] for r in rows]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert all(r["peak_rss_mib"] > r["rss_before_mib"] > 0 and r["step_rss_increase_mib"] > 0 for r in rows)
+    mtl, mteb = rows
+    assert (
+        mteb["params"] > mtl["params"] and mteb["gmacs"] > mtl["gmacs"] > 0
+    )  # mTEB adds weights and compute
+    doc = json.loads(out.read_text())
+    machine = doc["machine"]
+    assert machine["cpu_count"] == os.cpu_count() and machine["torch"] == torch.__version__
+    assert set(machine["cpu_flags"]) >= {"avx2", "avx512f", "amx_tile"} and machine["date"]
+    printed = capsys.readouterr().out
+    assert "machine:" in printed and "ms median [min-max]" in printed and "[2/2] step mteb SD fp32" in printed
+
+    # --compare: a run against itself is 1.0 everywhere; a 2x slower copy is flagged.
+    same = benchmark.main(["--compare", str(out), str(out)])
+    assert [(r["arch"], r["time_ratio"], r["memory_ratio"]) for r in same] == [
+        ("mtl", 1.0, 1.0),
+        ("mteb", 1.0, 1.0),
+    ]
+    slower = dict(doc, results=[dict(r, ms_median=2 * r["ms_median"]) for r in doc["results"]])
+    (tmp_path / "slow.json").write_text(json.dumps(slower))
+    capsys.readouterr()
+    ratios = benchmark.main(["--compare", str(out), str(tmp_path / "slow.json")])
+    assert [r["time_ratio"] for r in ratios] == [2.0, 2.0]
+    assert capsys.readouterr().out.count("2.000!") == 2
+
+
+def test_benchmark_benches_measure_exchange_adapt_selfsup_and_data(tmp_path, request, fresh_accelerator):
+    from uda.data.toy import make_toy_data
+
+    spec = {"backbone": "resnet18", "size": [32, 64], "batch": 2, "warmup": 0, "repeats": 1, "device": "cpu"}
+    spec |= benchmark.PLAIN | {"decoder": "3ways", "tasks": "SD", "threads": 1}
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))  # run_one sets this process's threads
+    exchange = benchmark.run_one(spec | {"bench": "exchange", "arch": "mteb-block", "flops": True})
+    assert exchange["features"] == [2, 128, 16, 32]  # decoder scale 1: 128 channels at half resolution
+    assert exchange["ms_median"] > 0 and exchange["gmacs"] > 0 and exchange["params"] > 0
+    adapt = benchmark.run_one(spec | {"bench": "adapt", "arch": "mtl"})
+    assert (
+        adapt["discriminators"] == ["depth_s0", "depth_s1", "semseg_s0", "semseg_s1"]
+        and adapt["disc_params"] > 0
+    )
+    selfsup = benchmark.run_one(spec | {"bench": "selfsup", "arch": "mteb"})
+    assert selfsup["photometric_scales"] == [0, 1, 2, 3] and selfsup["pose_params"] > 0
+    make_toy_data(
+        tmp_path, frames=4, height=32, width=64, seed=0, domains=["synthia"], workers=1, progress=False
+    )
+    data = {"data_root": str(tmp_path / "synthia"), "data_batches": 2, "workers": 0}
+    loader = benchmark.run_one(spec | data | {"bench": "data", "arch": "synthia"})
+    assert loader["samples"] > 0 and loader["images_per_s"] > 0 and len(loader["times_ms"]) == 2
+    assert all(r["ms_median"] > 0 and r["pid"] == os.getpid() for r in (exchange, adapt, selfsup, loader))
+    # Options run as variants next to plain fp32, and all together when several are asked for.
+    args = benchmark.parse_args(["--amp", "bf16", "--fused", "--benches", "step"])
+    assert [benchmark.options_label(v) for v in benchmark.option_variants(args)] == [
+        "fp32",
+        "bf16",
+        "fused",
+        "bf16+fused",
+    ]
 
 
 def test_evaluate_takes_the_protocol_from_the_run(toy_root, tmp_path, capsys):

@@ -1,15 +1,56 @@
-"""Speed and memory of the models: one training step (forward, multi-task loss, backward, Adam) per arch.
+"""Speed, memory and size of the models and of the training pieces, each configuration in its own process.
 
-    python tools/benchmark.py [--archs mtl mteb 3ways-padnet padnet stl] [--backbone resnet101]
-                              [--size 512 1024] [--batch 2] [--tasks SD] [--steps 10] [--device cuda]
-                              [--amp bf16] [--decoder deeplab] [--json out.json] [--check]
+    python tools/benchmark.py [--benches step exchange adapt selfsup data]
+                              [--archs stl mtl 3ways-padnet mteb padnet] [--tasks SD SDN] [--backbone resnet101] [--decoder 3ways|deeplab]
+                              [--size 512 1024] [--batch 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
+                              [--amp no|bf16|fp16] [--channels-last] [--compile] [--fused] [--checkpointing]
+                              [--exchange-size 512 1024] [--data-root datasets/toy] [--data-batches 20]
+                              [--threads N] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
+    python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
     python tools/benchmark.py --params [--backbone resnet101] [--tasks SD] [--json out.json]
 
-Prints ms per step, images per second, peak memory (GPU: torch.cuda.max_memory_allocated; CPU: peak
-resident set size of the process) and parameter count. `--check` enforces the targets below and exits
-non-zero when one is missed, so a slowdown shows up as a failing command, not as a flaky timed test.
+Benches (default: all five; `--check` alone runs `step` only):
+  step      the supervised training step of each arch x task set: forward, MultiTaskLoss with the paper's task
+            weights, backward, Adam step, on random inputs and labels. Also counts the parameters and the
+            multiply-adds of one forward (torch.utils.flop_counter; GMACs = flops / 2; convolutions, matrix
+            products and attention only, elementwise ops are not counted).
+  exchange  the mTEB exchange block alone (the block the model builds at ModelConfig.exchange_scales[0] = 1:
+            decoder_channels[1] = 128 channels at 1/2 of the input resolution) on random features of an
+            `--exchange-size` input, forward + backward, batch `--batch`.
+  adapt     the adaptation step: model update on the supervised loss of a source batch plus the adversarial term
+            of a target batch through the output-level patch discriminators (uda.objectives.Adversarial, one
+            per task x scale), then the discriminator update. The model forwards 2 x batch images per step.
+  selfsup   the self-supervised depth step (uda.objectives.Photometric: PoseNet + photometric loss over the
+            sigmoid-disparity outputs at scales 0-3, two source frames), plus the supervised loss of the other
+            tasks; forward, backward, one Adam step for model and pose net. Task sets without depth are skipped.
+  data      the training loader on the toy SYNTHIA data (`--data-root`/synthia; generated into a temporary
+            folder when missing) with 0, 1 and 2 workers: time per batch and samples per second.
+
+Each configuration runs in a fresh `python tools/benchmark.py --one '<json spec>'` process that prints one
+JSON line, so memory figures belong to that configuration alone. `--warmup` untimed steps (at least 2 with
+--compile: they include compilation), then `--repeats` timed steps: median, min and max. img/s = batch /
+median step time (data: samples / total time of the timed batches, workers prefetching).
+
+Memory: on CUDA the peak allocated by torch (`max_memory_allocated`, reset after warm-up). On CPU the peak
+resident set size of the configuration's process (`peak_rss_mib`, from VmHWM in /proc/self/status) and its
+increase over the resident size just before the first step (`step_rss_increase_mib`: activations, gradients,
+optimiser state; warm-up included). VmHWM rather than getrusage's ru_maxrss: on Linux a child's ru_maxrss
+starts at the parent's peak (it survives fork/exec), so it is also reported (`ru_maxrss_mib`) but not used.
+Data-loader worker processes are not counted.
+
+Options of the step bench (`--amp`, `--channels-last`, `--compile`, `--fused` Adam, `--checkpointing` of
+ModelConfig; a one-line error where ModelConfig has no such field): each requested option runs as its own variant
+next to plain fp32 (and all requested options together when more than one is given); the table names them
+fp32, bf16/fp16, cl, compile, fused, ckpt ('+'-joined) and shows each variant's time relative to plain fp32.
+
+The JSON (`--json`) holds `machine` (CPU model and flags, threads, GPU, versions, date), `settings` and
+`results` (one row per configuration, with its process id). `--compare OLD.json` prints, per configuration
+present in both, new/old ratios of median time and memory, flagging those above 1 + `--tolerance`.
+
 `--params` only counts parameters (no timing; CPU, under a minute): stl and mtl with both task decoders
 (3-ways, DeepLab head) and mteb, 3ways-padnet, padnet, split into encoder (backbone) and the rest.
+`--check` enforces the targets below on the plain step rows and exits non-zero when one is missed, so a
+slowdown shows up as a failing command, not as a flaky timed test.
 
 Targets (relative, so they hold on any machine): a model with the mTEB exchange block may take at most 3x
 the step time and 1.5x the peak GPU memory of the plain MTL model with the same encoder and decoders. mTEB is
@@ -21,15 +62,26 @@ scaled_dot_product_attention, so memory stays linear in the number of tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import importlib.util
 import json
+import math
+import os
+import platform
 import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 from uda.cli import TASK_SETS  # noqa: E402
 from uda.config import ModelConfig  # noqa: E402
@@ -50,6 +102,97 @@ PARAM_MODELS = [
     ("3ways-padnet", "3ways"),
     ("padnet", "3ways"),
 ]
+BENCHES = ("step", "exchange", "adapt", "selfsup", "data")
+DEFAULT_ARCHS = ["stl", "mtl", "3ways-padnet", "mteb", "padnet"]
+DATA_WORKERS = (0, 1, 2)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PLAIN = {"amp": "no", "channels_last": False, "compile": False, "fused": False, "checkpointing": False}
+RESULT_MARK = "BENCH_RESULT "  # prefix of the child's result line on stdout
+# Fields that identify a configuration across runs (--compare).
+KEY_FIELDS = ("bench", "arch", "tasks", "decoder", "backbone", "size", "batch", "options", "device")
+
+
+# --------------------------------------------------------------------------- machine and memory facts
+
+
+def machine_facts(device: torch.device) -> dict:
+    """CPU model and vector flags, thread and core counts, GPU, library versions and the date."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == platform.processor():
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    import torchvision
+
+    facts = {
+        "cpu_model": model,
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS},
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(device),
+        "gpu": None,
+        "gpu_memory_gib": None,
+        "cuda": torch.version.cuda,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts["gpu"], facts["gpu_memory_gib"] = props.name, round(props.total_memory / 2**30, 1)
+    return facts
+
+
+def describe_machine(facts: dict) -> str:
+    """One line of the machine facts."""
+    flags = " ".join(f for f, on in facts["cpu_flags"].items() if on) or "none of " + "/".join(CPU_FLAGS)
+    gpu = f"{facts['gpu']} ({facts['gpu_memory_gib']} GiB)" if facts["gpu"] else "none"
+    return (
+        f"machine: {facts['cpu_model']} [{flags}], {facts['cpu_count']} CPUs ({facts['cpus_usable']} usable), "
+        f"torch threads {facts['torch_threads']}, GPU {gpu}; torch {facts['torch']}, torchvision "
+        f"{facts['torchvision']}, python {facts['python']}; {facts['date']}"
+    )
+
+
+def _proc_status_mib(field: str) -> float | None:
+    """A memory field (kB) of /proc/self/status in MiB, None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def ru_maxrss_mib() -> float:
+    """getrusage's peak resident size of this process in MiB (KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process (MiB)."""
+    current = _proc_status_mib("VmRSS")
+    return current if current is not None else ru_maxrss_mib()
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process's own address space (VmHWM; ru_maxrss where unavailable)."""
+    peak = _proc_status_mib("VmHWM")
+    return peak if peak is not None else ru_maxrss_mib()
+
+
+# --------------------------------------------------------------------------- model, batch, counting
 
 
 def task_channels(tasks) -> dict[str, int]:
@@ -57,10 +200,20 @@ def task_channels(tasks) -> dict[str, int]:
     return {t: {"semseg": CLASSES, "depth": 1, "normals": 3, "edges": 1}[t] for t in tasks}
 
 
+def model_config(spec: dict, **overrides) -> ModelConfig:
+    """The ModelConfig of a spec (stl/mtl take --decoder; the other archs have their own decoder)."""
+    decoder = spec["decoder"] if spec["arch"] in DEEPLAB_ARCHS else "3ways"
+    if spec.get("checkpointing"):
+        overrides["checkpointing"] = True
+    return ModelConfig(
+        arch=spec["arch"], decoder=decoder, backbone=spec["backbone"], pretrained=False, **overrides
+    )
+
+
 def count_params(arch: str, decoder: str, args: argparse.Namespace) -> dict:
     """Parameter counts (total, encoder, rest) of one randomly initialised model."""
     cfg = ModelConfig(arch=arch, decoder=decoder, backbone=args.backbone, pretrained=False)
-    groups = build_model(cfg, task_channels(TASK_SETS[args.tasks])).param_groups()
+    groups = build_model(cfg, task_channels(TASK_SETS[args.tasks[0]])).param_groups()
     backbone, rest = (sum(p.numel() for p in groups[g]) for g in ("backbone", "decoder"))
     return {
         "arch": arch,
@@ -86,54 +239,562 @@ def synthetic_batch(tasks, batch: int, size: tuple[int, int], classes: int, devi
     return out
 
 
-def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
-    """Time `args.steps` training steps of one architecture after `args.warmup` warm-up steps."""
-    tasks = TASK_SETS[args.tasks]
-    decoder = args.decoder if arch in DEEPLAB_ARCHS else "3ways"  # the other archs have their own decoder
-    cfg = ModelConfig(arch=arch, decoder=decoder, backbone=args.backbone, pretrained=False)
-    model = build_model(cfg, task_channels(tasks))
-    model.to(device).train()
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Flops of softmax(Q K^T) V for [B,H,Nq,D] queries and [B,H,Nk,D] keys / [B,H,Nk,Dv] values."""
+    b, h, nq, d = query_shape
+    nk, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * nq * nk * (d + dv)
+
+
+def count_macs(forward) -> float:
+    """Multiply-adds of one call of `forward` (no grad): FlopCounterMode's flops / 2. Its registry lacks the CPU
+    flash-attention kernel that scaled_dot_product_attention takes on CPU, so that one is added here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_attention is not None:
+        mapping[cpu_attention] = _attention_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with torch.no_grad(), counter:
+        forward()
+    return counter.get_total_flops() / 2
+
+
+def n_params(*modules) -> int:
+    """Number of parameters of the modules."""
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def fused_adam_supported(device: torch.device) -> bool:
+    """Whether this torch has a fused Adam kernel for the device type."""
+    from torch.utils import _foreach_utils
+
+    devices = getattr(_foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
+    return device.type in devices
+
+
+def adam(params, spec: dict, device: torch.device, lr: float = 1e-4) -> torch.optim.Adam:
+    """Adam, fused when the spec asks for it (ValueError naming the device where torch has no fused kernel)."""
+    if not spec.get("fused"):
+        return torch.optim.Adam(params, lr=lr)
+    if not fused_adam_supported(device):
+        raise ValueError(f"fused Adam is not supported on {device.type} by torch {torch.__version__}")
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def timed(step, spec: dict, device: torch.device) -> dict:
+    """Run `step` warm-up times untimed, then `repeats` timed times; median/min/max and memory."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rss_before = rss_mib()
+    warmup = max(spec["warmup"], 2) if spec.get("compile") else spec["warmup"]
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    peak_rss = peak_rss_mib()
+    out = {
+        "warmup_done": warmup,
+        "times_ms": times,
+        "ms_median": statistics.median(times),
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": peak_rss,
+        "step_rss_increase_mib": peak_rss - rss_before,
+        "ru_maxrss_mib": ru_maxrss_mib(),
+    }
+    if device.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    out["peak_mib"] = out.get("cuda_peak_mib", peak_rss)
+    out["ms_per_step"] = out["ms_median"]
+    out["images_per_s"] = spec["batch"] / (out["ms_median"] / 1000)
+    return out
+
+
+# --------------------------------------------------------------------------- the benches (child process)
+
+
+def bench_step(spec: dict, device: torch.device) -> dict:
+    """The supervised training step of one arch x task set with the spec's options."""
+    tasks = TASK_SETS[spec["tasks"]]
+    cfg = model_config(spec)
+    model = build_model(cfg, task_channels(tasks)).to(device).train()
     criterion = MultiTaskLoss(
         tasks, default_task_weights(tasks), intermediate_scales=intermediate_scales(cfg)
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    batch = synthetic_batch(tasks, args.batch, tuple(args.size), CLASSES, device)
-    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    optimizer = adam(model.parameters(), spec, device)
+    batch = synthetic_batch(tasks, spec["batch"], tuple(spec["size"]), CLASSES, device)
+    if spec.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    net = torch.compile(model) if spec.get("compile") else model
+    dtype = AMP_DTYPES[spec.get("amp", "no")]
+    scaler = torch.amp.GradScaler(device.type) if spec.get("amp") == "fp16" else None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, _ = criterion(model(batch["image"]), batch)
+            loss, _ = criterion(net(batch["image"]), batch)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    row = timed(step, spec, device)
+    row["params"] = n_params(model)
+    if spec.get("flops"):
+        row["gmacs"] = count_macs(lambda: model(batch["image"])) / 1e9
+    return row
+
+
+def exchange_features(size: tuple[int, int], scale: int) -> tuple[int, int]:
+    """Spatial size of the decoder features at `scale` for an input of `size` (ResNet: each stride-2 stage
+    gives ceil(x / 2); scale 4 is the dilated stage at the resolution of scale 3)."""
+    h, w = size
+    for _ in range(min(scale, 3)):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def bench_exchange(spec: dict, device: torch.device) -> dict:
+    """The mTEB block the model builds at its first exchange scale, forward + backward on random features."""
+    from uda.models import MTEB
+
+    tasks = TASK_SETS[spec["tasks"]]
+    if len(tasks) < 2:
+        raise ValueError(f"the exchange block needs >= 2 tasks, --tasks {spec['tasks']} has {len(tasks)}")
+    cfg = ModelConfig(arch="mteb", backbone=spec["backbone"], pretrained=False)
+    scale = cfg.exchange_scales[0]
+    channels = cfg.decoder_channels[scale]
+    h, w = exchange_features(tuple(spec["size"]), scale)
+    block = MTEB.from_config(tasks, channels, cfg, scale).to(device).train()
+    feats = {t: torch.randn(spec["batch"], channels, h, w, device=device, requires_grad=True) for t in tasks}
+
+    def step() -> None:
+        out = block(feats)
+        torch.stack([o.square().mean() for o in out.values()]).sum().backward()
+        block.zero_grad(set_to_none=True)
+        for f in feats.values():
+            f.grad = None
+
+    row = timed(step, spec, device)
+    row.update(scale=scale, features=[spec["batch"], channels, h, w], params=n_params(block))
+    if spec.get("flops"):
+        row["gmacs"] = count_macs(lambda: block(feats)) / 1e9
+    return row
+
+
+def bench_adapt(spec: dict, device: torch.device) -> dict:
+    """Model update (supervised source loss + adversarial target term), then the discriminator update."""
+    from accelerate import Accelerator
+
+    from uda.config import AdaptConfig, DataConfig, ExperimentConfig
+    from uda.objectives.adversarial import Adversarial
+    from uda.objectives.base import RunContext, Step
+    from uda.tasks import output_space
+
+    tasks = TASK_SETS[spec["tasks"]]
+    cfg = model_config(spec)
+    exp = ExperimentConfig(
+        tasks=tasks, model=cfg, target=DataConfig(dataset="cityscapes"), adapt=AdaptConfig()
+    )
+    run = RunContext(exp, tasks, task_channels(tasks), output_space(exp, CLASSES), intermediate_scales(cfg))
+    objective = Adversarial(run, exp.adapt)
+    objective.discriminators.to(device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    model = build_model(cfg, task_channels(tasks)).to(device).train()
+    criterion = MultiTaskLoss(
+        tasks, default_task_weights(tasks), intermediate_scales=intermediate_scales(cfg)
+    )
+    optimizer = adam(model.parameters(), spec, device)
+    source = synthetic_batch(tasks, spec["batch"], tuple(spec["size"]), CLASSES, device)
+    target = {"image": torch.rand_like(source["image"])}
+
+    def step() -> None:
+        outputs = {"source": model(source["image"]), "target": model(target["image"])}
+        state = Step(0, {"source": source, "target": target}, outputs, accelerator)
+        supervised, _ = criterion(outputs["source"], source)
+        (supervised + objective.loss(state).total).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.update(state)
+
+    row = timed(step, spec, device)
+    row.update(
+        params=n_params(model),
+        disc_params=n_params(objective.discriminators),
+        discriminators=sorted(objective.discriminators),
+    )
+    return row
+
+
+def intrinsics(batch: int, size: tuple[int, int], device) -> torch.Tensor:
+    """Pixel intrinsics [B,3,3] of a Cityscapes-like camera at `size`."""
+    h, w = size
+    K = torch.tensor([[1.1 * w, 0, w / 2], [0, 2.2 * h, h / 2], [0, 0, 1]], device=device)
+    return K.expand(batch, 3, 3).clone()
+
+
+def bench_selfsup(spec: dict, device: torch.device) -> dict:
+    """Self-supervised depth step: photometric objective (pose net + view synthesis) + supervised other tasks."""
+    from uda.config import ExperimentConfig, PhotometricConfig
+    from uda.objectives.base import RunContext, Step
+    from uda.objectives.photometric import Photometric
+    from uda.tasks import output_space
+
+    tasks = TASK_SETS[spec["tasks"]]
+    if "depth" not in tasks:
+        raise ValueError(f"selfsup learns depth; --tasks {spec['tasks']} has no depth")
+    multiscale = spec["arch"] != "padnet" and model_config(spec).decoder == "3ways"
+    photometric = PhotometricConfig(scales=(0, 1, 2, 3) if multiscale else (0,))
+    cfg = model_config(spec, depth_output="disparity", output_scales=photometric.scales)
+    exp = ExperimentConfig(tasks=tasks, model=cfg, photometric=photometric)
+    run = RunContext(exp, tasks, task_channels(tasks), output_space(exp, CLASSES), intermediate_scales(cfg))
+    objective = Photometric(run, photometric)
+    posenet = objective.posenet.to(device).train()
+    model = build_model(cfg, task_channels(tasks)).to(device).train()
+    supervised = tuple(t for t in tasks if t != "depth")
+    criterion = (
+        MultiTaskLoss(
+            supervised, default_task_weights(supervised), intermediate_scales=intermediate_scales(cfg)
+        )
+        if supervised
+        else None
+    )
+    groups = [{"params": list(model.parameters()), "lr": 1e-4}, *objective.param_groups()]
+    optimizer = adam(groups, spec, device)
+    size = tuple(spec["size"])
+    batch = synthetic_batch(supervised, spec["batch"], size, CLASSES, device)
+    batch["frames"] = {o: torch.rand_like(batch["image"]) for o in photometric.frames}
+    batch["K"] = intrinsics(spec["batch"], size, device)
+
+    def step() -> None:
+        outputs = model(batch["image"])
+        loss = objective.loss(Step(0, {"source": batch}, {"source": outputs}, None)).total
+        if criterion is not None:
+            loss = loss + criterion(outputs, batch)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    row = timed(step, spec, device)
+    row.update(
+        params=n_params(model), pose_params=n_params(posenet), photometric_scales=list(photometric.scales)
+    )
+    return row
+
+
+def bench_data(spec: dict, device: torch.device) -> dict:
+    """The training loader of the toy SYNTHIA data with spec['workers'] workers: time per batch."""
+    from uda.config import DataConfig, ExperimentConfig
+    from uda.data.loader import train_loader
+    from uda.data.streams import RunData
+
+    tasks = TASK_SETS[spec["tasks"]]
+    data = DataConfig(
+        dataset="synthia",
+        root=spec["data_root"],
+        size=tuple(spec["size"]),
+        batch_size=spec["batch"],
+        num_workers=spec["workers"],
+    )
+    run_data = RunData(ExperimentConfig(tasks=tasks, data=data), needs=[[], []])
+    dataset = run_data.dataset(data, data.train_split, run_data.label_tasks(0), train=True, domain=0)
+    batches = train_loader(dataset, spec["batch"], seed=0, num_workers=spec["workers"])
+    rss_before = rss_mib()
+    for _ in range(max(1, spec["warmup"])):  # the first batch starts the workers
+        next(batches)
+    times = []
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seconds = (time.perf_counter() - start) / args.steps
+    for _ in range(spec["data_batches"]):
+        t0 = time.perf_counter()
+        next(batches)
+        times.append((time.perf_counter() - t0) * 1000)
+    total = time.perf_counter() - start
+    peak_rss = peak_rss_mib()
     return {
-        "arch": arch,
-        "ms_per_step": seconds * 1000,
-        "images_per_s": args.batch / seconds,
-        "peak_mib": peak,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "samples": len(dataset),
+        "times_ms": times,
+        "ms_median": statistics.median(times),
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "ms_per_step": statistics.median(times),
+        "images_per_s": spec["batch"] * spec["data_batches"] / total,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": peak_rss,
+        "step_rss_increase_mib": peak_rss - rss_before,
+        "ru_maxrss_mib": ru_maxrss_mib(),
+        "peak_mib": peak_rss,
     }
+
+
+BENCH_FUNCTIONS = {
+    "step": bench_step,
+    "exchange": bench_exchange,
+    "adapt": bench_adapt,
+    "selfsup": bench_selfsup,
+    "data": bench_data,
+}
+
+
+def run_one(spec: dict) -> dict:
+    """Run one configuration in this process; the spec plus its measurements, pid and threads."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    row = dict(spec)
+    row.update(BENCH_FUNCTIONS[spec["bench"]](spec, device))
+    row.update(pid=os.getpid(), threads=torch.get_num_threads())
+    if "params" in row:
+        row["params_m"] = row["params"] / 1e6
+    return row
+
+
+def child_main(spec_json: str) -> None:
+    """--one: run one spec and print its row as one JSON line (an `error` row when it fails)."""
+    spec = json.loads(spec_json)
+    try:
+        row = run_one(spec)
+    except Exception as err:  # reported in the row; the traceback goes to stderr
+        traceback.print_exc()
+        row = dict(spec, pid=os.getpid(), error=f"{type(err).__name__}: {err}".splitlines()[0])
+    print(RESULT_MARK + json.dumps(row), flush=True)
+
+
+def run_isolated(spec: dict) -> dict:
+    """Run one spec in a fresh Python process and return its row."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK) :])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    reason = lines[-1].strip() if lines else "no output"
+    return dict(spec, pid=None, error=f"process exited with code {proc.returncode}: {reason}")
+
+
+# --------------------------------------------------------------------------- the parent: specs, table, compare
+
+
+def options_label(spec: dict) -> str:
+    """Short name of a spec's step options: 'fp32' when plain, else '+'-joined bf16/fp16, cl (channels-last),
+    compile, fused (Adam), ckpt (activation checkpointing)."""
+    parts = [spec["amp"]] if spec.get("amp", "no") != "no" else []
+    parts += [
+        name
+        for key, name in (
+            ("channels_last", "cl"),
+            ("compile", "compile"),
+            ("fused", "fused"),
+            ("checkpointing", "ckpt"),
+        )
+        if spec.get(key)
+    ]
+    return "+".join(parts) or "fp32"
+
+
+def option_variants(args: argparse.Namespace) -> list[dict]:
+    """Plain fp32, each requested option alone and, with several, all of them together."""
+    chosen = [{"amp": args.amp}] if args.amp != "no" else []
+    chosen += [
+        {key: True} for key in ("channels_last", "compile", "fused", "checkpointing") if getattr(args, key)
+    ]
+    variants = [dict(PLAIN)] + [PLAIN | c for c in chosen]
+    if len(chosen) > 1:
+        variants.append(PLAIN | {k: v for c in chosen for k, v in c.items()})
+    return variants
+
+
+def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
+    """The configurations to run, in order."""
+    common = {
+        "backbone": args.backbone,
+        "size": list(args.size),
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "device": args.device,
+        "threads": args.threads,
+        "decoder": args.decoder,
+    }
+    specs = []
+    for bench in args.benches:
+        if bench == "step":
+            for tasks in args.tasks:
+                for arch in args.archs:
+                    for variant in option_variants(args):
+                        flops = variant == PLAIN and not args.no_flops  # the options keep the MACs
+                        specs.append(
+                            common | variant | {"bench": "step", "arch": arch, "tasks": tasks, "flops": flops}
+                        )
+        elif bench == "exchange":
+            for tasks in (t for t in args.tasks if len(TASK_SETS[t]) >= 2):
+                specs.append(
+                    common
+                    | PLAIN
+                    | {
+                        "bench": "exchange",
+                        "arch": "mteb-block",
+                        "tasks": tasks,
+                        "size": list(args.exchange_size),
+                        "flops": not args.no_flops,
+                    }
+                )
+        elif bench in ("adapt", "selfsup"):
+            for tasks in args.tasks:
+                if bench == "selfsup" and "depth" not in TASK_SETS[tasks]:
+                    print(f"selfsup: skipping --tasks {tasks} (no depth to learn)")
+                    continue
+                for arch in args.archs:
+                    specs.append(common | PLAIN | {"bench": bench, "arch": arch, "tasks": tasks})
+        elif bench == "data" and data_root is not None:
+            for workers in DATA_WORKERS:
+                specs.append(
+                    common
+                    | {
+                        "bench": "data",
+                        "arch": "synthia",
+                        "tasks": args.tasks[0],
+                        "workers": workers,
+                        "data_root": data_root,
+                        "data_batches": args.data_batches,
+                    }
+                )
+    for spec in specs:
+        spec["decoder"] = spec["decoder"] if spec["arch"] in DEEPLAB_ARCHS else "3ways"
+        spec["options"] = f"{spec['workers']} workers" if spec["bench"] == "data" else options_label(spec)
+    return specs
+
+
+def toy_synthia(root: Path, tmp: str) -> str | None:
+    """The toy SYNTHIA folder under root, or a small one generated into tmp with tools/make_toy_data.py."""
+    if (root / "synthia").is_dir():
+        return str(root / "synthia")
+    print(f"data: {root / 'synthia'} does not exist; generating 16 toy SYNTHIA frames into {tmp}", flush=True)
+    loader = importlib.util.spec_from_file_location("make_toy_data", REPO / "tools" / "make_toy_data.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    try:
+        module.main(["--out", tmp, "--frames", "16", "--domains", "synthia", "--quiet", "--workers", "1"])
+    except (SystemExit, Exception) as err:
+        print(f"data: skipped, the toy data could not be generated ({err})", flush=True)
+        return None
+    return str(Path(tmp) / "synthia")
+
+
+def fmt(value, spec: str = ".1f") -> str:
+    """A number formatted, '-' when absent."""
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """One line per configuration."""
+    plain = {
+        (r["arch"], r["tasks"]): r["ms_median"]
+        for r in rows
+        if r["bench"] == "step" and r.get("options") == "fp32" and "error" not in r
+    }
+    head = (
+        f"{'bench':<8} {'arch':<13} {'tasks':<5} {'options':<22} {'ms median [min-max]':>27} {'vs fp32':>7} "
+        f"{'img/s':>8} {'peak MiB':>9} {'+step MiB':>9} {'GMACs':>8} {'params':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        label = r["options"]
+        if r["bench"] == "exchange" and "features" in r:
+            label = "fp32 " + "x".join(map(str, r["features"][1:]))
+        start = f"{r['bench']:<8} {r['arch']:<13} {r['tasks']:<5} {label:<22}"
+        if "error" in r:
+            lines.append(f"{start} ERROR: {r['error']}")
+            continue
+        spread = f"{r['ms_median']:.1f} [{r['ms_min']:.1f}-{r['ms_max']:.1f}]"
+        base = plain.get((r["arch"], r["tasks"])) if r["bench"] == "step" and label != "fp32" else None
+        ratio = f"{r['ms_median'] / base:.2f}x" if base else ""
+        params = f"{r['params'] / 1e6:.2f} M" if "params" in r else "-"
+        increase = r.get("step_rss_increase_mib") if "cuda_peak_mib" not in r else None
+        lines.append(
+            f"{start} {spread:>27} {ratio:>7} {r['images_per_s']:>8.2f} {r['peak_mib']:>9.1f} "
+            f"{fmt(increase):>9} {fmt(r.get('gmacs'), '.2f'):>8} {params:>9}"
+        )
+    return "\n".join(lines)
+
+
+def normalised_rows(doc: dict) -> list[dict]:
+    """The result rows of a benchmark JSON, with the fields --compare matches on (also for JSONs of the
+    single-process version of this tool: settings in `settings`, `ms_per_step`, no `bench`)."""
+    settings = doc.get("settings", {})
+    rows = []
+    for row in doc.get("results", []):
+        row = dict(row)
+        row.setdefault("bench", "step")
+        for key in ("backbone", "size", "batch", "device"):
+            row.setdefault(key, settings.get(key))
+        tasks = settings.get("tasks")
+        row.setdefault("tasks", tasks[0] if isinstance(tasks, list) else tasks)
+        decoder = settings.get("decoder", "3ways")
+        row.setdefault("decoder", decoder if row.get("arch") in DEEPLAB_ARCHS else "3ways")
+        amp = settings.get("amp", "no")
+        row.setdefault("options", "fp32" if amp == "no" else amp)
+        row.setdefault("ms_median", row.get("ms_per_step"))
+        rows.append(row)
+    return rows
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a configuration across runs."""
+    return tuple(json.dumps(row.get(k)) for k in KEY_FIELDS)
+
+
+def compare(old: dict, new: dict, tolerance: float = 0.1) -> list[dict]:
+    """Print and return new/old ratios of median time and memory for the configurations in both runs."""
+    for key in ("cpu_model", "gpu", "torch", "torch_threads", "cpu_count"):
+        a, b = old.get("machine", {}).get(key), new.get("machine", {}).get(key)
+        if a != b and "machine" in old and "machine" in new:
+            print(f"note: {key} differs: old {a}, new {b}")
+    olds = {row_key(r): r for r in normalised_rows(old) if "error" not in r}
+    ratios = []
+    head = (
+        f"{'bench':<8} {'arch':<13} {'tasks':<5} {'options':<22} {'time new/old':>12} {'memory new/old':>14}"
+    )
+    print(f"new / old (ratios > {1 + tolerance:.2f} flagged with !)\n{head}\n{'-' * len(head)}")
+    for row in normalised_rows(new):
+        before = olds.get(row_key(row))
+        if before is None or "error" in row:
+            continue
+        time_ratio = row["ms_median"] / before["ms_median"]
+        mem_ratio = (
+            row["peak_mib"] / before["peak_mib"] if row.get("peak_mib") and before.get("peak_mib") else None
+        )
+        ratios.append(
+            {k: row.get(k) for k in KEY_FIELDS} | {"time_ratio": time_ratio, "memory_ratio": mem_ratio}
+        )
+        flags = ["!" if r is not None and r > 1 + tolerance else " " for r in (time_ratio, mem_ratio)]
+        print(
+            f"{row['bench']:<8} {row['arch']:<13} {row['tasks']:<5} {row['options']:<22} "
+            f"{time_ratio:>11.3f}{flags[0]} {fmt(mem_ratio, '.3f'):>13}{flags[1]}"
+        )
+    missing = len(normalised_rows(new)) - len(ratios)
+    if missing:
+        print(f"({missing} configuration(s) of the new run have no finished match in the old one)")
+    return ratios
 
 
 def print_params(args: argparse.Namespace) -> list[dict]:
     """Print (and with --json write) the parameter counts of PARAM_MODELS for args.backbone and args.tasks."""
     print(
-        f"parameters: backbone={args.backbone} tasks={args.tasks} (semseg {CLASSES} classes) pretrained=False"
+        f"parameters: backbone={args.backbone} tasks={args.tasks[0]} (semseg {CLASSES} classes) pretrained=False"
     )
     rows = []
     for arch, decoder in PARAM_MODELS:
@@ -145,17 +806,41 @@ def print_params(args: argparse.Namespace) -> list[dict]:
             flush=True,
         )
     if args.json:
-        args.json.write_text(
-            json.dumps({"settings": vars(args) | {"json": str(args.json)}, "params": rows}, indent=2)
-        )
+        args.json.write_text(json.dumps({"settings": settings_of(args), "params": rows}, indent=2))
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def settings_of(args: argparse.Namespace) -> dict:
+    """The arguments as JSON values."""
+    return {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items() if k != "one"}
+
+
+def check(rows: list[dict], device: torch.device, tasks: str) -> None:
+    """--check: mTEB's step time (and on CUDA peak memory) relative to MTL within the targets."""
+    by = {
+        r["arch"]: r
+        for r in rows
+        if r["bench"] == "step" and r["options"] == "fp32" and r["tasks"] == tasks and "error" not in r
+    }
+    if not {"mtl", "mteb"} <= set(by):
+        raise SystemExit("--check needs the step bench with --archs including mtl and mteb (both finished)")
+    time_ratio = by["mteb"]["ms_median"] / by["mtl"]["ms_median"]
+    print(f"mTEB / MTL step time: {time_ratio:.3f} (target <= {MAX_TIME_RATIO})")
+    failed = time_ratio > MAX_TIME_RATIO
+    if device.type == "cuda":
+        mem_ratio = by["mteb"]["peak_mib"] / by["mtl"]["peak_mib"]
+        print(f"mTEB / MTL peak memory: {mem_ratio:.3f} (target <= {MAX_MEMORY_RATIO})")
+        failed |= mem_ratio > MAX_MEMORY_RATIO
+    if failed:
+        raise SystemExit(1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--archs", nargs="+", default=["mtl", "mteb", "3ways-padnet", "padnet", "stl"])
+    parser.add_argument("--benches", nargs="+", choices=BENCHES, default=None, help="default: all")
+    parser.add_argument("--archs", nargs="+", default=DEFAULT_ARCHS)
     parser.add_argument(
         "--decoder",
         default="3ways",
@@ -167,12 +852,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--tasks", default="SD", choices=sorted(TASK_SETS))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        choices=sorted(TASK_SETS),
+        help="task sets; default SD SDN (--params: SD)",
+    )
+    parser.add_argument("--repeats", "--steps", dest="repeats", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2 with --compile)")
     parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile(model)")
+    parser.add_argument("--fused", action="store_true", help="Adam(fused=True)")
+    parser.add_argument("--checkpointing", action="store_true", help="ModelConfig(checkpointing=True)")
+    parser.add_argument("--exchange-size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
+    parser.add_argument("--data-root", type=Path, default=REPO / "datasets" / "toy")
+    parser.add_argument("--data-batches", type=int, default=20, help="timed batches of the data bench")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads of each run (default: torch's)"
+    )
+    parser.add_argument("--no-flops", action="store_true", help="skip counting multiply-adds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="OLD.json: ratios of this run to it; OLD.json NEW.json: ratios without running",
+    )
+    parser.add_argument("--tolerance", type=float, default=0.1, help="--compare flags ratios above 1 + this")
     parser.add_argument(
         "--check", action="store_true", help="fail when mTEB's overhead over MTL exceeds the target"
     )
@@ -181,42 +891,69 @@ def main(argv: list[str] | None = None) -> list[dict]:
         action="store_true",
         help="only print the parameter counts of stl/mtl (both decoders), mteb, 3ways-padnet and padnet",
     )
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.compare and len(args.compare) > 2:
+        parser.error("--compare takes OLD.json or OLD.json NEW.json")
+    if args.tasks is None:
+        args.tasks = ["SD"] if args.params else ["SD", "SDN"]
+    if args.benches is None:
+        args.benches = ["step"] if args.check else list(BENCHES)
+    if args.checkpointing and "checkpointing" not in {f.name for f in dataclasses.fields(ModelConfig)}:
+        parser.error("--checkpointing: uda.config.ModelConfig has no `checkpointing` field in this version")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.one is not None:
+        child_main(args.one)
+        return []
     if args.params:
         return print_params(args)
+    if args.compare and len(args.compare) == 2:
+        old, new = (json.loads(p.read_text()) for p in args.compare)
+        return compare(old, new, args.tolerance)
     device = torch.device(args.device)
+    facts = machine_facts(device)
+    print(describe_machine(facts))
     print(
         f"device={device} backbone={args.backbone} size={args.size} batch={args.batch} tasks={args.tasks} "
-        f"amp={args.amp} decoder(stl, mtl)={args.decoder}"
+        f"decoder(stl, mtl)={args.decoder} warmup={args.warmup} repeats={args.repeats} benches={args.benches} "
+        f"threads per run={args.threads or facts['torch_threads']}",
+        flush=True,
     )
-    rows = []
-    for arch in args.archs:
-        row = bench(arch, args, device)
-        rows.append(row)
-        print(
-            f"{arch:>13}: {row['ms_per_step']:9.1f} ms/step  {row['images_per_s']:7.2f} img/s  "
-            f"peak {row['peak_mib']:9.1f} MiB  {row['params_m']:6.1f} M params",
-            flush=True,
-        )
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if args.fused and not fused_adam_supported(device):
+        print(f"note: torch {torch.__version__} has no fused Adam on {device.type}; those rows report it")
+    with tempfile.TemporaryDirectory(prefix="benchmark-toy-") as tmp:
+        data_root = toy_synthia(args.data_root, tmp) if "data" in args.benches else None
+        specs = build_specs(args, data_root)
+        rows = []
+        for index, spec in enumerate(specs, 1):
+            start = time.perf_counter()
+            row = run_isolated(spec)
+            rows.append(row)
+            result = f"ERROR {row['error']}" if "error" in row else f"{row['ms_median']:.1f} ms median"
+            print(
+                f"[{index}/{len(specs)}] {spec['bench']} {spec['arch']} {spec['tasks']} {spec['options']}: "
+                f"{result} (pid {row['pid']}, {time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
+    macs = {(r["arch"], r["tasks"]): r["gmacs"] for r in rows if r["bench"] == "step" and "gmacs" in r}
+    for r in rows:  # the options do not change the multiply-adds: shown on every variant
+        if r["bench"] == "step" and "error" not in r and (r["arch"], r["tasks"]) in macs:
+            r.setdefault("gmacs", macs[(r["arch"], r["tasks"])])
+    print()
+    print(table(rows))
+    doc = {"machine": facts, "settings": settings_of(args), "results": rows}
     if args.json:
-        args.json.write_text(
-            json.dumps({"settings": vars(args) | {"json": str(args.json)}, "results": rows}, indent=2)
-        )
+        args.json.write_text(json.dumps(doc, indent=2))
+        print(f"wrote {args.json}")
+    if args.compare:
+        print()
+        compare(json.loads(args.compare[0].read_text()), doc, args.tolerance)
     if args.check:
-        by = {r["arch"]: r for r in rows}
-        if not {"mtl", "mteb"} <= set(by):
-            raise SystemExit("--check needs --archs to include mtl and mteb")
-        time_ratio = by["mteb"]["ms_per_step"] / by["mtl"]["ms_per_step"]
-        print(f"mTEB / MTL step time: {time_ratio:.3f} (target <= {MAX_TIME_RATIO})")
-        failed = time_ratio > MAX_TIME_RATIO
-        if device.type == "cuda":
-            mem_ratio = by["mteb"]["peak_mib"] / by["mtl"]["peak_mib"]
-            print(f"mTEB / MTL peak memory: {mem_ratio:.3f} (target <= {MAX_MEMORY_RATIO})")
-            failed |= mem_ratio > MAX_MEMORY_RATIO
-        if failed:
-            raise SystemExit(1)
+        check(rows, device, args.tasks[0])
     return rows
 
 
