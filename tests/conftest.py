@@ -23,6 +23,7 @@ TINY_OVERRIDES = [
     "data.num_workers=0",
     "train.deterministic=true",
     "train.log_every=1",
+    "train.mixed_precision=no",
 ]
 TOY_FRAMES = 24
 TOY_HW = (64, 128)
@@ -78,6 +79,7 @@ def tiny_config(
         train=TrainConfig(
             **{
                 "iterations": iterations,
+                "mixed_precision": "no",  # fp32 on every CPU (auto would pick bf16 on AVX-512 BF16 machines)
                 "val_every": 0,
                 "ckpt_every": 0,
                 "log_every": 1,
@@ -89,3 +91,13 @@ def tiny_config(
         eval=EvalConfig(median_scaling=adapt),
         out=str(out),
     )
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """accelerate keeps one process-wide state (mixed precision included): start and leave it clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

@@ -52,16 +52,6 @@ def first_step(trainer):
 # ------------------------------------------------------------------------------------------ task weighting
 
 
-@pytest.fixture
-def fresh_accelerator():
-    """accelerate keeps one process-wide state (mixed precision included): start and leave it clean."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 @pytest.mark.parametrize(
     "weighting, arch, precision",
     # bf16 runs a slow reference kernel on CPUs without AVX-512 BF16: autocast is covered on the small model.

@@ -36,7 +36,7 @@ OLD_PREFIX = ".old-step-"  # a checkpoint of the same step being replaced
 FORMAT = 1
 
 # Model keys that only choose the initialisation (or how BatchNorm syncs): they may change on resume.
-INIT_ONLY_MODEL_KEYS = frozenset({"pretrained", "weights_path", "depth_init", "sync_bn"})
+INIT_ONLY_MODEL_KEYS = frozenset({"pretrained", "weights_path", "depth_init", "sync_bn", "checkpointing"})
 
 
 class CheckpointError(RuntimeError):

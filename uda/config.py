@@ -45,6 +45,9 @@ class ModelConfig:
     # Initial raw depth output (inverse normalised depth d_far/d): 32.768 = 20 m with d_far = 655.36 m.
     depth_init: float = 32.768
     sync_bn: bool = False  # SyncBatchNorm across processes (GPUs only; torch has no CPU version)
+    # Activation checkpointing of the encoder blocks, decoder stages and exchange attention: their activations
+    # are recomputed in the backward pass (less memory for large inputs, about a third more compute).
+    checkpointing: bool = False
 
 
 @dataclass
@@ -113,6 +116,7 @@ class OptimConfig:
     lr_step_every: int = 0  # if > 0: learning rate x gamma every this many steps instead (step decay)
     lr_gamma: float = 0.1
     clip_grad_norm: float = 10.0  # per independent network; <= 0: no clipping
+    fused: bool = False  # torch's fused Adam/SGD kernels (one kernel for every parameter)
 
 
 @dataclass
@@ -124,7 +128,10 @@ class TrainConfig:
     ckpt_every: int = 2000
     log_every: int = 50
     image_every: int = 0  # write prediction images every N steps (0 = only at validation)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # auto: bf16 on GPUs and CPUs that support it (AVX-512 BF16/AMX), fp16 with a scaler on older GPUs, else fp32.
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    channels_last: bool = False  # channels-last memory format for the model and its inputs
+    compile: bool = False  # torch.compile the model (through accelerate's dynamo plugin, inductor backend)
     seed: int = 42
     deterministic: bool = False
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops

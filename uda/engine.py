@@ -25,6 +25,7 @@ from uda.data.labels import get_label_set
 from uda.data.loader import MixedBatches, eval_loader, move_to
 from uda.data.streams import RunData
 from uda.evaluate import evaluate, protocol, write_report
+from uda.hardware import make_accelerator
 from uda.models import build_model
 from uda.models.multitask import intermediate_scales
 from uda.objectives import (
@@ -59,11 +60,7 @@ class Trainer:
             checkpoint.check_output_dir(self.out)
         except checkpoint.CheckpointError as exc:
             raise TrainingError(str(exc)) from None
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.train.mixed_precision,
-            log_with="tensorboard",
-            project_dir=str(self.out),
-        )
+        self.accelerator = accelerator or make_accelerator(cfg.train, str(self.out))
         acc = self.accelerator
         if acc.device.type == "cpu":
             # `accelerate launch` sets one thread per process; use the machine's cores instead.
@@ -116,14 +113,17 @@ class Trainer:
             *self.weighting.param_groups(cfg.loss.weighting_lr),
         ]
         self.base_lrs = [group["lr"] for group in param_groups]
-        if cfg.optim.optimizer == "adam":
+        o, fused = cfg.optim, cfg.optim.fused or None
+        if o.optimizer == "adam":
             optimizer = torch.optim.Adam(
-                param_groups, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+                param_groups, betas=o.betas, weight_decay=o.weight_decay, fused=fused
             )
         else:
             optimizer = torch.optim.SGD(
-                param_groups, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+                param_groups, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused
             )
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # Networks with their own optimiser first, then those trained with the model: checkpoint files keep
         # their names (model_1.safetensors = the discriminators of an adaptation run).
@@ -173,9 +173,10 @@ class Trainer:
 
     def forward_domains(self, batch: Mapping[str, Any]) -> dict[str, dict]:
         """Model outputs per domain of the batch ("source", "target"), by train.bn_mode."""
+        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         if "target" not in batch:
-            return {"source": self.model(batch["source"]["image"])}
-        source, target = batch["source"]["image"], batch["target"]["image"]
+            return {"source": self.model(batch["source"]["image"].to(memory_format=fmt))}
+        source, target = (batch[d]["image"].to(memory_format=fmt) for d in ("source", "target"))
         if self.cfg.train.bn_mode == "joint":
             outputs = self.model(torch.cat([source, target]))
             n = source.shape[0]
@@ -265,22 +266,21 @@ class Trainer:
             self.optimizer.step()
         else:
             # A skipped step leaves the model as it was: the forward already moved the BatchNorm statistics.
-            self.restore_buffers(buffers)
+            torch._foreach_copy_(*buffers)
         self.optimizer.zero_grad(set_to_none=True)
         logs["loss/total"] = loss.detach()
         logs["grad_norm"] = grad_norm.detach()
         return step, logs, finite
 
-    def buffer_snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(buffer, copy) for every buffer of the trained networks (BatchNorm statistics, spectral-norm vectors)."""
-        return [(b, b.detach().clone()) for m in self.networks() for b in m.buffers()]
-
-    @staticmethod
     @torch.no_grad()
-    def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put back the buffers saved by buffer_snapshot."""
-        for live, saved in snapshot:
-            live.copy_(saved)
+    def buffer_snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(buffers, copies) of the trained networks' buffers (BatchNorm statistics, spectral-norm vectors): one
+        copy kernel into storage allocated once."""
+        live = [b for m in self.networks() for b in m.buffers()]
+        if getattr(self, "_saved_buffers", None) is None or len(self._saved_buffers) != len(live):
+            self._saved_buffers = [torch.empty_like(b) for b in live]
+        torch._foreach_copy_(self._saved_buffers, live)
+        return live, self._saved_buffers
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One optimisation step: model update, then (if it was applied) the weighting's and objectives' own."""

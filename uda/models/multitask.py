@@ -15,12 +15,14 @@ from collections.abc import Callable, Mapping
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from uda.config import ModelConfig
 from uda.models.backbone import ResNetEncoder
-from uda.models.decoder import DeepLabDecoder, TaskDecoder, output_head
-from uda.models.exchange import EXCHANGE_BLOCKS, PADNetDistillation
+from uda.models.checkpointing import enable_checkpointing
+from uda.models.decoder import ConvBlock, DeepLabDecoder, TaskDecoder, output_head
+from uda.models.exchange import EXCHANGE_BLOCKS, XTAM, PADNetDistillation
 
 Outputs = dict[str, dict[int, Tensor]]
 
@@ -276,4 +278,8 @@ def build_model(cfg: ModelConfig, tasks: Mapping[str, int]) -> nn.Module:
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     check_decoder(cfg)
-    return ARCHS[cfg.arch](tasks, cfg)
+    model = ARCHS[cfg.arch](tasks, cfg)
+    if cfg.checkpointing:
+        # Encoder blocks, decoder stages (3-ways, DeepLab, PAD-Net) and xTAM: the memory of a step's activations.
+        enable_checkpointing(model, (BasicBlock, Bottleneck, ConvBlock, ASPP, XTAM))
+    return model

@@ -1,0 +1,152 @@
+"""Fast paths as options: activation checkpointing, channels-last, fused optimisers, compile, and the mixed
+precision chosen by the device. Each must train exactly (or within float tolerance) like the plain path."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from uda import hardware
+from uda.config import ModelConfig
+from uda.data.loader import move_to
+from uda.engine import Trainer
+from uda.models import build_model
+
+SMALL = (16, 32, 32, 64, 64)
+
+
+def saved_activation_bytes(model: torch.nn.Module, image: torch.Tensor) -> tuple[dict, int]:
+    """The model's outputs and the bytes autograd keeps for the backward pass."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(image)
+    return out, total
+
+
+@pytest.mark.parametrize("arch,decoder", [("mteb", "3ways"), ("stl", "deeplab"), ("padnet", "3ways")])
+def test_checkpointing_gives_the_same_step_with_less_kept_memory(arch, decoder):
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = ModelConfig(
+            arch=arch,
+            decoder=decoder,
+            backbone="resnet18",
+            pretrained=False,
+            decoder_channels=SMALL,
+            checkpointing=checkpointing,
+        )
+        model = build_model(cfg, {"semseg": 5, "depth": 1}).train()
+        torch.manual_seed(1)  # the same dropout masks (DeepLab's ASPP) in both runs
+        out, kept = saved_activation_bytes(model, torch.rand(2, 3, 64, 128))
+        loss = sum(o.square().mean() for per in out.values() for o in per.values())
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        results.append((loss.detach(), kept, grads, model.state_dict()))
+    (loss0, kept0, grads0, state0), (loss1, kept1, grads1, state1) = results
+    assert kept1 < 0.5 * kept0, (kept0, kept1)  # far fewer activations kept for the backward pass
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[k], grads1[k]) for k in grads0)
+    # Same keys (checkpoints interchange) and BatchNorm statistics moved once, not twice by the recomputation.
+    assert state0.keys() == state1.keys() and all(torch.equal(state0[k], state1[k]) for k in state0)
+
+
+def test_checkpointed_blocks_run_plainly_in_evaluation():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        arch="mtl", backbone="resnet18", pretrained=False, decoder_channels=SMALL, checkpointing=True
+    )
+    model = build_model(cfg, {"semseg": 5}).eval()
+    with torch.no_grad():
+        _, kept = saved_activation_bytes(model, torch.rand(1, 3, 64, 128))
+    assert kept == 0
+
+
+def two_steps(cfg) -> tuple[Trainer, list[float]]:
+    trainer = Trainer(cfg)
+    batches = trainer.batches(0)
+    losses = []
+    for _ in range(2):
+        losses.append(trainer.train_step(move_to(next(batches), trainer.accelerator.device))["loss/total"])
+        trainer.step += 1
+    return trainer, losses
+
+
+def test_channels_last_and_fused_optimiser_train_like_the_plain_path(toy_root, tmp_path):
+    plain = tiny_config(toy_root, tmp_path / "plain", arch="mteb")
+    fast = replace(
+        plain,
+        out=str(tmp_path / "fast"),
+        train=replace(plain.train, channels_last=True),
+        optim=replace(plain.optim, fused=True),
+        model=replace(plain.model, checkpointing=True),
+    )
+    _, reference = two_steps(plain)
+    trainer, losses = two_steps(fast)
+    assert losses == pytest.approx(reference, rel=1e-4)  # step 2 follows the fused update of step 1
+    assert trainer.optimizer.optimizer.defaults["fused"] is True
+    conv = trainer.model.encoder.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_compile_option_compiles_the_model_and_checkpoints_keep_their_keys(
+    toy_root, tmp_path, fresh_accelerator
+):
+    cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl")
+    trainer = Trainer(replace(cfg, train=replace(cfg.train, compile=True)))
+    assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)  # compiled lazily, at step 1
+    from safetensors.torch import load_file
+
+    keys = load_file(trainer.save_checkpoint() / "model.safetensors").keys()
+    plain = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    assert keys == plain.state_dict().keys()
+    assert not any("_orig_mod" in k for k in keys)
+
+
+AVX2 = frozenset({"avx", "avx2", "fma"})
+AVX512_BF16 = AVX2 | {"avx512f", "avx512_bf16"}
+
+
+@pytest.mark.parametrize(
+    "flags,requested,chosen,says",
+    [
+        (AVX2, "auto", "no", "fp32 (the CPU has no AVX-512 BF16/AMX)"),
+        (AVX512_BF16, "auto", "bf16", "bf16 (the CPU has AVX-512 BF16/AMX)"),
+        (AVX2 | {"amx_bf16", "amx_tile"}, "auto", "bf16", "bf16"),
+        (AVX2, "bf16", "bf16", "warning: train.mixed_precision=bf16 on a CPU without AVX-512 BF16/AMX"),
+        (AVX512_BF16, "bf16", "bf16", None),
+        (AVX2, "no", "no", None),
+        (AVX2, "fp16", "fp16", "no CPU autocast"),
+    ],
+)
+def test_mixed_precision_follows_the_cpu(flags, requested, chosen, says, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    precision, message = hardware.choose_mixed_precision(requested, torch.device("cpu"))
+    assert precision == chosen
+    assert (message is None) if says is None else (says in message)
+
+
+@pytest.mark.parametrize("bf16,chosen", [(True, "bf16"), (False, "fp16")])
+def test_mixed_precision_auto_on_gpus(bf16, chosen, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    precision, message = hardware.choose_mixed_precision("auto", torch.device("cuda"))
+    assert precision == chosen and message == f"train.mixed_precision=auto: {chosen} on Some GPU"
+    assert hardware.choose_mixed_precision("no", torch.device("cuda")) == ("no", None)
+
+
+def test_the_run_trains_with_the_chosen_precision_and_says_it(toy_root, tmp_path, capsys, fresh_accelerator):
+    cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl", mixed_precision="auto")
+    trainer = Trainer(cfg)
+    expected = "bf16" if hardware.cpu_supports_bf16() else "no"
+    assert trainer.accelerator.mixed_precision == expected
+    assert "train.mixed_precision=auto: " in capsys.readouterr().out

@@ -1,0 +1,59 @@
+"""Activation checkpointing of a model's heavy blocks, with BatchNorm statistics updated once per step.
+
+torch.utils.checkpoint reruns a block's forward during the backward pass; a BatchNorm in training mode would
+then move its running statistics a second time. Here the rerun sees momentum 0 (statistics unchanged, the
+same batch statistics normalise), so a checkpointed step equals a plain one in outputs, gradients and buffers.
+The state dict keeps its keys: the blocks are not wrapped, their forward is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+
+@contextmanager
+def frozen_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorms of `module` normalise with the batch but leave running statistics and counters unchanged."""
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def checkpoint_forward(module: nn.Module) -> None:
+    """Run `module` under activation checkpointing while it trains with gradients (plain forward otherwise)."""
+    plain = module.forward
+
+    def forward(*args, **kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return plain(*args, **kwargs)
+        contexts = lambda: (nullcontext(), frozen_batchnorm_statistics(module))  # noqa: E731
+        return checkpoint(plain, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+    module.forward = forward
+    module._uda_checkpointed = True
+
+
+def enable_checkpointing(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -> int:
+    """Checkpoint every outermost module of `block_types` in `model` (a block inside a checkpointed one is not
+    checkpointed again); returns how many."""
+    count = 0
+    done: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, block_types) and not any(name.startswith(f"{d}.") for d in done):
+            checkpoint_forward(module)
+            done.append(name)
+            count += 1
+    return count
