@@ -112,6 +112,14 @@ def test_compile_option_compiles_the_model_and_checkpoints_keep_their_keys(
     assert not any("_orig_mod" in k for k in keys)
 
 
+def test_checkpointing_and_compile_are_refused_together_in_one_line(toy_root, tmp_path):
+    from uda.config import ConfigError
+
+    cfg = tiny_config(toy_root, tmp_path / "run")
+    with pytest.raises(ConfigError, match="^model.checkpointing=true and train.compile=true do not combine"):
+        replace(cfg, model=replace(cfg.model, checkpointing=True), train=replace(cfg.train, compile=True))
+
+
 AVX2 = frozenset({"avx", "avx2", "fma"})
 AVX512_BF16 = AVX2 | {"avx512f", "avx512_bf16"}
 

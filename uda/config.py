@@ -240,6 +240,13 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/experiment"
 
+    def __post_init__(self) -> None:
+        if self.model.checkpointing and self.train.compile:
+            raise ConfigError(
+                "model.checkpointing=true and train.compile=true do not combine (torch.compile cannot trace the "
+                "checkpointed blocks' BatchNorm-exact recomputation); set one of them to false"
+            )
+
 
 # Sections that configure an objective besides the supervised one (see uda.objectives), with the keys that
 # shape their networks (checked when resuming).
