@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -66,13 +67,17 @@ def choose_mixed_precision(requested: str, device: torch.device) -> tuple[str, s
 
 
 def make_accelerator(train, project_dir: str):
-    """The run's Accelerator: mixed precision chosen for the device (said on the main process), the model
+    """The run's Accelerator: mixed precision chosen for the device (said by the first process), the model
     compiled through accelerate's dynamo plugin with train.compile, TensorBoard logs under project_dir."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
-    precision, message = choose_mixed_precision(train.mixed_precision, state.device)
-    if message and state.is_main_process:
+    # The device the Accelerator will pick, found without initialising accelerate's process-wide state (a
+    # PartialState made here, before the Accelerator, would not see the launcher's CPU processes).
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    gpu = None if use_cpu else torch.accelerator.current_accelerator()
+    precision, message = choose_mixed_precision(train.mixed_precision, gpu or torch.device("cpu"))
+    if message and os.environ.get("RANK", "0") == "0":
         print(message, flush=True)
     return Accelerator(
         mixed_precision=precision,
