@@ -379,6 +379,11 @@ def bench_exchange(spec: dict, device: torch.device) -> dict:
     channels = cfg.decoder_channels[scale]
     h, w = exchange_features(tuple(spec["size"]), scale)
     block = MTEB.from_config(tasks, channels, cfg, scale).to(device).train()
+    if spec.get("checkpointing"):
+        from uda.models import XTAM
+        from uda.models.checkpointing import enable_checkpointing
+
+        enable_checkpointing(block, (XTAM,))
     feats = {t: torch.randn(spec["batch"], channels, h, w, device=device, requires_grad=True) for t in tasks}
 
     def step() -> None:
@@ -640,18 +645,21 @@ def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
                             common | variant | {"bench": "step", "arch": arch, "tasks": tasks, "flops": flops}
                         )
         elif bench == "exchange":
+            # Plain, and with --checkpointing the block's xTAMs checkpointed (the other options are model-wide).
+            exchange_variants = [PLAIN] + ([PLAIN | {"checkpointing": True}] if args.checkpointing else [])
             for tasks in (t for t in args.tasks if len(TASK_SETS[t]) >= 2):
-                specs.append(
-                    common
-                    | PLAIN
-                    | {
-                        "bench": "exchange",
-                        "arch": "mteb-block",
-                        "tasks": tasks,
-                        "size": list(args.exchange_size),
-                        "flops": not args.no_flops,
-                    }
-                )
+                for variant in exchange_variants:
+                    specs.append(
+                        common
+                        | variant
+                        | {
+                            "bench": "exchange",
+                            "arch": "mteb-block",
+                            "tasks": tasks,
+                            "size": list(args.exchange_size),
+                            "flops": not args.no_flops and variant == PLAIN,
+                        }
+                    )
         elif bench in ("adapt", "selfsup"):
             for tasks in args.tasks:
                 if bench == "selfsup" and "depth" not in TASK_SETS[tasks]:
