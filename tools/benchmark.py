@@ -722,7 +722,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         label = r["options"]
         if r["bench"] == "exchange" and "features" in r:
-            label = "fp32 " + "x".join(map(str, r["features"][1:]))
+            label = f"{r['options']} " + "x".join(map(str, r["features"][1:]))
         start = f"{r['bench']:<8} {r['arch']:<13} {r['tasks']:<5} {label:<22}"
         if "error" in r:
             lines.append(f"{start} ERROR: {r['error']}")
