@@ -982,3 +982,15 @@ def test_two_processes_hold_identical_task_weights(toy_root, tmp_path):
         assert ranks[0]["final"] != ranks[0]["initial"], weighting  # and they did learn
         # The processes saw different samples, so their own losses differ: the agreement is not trivial.
         assert ranks[0]["logs"]["loss/semseg/s0"] != ranks[1]["logs"]["loss/semseg/s0"]
+
+
+def test_a_bad_override_with_toy_fails_before_generating_the_toy_data(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "toy"  # no toy data yet: a valid run would first spend a minute generating it
+    argv = ["--toy", "--data-root", str(root), "--out", str(tmp_path / "run"), "train.iteratoins=3"]
+    code, _, err = recipe_in_process("synthia", argv, capsys, monkeypatch)
+    assert code != 0
+    line = the_error_line(err)
+    assert line.startswith("error: unknown config key train.iteratoins (did you mean train.iterations?)"), (
+        line
+    )
+    assert not root.exists() and not (tmp_path / "run").exists()

@@ -143,7 +143,7 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     """Apply the shared options (toy, data root, model, seed, out) and the user's overrides."""
     root = args.data_root
     if args.toy:
-        root = ensure_toy_data(root or TOY_ROOT)
+        root = root or TOY_ROOT  # generated below, once the config is known to be valid
         cfg = apply_overrides(
             cfg, TOY_OVERRIDES + (["adapt.disc_channels=16"] if cfg.adapt is not None else [])
         )
@@ -165,6 +165,8 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
         cfg = with_consistency(cfg, args.consistency)
     cfg = apply_overrides(cfg, list(args.overrides))
     check_label_sets(cfg)
+    if args.toy:
+        ensure_toy_data(Path(root))
     variant = "" if cfg.name == "experiment" else f"{cfg.name}-"
     name = f"{recipe}-{variant}{cfg.model.arch}"
     out = args.out or REPO_ROOT / "runs" / recipe / f"{variant}{cfg.model.arch}-s{cfg.train.seed}"
