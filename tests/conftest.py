@@ -101,3 +101,16 @@ def fresh_accelerator():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+def train_steps(trainer, steps: int) -> list[dict[str, float]]:
+    """Run `steps` training steps of a Trainer from its current step (no validation, no checkpoints); the logs
+    of each step."""
+    from uda.data.loader import move_to
+
+    batches = trainer.batches(trainer.step)
+    logs = []
+    for _ in range(steps):
+        logs.append(trainer.train_step(move_to(next(batches), trainer.accelerator.device)))
+        trainer.step += 1
+    return logs

@@ -948,8 +948,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from tests.conftest import tiny_config
-from uda.data.loader import move_to
+from tests.conftest import tiny_config, train_steps
 from uda.engine import Trainer
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -957,10 +956,7 @@ for weighting in ("uncertainty", "dwa", "gradnorm"):
     cfg = tiny_config(root, out / weighting, arch="mtl", iterations=3)
     trainer = Trainer(replace(cfg, loss=replace(cfg.loss, weighting=weighting, dwa_period=1)))
     initial = trainer.weighting.checkpoint_state()
-    batches = trainer.batches(0)
-    for _ in range(cfg.train.iterations):
-        logs = trainer.train_step(move_to(next(batches), trainer.accelerator.device))
-        trainer.step += 1
+    logs = train_steps(trainer, cfg.train.iterations)[-1]
     rank = trainer.accelerator.process_index
     record = {"initial": initial, "final": trainer.weighting.checkpoint_state(), "logs": logs}
     (out / f"{weighting}-rank{rank}.json").write_text(json.dumps(record))

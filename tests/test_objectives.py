@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_steps
 from uda.config import ConsistencyConfig
 from uda.data.loader import move_to
 from uda.engine import Trainer, TrainingError
@@ -74,10 +74,7 @@ def test_every_weighting_trains_every_model_under_autocast(
     cfg = replace(cfg, loss=replace(cfg.loss, weighting=weighting, dwa_period=1))
     trainer = Trainer(cfg)
     before = json.dumps(trainer.weighting.checkpoint_state())
-    batches = trainer.batches(0)
-    for _ in range(cfg.train.iterations):
-        logs = trainer.train_step(move_to(next(batches), trainer.accelerator.device))
-        trainer.step += 1
+    for logs in train_steps(trainer, cfg.train.iterations):
         assert logs["finite"] == 1.0 and all(torch.isfinite(torch.tensor(v)) for v in logs.values()), logs
         assert {"weight/semseg", "weight/depth"} <= set(logs)
     if weighting in ("uncertainty", "gradnorm"):  # learnt weights moved
@@ -219,11 +216,7 @@ def test_alignment_on_the_target_is_refused(toy_root, tmp_path):
 def test_a_short_run_lowers_both_consistency_losses(toy_root, tmp_path):
     cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl", iterations=20)
     trainer = Trainer(with_consistency(cfg, lr=1e-3))
-    batches = trainer.batches(0)
-    log = []
-    for _ in range(cfg.train.iterations):
-        log.append(trainer.train_step(move_to(next(batches), trainer.accelerator.device)))
-        trainer.step += 1
+    log = train_steps(trainer, cfg.train.iterations)
     for key, factor in (("semseg_to_depth", 0.5), ("depth_to_semseg", 0.95)):
         first = sum(row[f"loss/consistency/{key}"] for row in log[:5]) / 5
         last = sum(row[f"loss/consistency/{key}"] for row in log[-5:]) / 5

@@ -8,10 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_steps
 from uda import hardware
 from uda.config import ModelConfig
-from uda.data.loader import move_to
 from uda.engine import Trainer
 from uda.models import build_model
 
@@ -73,12 +72,7 @@ def test_checkpointed_blocks_run_plainly_in_evaluation():
 
 def two_steps(cfg) -> tuple[Trainer, list[float]]:
     trainer = Trainer(cfg)
-    batches = trainer.batches(0)
-    losses = []
-    for _ in range(2):
-        losses.append(trainer.train_step(move_to(next(batches), trainer.accelerator.device))["loss/total"])
-        trainer.step += 1
-    return trainer, losses
+    return trainer, [logs["loss/total"] for logs in train_steps(trainer, 2)]
 
 
 def test_channels_last_and_fused_optimiser_train_like_the_plain_path(toy_root, tmp_path):

@@ -77,6 +77,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -84,10 +85,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from uda.cli import TASK_SETS  # noqa: E402
-from uda.config import ModelConfig  # noqa: E402
+from uda.config import Backbone, ModelConfig  # noqa: E402
 from uda.losses import MultiTaskLoss, default_task_weights  # noqa: E402
 from uda.models import build_model  # noqa: E402
 from uda.models.multitask import DEEPLAB_ARCHS, intermediate_scales  # noqa: E402
+from uda.tasks import task_channels  # noqa: E402
 
 MAX_TIME_RATIO = 3.0
 MAX_MEMORY_RATIO = 1.5
@@ -118,20 +120,13 @@ KEY_FIELDS = ("bench", "arch", "tasks", "decoder", "backbone", "size", "batch", 
 
 def machine_facts(device: torch.device) -> dict:
     """CPU model and vector flags, thread and core counts, GPU, library versions and the date."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == platform.processor():
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
     import torchvision
 
+    from uda.hardware import cpu_flags, cpu_model
+
+    flags = cpu_flags()
     facts = {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cpu_flags": {f: f in flags for f in CPU_FLAGS},
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -195,11 +190,6 @@ def peak_rss_mib() -> float:
 # --------------------------------------------------------------------------- model, batch, counting
 
 
-def task_channels(tasks) -> dict[str, int]:
-    """Output channels of each benchmark task."""
-    return {t: {"semseg": CLASSES, "depth": 1, "normals": 3, "edges": 1}[t] for t in tasks}
-
-
 def model_config(spec: dict, **overrides) -> ModelConfig:
     """The ModelConfig of a spec (stl/mtl take --decoder; the other archs have their own decoder)."""
     decoder = spec["decoder"] if spec["arch"] in DEEPLAB_ARCHS else "3ways"
@@ -213,7 +203,7 @@ def model_config(spec: dict, **overrides) -> ModelConfig:
 def count_params(arch: str, decoder: str, args: argparse.Namespace) -> dict:
     """Parameter counts (total, encoder, rest) of one randomly initialised model."""
     cfg = ModelConfig(arch=arch, decoder=decoder, backbone=args.backbone, pretrained=False)
-    groups = build_model(cfg, task_channels(TASK_SETS[args.tasks[0]])).param_groups()
+    groups = build_model(cfg, task_channels(TASK_SETS[args.tasks[0]], CLASSES)).param_groups()
     backbone, rest = (sum(p.numel() for p in groups[g]) for g in ("backbone", "decoder"))
     return {
         "arch": arch,
@@ -326,7 +316,7 @@ def bench_step(spec: dict, device: torch.device) -> dict:
     """The supervised training step of one arch x task set with the spec's options."""
     tasks = TASK_SETS[spec["tasks"]]
     cfg = model_config(spec)
-    model = build_model(cfg, task_channels(tasks)).to(device).train()
+    model = build_model(cfg, task_channels(tasks, CLASSES)).to(device).train()
     criterion = MultiTaskLoss(
         tasks, default_task_weights(tasks), intermediate_scales=intermediate_scales(cfg)
     )
@@ -414,11 +404,13 @@ def bench_adapt(spec: dict, device: torch.device) -> dict:
     exp = ExperimentConfig(
         tasks=tasks, model=cfg, target=DataConfig(dataset="cityscapes"), adapt=AdaptConfig()
     )
-    run = RunContext(exp, tasks, task_channels(tasks), output_space(exp, CLASSES), intermediate_scales(cfg))
+    run = RunContext(
+        exp, tasks, task_channels(tasks, CLASSES), output_space(exp, CLASSES), intermediate_scales(cfg)
+    )
     objective = Adversarial(run, exp.adapt)
     objective.discriminators.to(device)
     accelerator = Accelerator(cpu=device.type == "cpu")
-    model = build_model(cfg, task_channels(tasks)).to(device).train()
+    model = build_model(cfg, task_channels(tasks, CLASSES)).to(device).train()
     criterion = MultiTaskLoss(
         tasks, default_task_weights(tasks), intermediate_scales=intermediate_scales(cfg)
     )
@@ -465,10 +457,12 @@ def bench_selfsup(spec: dict, device: torch.device) -> dict:
     photometric = PhotometricConfig(scales=(0, 1, 2, 3) if multiscale else (0,))
     cfg = model_config(spec, depth_output="disparity", output_scales=photometric.scales)
     exp = ExperimentConfig(tasks=tasks, model=cfg, photometric=photometric)
-    run = RunContext(exp, tasks, task_channels(tasks), output_space(exp, CLASSES), intermediate_scales(cfg))
+    run = RunContext(
+        exp, tasks, task_channels(tasks, CLASSES), output_space(exp, CLASSES), intermediate_scales(cfg)
+    )
     objective = Photometric(run, photometric)
     posenet = objective.posenet.to(device).train()
-    model = build_model(cfg, task_channels(tasks)).to(device).train()
+    model = build_model(cfg, task_channels(tasks, CLASSES)).to(device).train()
     supervised = tuple(t for t in tasks if t != "depth")
     criterion = (
         MultiTaskLoss(
@@ -855,9 +849,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["3ways", "deeplab"],
         help="task decoder of stl and mtl (the other archs have their own); default 3ways",
     )
-    parser.add_argument(
-        "--backbone", default="resnet101", choices=["resnet18", "resnet34", "resnet50", "resnet101"]
-    )
+    parser.add_argument("--backbone", default="resnet101", choices=get_args(Backbone))
     parser.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument(

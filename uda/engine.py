@@ -133,6 +133,7 @@ class Trainer:
             attach_prepared_joint(objective, acc.prepare)
         self.step = 0
         self.bad_steps = 0
+        self._saved_buffers: list[torch.Tensor] | None = None  # storage of buffer_snapshot
         self.history: list[dict[str, Any]] = []  # validation results
         self.loss_log: list[dict[str, float]] = []  # training losses of this process, per step
 
@@ -277,7 +278,7 @@ class Trainer:
         """(buffers, copies) of the trained networks' buffers (BatchNorm statistics, spectral-norm vectors): one
         copy kernel into storage allocated once."""
         live = [b for m in self.networks() for b in m.buffers()]
-        if getattr(self, "_saved_buffers", None) is None or len(self._saved_buffers) != len(live):
+        if self._saved_buffers is None:  # the networks are fixed once built
             self._saved_buffers = [torch.empty_like(b) for b in live]
         torch._foreach_copy_(self._saved_buffers, live)
         return live, self._saved_buffers

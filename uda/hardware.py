@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -14,15 +15,29 @@ BF16_SLOWDOWN_WITHOUT_SUPPORT = 16
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where the file does not exist, e.g. macOS)."""
+def cpu_info() -> dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo ("model name", "flags", ...); empty where the file
+    does not exist (e.g. macOS)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if not line.strip():
+                break  # the first processor's block ends at the first blank line
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags (avx2, avx512_bf16, amx_bf16, ...)."""
+    return frozenset(cpu_info().get("flags", "").split())
+
+
+def cpu_model() -> str:
+    """The CPU model name, or what the platform says where /proc/cpuinfo has none."""
+    return cpu_info().get("model name") or platform.processor()
 
 
 def cpu_supports_bf16(flags: frozenset[str] | None = None) -> bool:

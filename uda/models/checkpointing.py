@@ -43,17 +43,13 @@ def checkpoint_forward(module: nn.Module) -> None:
         return checkpoint(plain, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     module.forward = forward
-    module._uda_checkpointed = True
 
 
-def enable_checkpointing(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -> int:
+def enable_checkpointing(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -> None:
     """Checkpoint every outermost module of `block_types` in `model` (a block inside a checkpointed one is not
-    checkpointed again); returns how many."""
-    count = 0
+    checkpointed again)."""
     done: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, block_types) and not any(name.startswith(f"{d}.") for d in done):
             checkpoint_forward(module)
             done.append(name)
-            count += 1
-    return count
