@@ -1,4 +1,5 @@
-"""Label sets and class mappings, read from the data files datasets/{labelsets,mappings,classes}/*.json.
+"""Label sets and class mappings, read from the catalogue shipped in the package: uda/catalogue/
+{labelsets,mappings,classes}/*.json (and the fixed split files uda/catalogue/<dataset>/splits/*.txt).
 
 A *dataset id table* lists the ids a dataset stores on disk (e.g. Cityscapes labelIds -1..33).
 A *label set* is the experiment's class list (train ids 0..C-1, 255 = ignore).
@@ -11,11 +12,16 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-CATALOGUE_DIR = Path(__file__).resolve().parents[2] / "datasets"
+if TYPE_CHECKING:
+    import torch
+
+# Package data (pyproject: [tool.setuptools.package-data]), so an installed wheel has it too. Torch-free on
+# purpose: the command-line tools import this module to build their --help before importing torch.
+CATALOGUE_DIR = Path(__file__).resolve().parents[1] / "catalogue"
 IGNORE_INDEX = 255
 DATASETS = ("synthia", "cityscapes", "vkitti2", "nyudv2")
 LABEL_SETS: tuple[str, ...] = tuple(sorted(p.stem for p in (CATALOGUE_DIR / "labelsets").glob("*.json")))
@@ -27,7 +33,7 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path}: catalogue file missing; the datasets/ folder of the repo is incomplete"
+            f"{path}: catalogue file missing; the installed uda package is incomplete (reinstall it)"
         ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e}); fix the file") from None
@@ -59,7 +65,7 @@ class LabelSet:
 
     def colorize(self, label: np.ndarray | torch.Tensor) -> np.ndarray:
         """Colour a train-id map [H,W] as uint8 RGB [H,W,3]; ignore (255) and out-of-set ids are black."""
-        if isinstance(label, torch.Tensor):
+        if hasattr(label, "detach"):  # a torch.Tensor (torch is not imported here)
             label = label.detach().cpu().numpy()
         label = np.asarray(label)
         if label.ndim != 2:
@@ -112,14 +118,14 @@ class ClassMap:
             shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
             raise ValueError(
                 f"label ids {shown} are not {self.dataset} class ids "
-                f"(valid: {min(self.id_table.ids)}..{max(self.id_table.ids)}, see datasets/classes/{self.dataset}.json)"
+                f"(valid: {min(self.id_table.ids)}..{max(self.id_table.ids)}, see uda/catalogue/classes/{self.dataset}.json)"
             )
         return self._lut[idx]
 
 
 @cache
 def get_label_set(name: str) -> LabelSet:
-    """The label set called name, read from datasets/labelsets/<name>.json."""
+    """The label set called name, read from uda/catalogue/labelsets/<name>.json."""
     _check_name("label set", name, LABEL_SETS)
     path = CATALOGUE_DIR / "labelsets" / f"{name}.json"
     data = _read_json(path)
@@ -136,7 +142,7 @@ def get_label_set(name: str) -> LabelSet:
 
 @cache
 def get_id_table(dataset: str) -> IdTable:
-    """The ids a dataset stores on disk, read from datasets/classes/<dataset>.json."""
+    """The ids a dataset stores on disk, read from uda/catalogue/classes/<dataset>.json."""
     _check_name("dataset", dataset, DATASETS)
     path = CATALOGUE_DIR / "classes" / f"{dataset}.json"
     classes = _read_json(path)["classes"]
@@ -152,7 +158,7 @@ def get_id_table(dataset: str) -> IdTable:
 
 
 def available_label_sets(dataset: str) -> tuple[str, ...]:
-    """Names of the label sets a dataset has a mapping to (datasets/mappings/<dataset>__<label set>.json)."""
+    """Names of the label sets a dataset has a mapping to (uda/catalogue/mappings/<dataset>__<label set>.json)."""
     _check_name("dataset", dataset, DATASETS)
     return tuple(
         sorted(p.stem.split("__", 1)[1] for p in (CATALOGUE_DIR / "mappings").glob(f"{dataset}__*.json"))

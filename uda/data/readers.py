@@ -5,8 +5,8 @@ Each item is the sample dict of DESIGN.md: `image`, `K`, `domain`, `meta`, plus 
 decoded by uda.data.decode; this module knows the folder layouts and split files.
 
 Splits: `<dataset root>/splits/<split>.txt` if present (the toy data writes its own), else the official
-split (Cityscapes: the split folders; NYUDv2: gt_sets/) or the split file shipped in datasets/<name>/splits/
-(SYNTHIA, VKITTI2). Split "all" is train + val.
+split (Cityscapes: the split folders; NYUDv2: gt_sets/) or the split file shipped in the package,
+uda/catalogue/<name>/splits/ (SYNTHIA, VKITTI2). Split "all" is train + val.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from uda.data.labels import CATALOGUE_DIR, ClassMap, get_class_map, get_id_table
 from uda.data.splits import read_split_file
 from uda.geometry import normals_from_depth
 
-DEFAULT_DATA_ROOT = CATALOGUE_DIR
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "datasets"  # the clone's datasets/ folder
 DEFAULT_LABEL_SETS = {
     "synthia": "synthia16",
     "cityscapes": "cityscapes16",
@@ -512,7 +512,7 @@ DATASET_CLASSES: dict[str, type[DenseDataset]] = {
 
 
 def read_label_file(dataset: str, path: str | Path, colors_txt: str | Path | None = None) -> np.ndarray:
-    """Dataset class ids [H,W] of one label file, decoded as the reader does (VKITTI2: colors.txt or datasets/classes/vkitti2.json)."""
+    """Dataset class ids [H,W] of one label file, decoded as the reader does (VKITTI2: colors.txt or uda/catalogue/classes/vkitti2.json)."""
     path = Path(path)
     if dataset == "synthia":
         return decode.synthia_label(path)

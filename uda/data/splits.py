@@ -39,12 +39,10 @@ def read_split_file(path: str | Path) -> list[str]:
     """Read a split file; a missing or empty file is an error that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: split file not found; run `python tools/make_splits.py` or check --data-root"
-        )
+        raise FileNotFoundError(f"{path}: split file not found; run `uda-make-splits` or check --data-root")
     ids = [
         line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
     ]
     if not ids:
-        raise DataError(f"{path}: split file is empty; regenerate it with `python tools/make_splits.py`")
+        raise DataError(f"{path}: split file is empty; regenerate it with `uda-make-splits`")
     return ids
