@@ -243,7 +243,9 @@ def vkitti2_colors(path: str | Path, names: dict[str, int]) -> dict[tuple[int, i
         if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
             raise DataError(f"{path}: line {n + 1} {line!r} is not 'Category r g b'; re-extract the file")
         if parts[0] not in names:
-            raise DataError(f"{path}: unknown category {parts[0]!r}; add it to uda/catalogue/classes/vkitti2.json")
+            raise DataError(
+                f"{path}: unknown category {parts[0]!r}; add it to uda/catalogue/classes/vkitti2.json"
+            )
         colors[(int(parts[1]), int(parts[2]), int(parts[3]))] = names[parts[0]]
     if not colors:
         raise DataError(f"{path}: no colours listed; re-extract the file")
