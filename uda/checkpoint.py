@@ -4,7 +4,9 @@ A checkpoint is `<run>/checkpoints/step-<step>/`: accelerate's files (model*.saf
 random_states_<rank>.pkl) plus `trainer_state.json` (step, counters, config, validation history and the size
 and SHA-256 of every other file). It is written into `.tmp-step-<step>/` and renamed into place, so a kill
 during a save leaves the previous checkpoints untouched; `trainer_state.json` is written last, so a folder
-without it is never taken for a checkpoint.
+without it is never taken for a checkpoint. The objectives' networks also appear under their own names
+(`discriminators.safetensors`, `posenet.safetensors`, ...: hard links to accelerate's `model_<i>` files), and
+`checkpoints/latest` points at the newest complete checkpoint once it is in place.
 
 Loading checks, before any weight is read: the state file parses, every recorded file is there with its
 size and hash (a truncated or corrupted file is refused), and the config keys that shape the weights and
@@ -31,6 +33,7 @@ from uda.config import OBJECTIVE_SECTIONS
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+LATEST = "latest"  # symlink (or, where links cannot be made, a text file) naming the newest checkpoint
 TMP_PREFIX = ".tmp-step-"  # a save in progress (or interrupted)
 OLD_PREFIX = ".old-step-"  # a checkpoint of the same step being replaced
 FORMAT = 1
@@ -65,6 +68,29 @@ def complete_checkpoints(out: str | Path) -> list[Path]:
         if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit() and (d / STATE_FILE).is_file():
             found.append(d)
     return sorted(found, key=step_of, reverse=True)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, if it is complete; None otherwise (scan instead)."""
+    pointer = Path(out) / CHECKPOINTS / LATEST
+    try:
+        name = os.readlink(pointer) if pointer.is_symlink() else pointer.read_text().strip()
+    except OSError:
+        return None
+    ckpt = Path(out) / CHECKPOINTS / Path(name).name
+    return ckpt if ckpt.name.startswith("step-") and (ckpt / STATE_FILE).is_file() else None
+
+
+def write_latest(root: Path, ckpt: Path) -> None:
+    """Point `root/latest` at ckpt atomically (a relative symlink, or a text file holding its name)."""
+    tmp = root / f".{LATEST}.tmp{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    try:
+        os.symlink(ckpt.name, tmp, target_is_directory=True)
+    except OSError:  # no symlinks here (e.g. some Windows or network file systems)
+        tmp.write_text(ckpt.name + "\n")
+    os.replace(tmp, root / LATEST)
 
 
 def remove_leftovers(root: Path) -> None:
@@ -151,12 +177,19 @@ def _fsync(path: Path) -> None:
 
 
 def save(
-    accelerator: Accelerator, out: str | Path, step: int, state: Mapping[str, Any], keep: int = 2
+    accelerator: Accelerator,
+    out: str | Path,
+    step: int,
+    state: Mapping[str, Any],
+    keep: int = 2,
+    names: Mapping[str, str] | None = None,
 ) -> Path:
     """Save the prepared models, optimisers and RNG states plus `state` as checkpoint `step`, atomically.
 
-    Every process calls this. The main process records each file's size and hash in trainer_state.json,
-    renames the temporary folder into place and keeps the newest `keep` checkpoints.
+    Every process calls this. The main process gives accelerate's files the names in `names` too (e.g.
+    model_1.safetensors -> discriminators.safetensors, as hard links), records each file's size and hash in
+    trainer_state.json, renames the temporary folder into place, points `latest` at it and keeps the newest
+    `keep` checkpoints.
     """
     acc = accelerator
     root = Path(out) / CHECKPOINTS
@@ -169,6 +202,12 @@ def save(
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
+        for source, name in (names or {}).items():
+            if (tmp / source).is_file():
+                try:
+                    os.link(tmp / source, tmp / name)
+                except OSError:  # no hard links on this file system
+                    shutil.copyfile(tmp / source, tmp / name)
         files = {}
         for f in sorted(tmp.iterdir()):
             if f.is_file() and f.name != STATE_FILE:
@@ -182,6 +221,7 @@ def save(
         if final.exists():  # the same step saved again (e.g. resuming a finished run)
             os.replace(final, old)
         os.replace(tmp, final)
+        write_latest(root, final)
         _fsync(root)
         shutil.rmtree(old, ignore_errors=True)
         for stale in complete_checkpoints(out)[keep:]:
@@ -326,7 +366,12 @@ def load(
     when there are checkpoints but none is usable. Every process calls this and all take the same one.
     """
     acc = accelerator
-    candidates = [Path(path)] if path is not None else complete_checkpoints(out)
+    if path is not None:
+        candidates = [Path(path)]
+    else:  # the `latest` pointer first, then every complete checkpoint, newest first
+        latest = latest_checkpoint(out)
+        scanned = complete_checkpoints(out)
+        candidates = [latest, *(c for c in scanned if c != latest)] if latest is not None else scanned
     errors: list[str] = []
     for ckpt in candidates:
         state, error = None, None

@@ -140,6 +140,19 @@ class TrainConfig:
     bn_mode: Literal["separate", "joint"] = "separate"
     val_batches: int | None = None  # limit validation batches (None = the whole split)
     init_from: str | None = None  # run or checkpoint folder whose weights initialise the model (and pose net)
+    # Micro-batches per iteration: their gradients are summed (each loss / grad_accum) before the one optimiser
+    # step of the iteration, so an iteration sees grad_accum x batch_size samples per domain.
+    grad_accum: int = 1
+    keep_checkpoints: int = 2  # newest complete checkpoints kept in <run>/checkpoints
+    # Experiment trackers (accelerate): tensorboard, wandb, comet_ml, aim, mlflow, clearml, dvclive, or "none";
+    # several as "tensorboard+wandb".
+    log_with: str = "tensorboard"
+
+    def __post_init__(self) -> None:
+        if self.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum={self.grad_accum}: must be >= 1 (1 = no accumulation)")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
 
 
 @dataclass
@@ -427,12 +440,67 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def load_config(cls: type, path: str | Path) -> Any:
-    """Read a config written by save_config (strictly checked)."""
+    """Read a config file: JSON as written by save_config (a run's config.json), or YAML (.yaml/.yml) with the
+    same sections and keys. Unknown keys and bad values raise a one-line ConfigError naming the file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(
+                    f"{path}: reading YAML needs PyYAML (pip install pyyaml); or pass JSON"
+                ) from None
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, JSON and YAML syntax errors: one line each
+        reason = " ".join(str(getattr(exc, "strerror", None) or exc).split())
         raise ConfigError(
-            f"{path}: cannot read config ({exc}); pass a config.json written by a run"
+            f"{path}: cannot read config ({reason}); pass a config.json written by a run"
         ) from None
-    return from_dict(cls, data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections (name, tasks, model, data, ...)")
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _show(value: Any) -> str:
+    """A default as it is written on the command line (section.key=value)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, tuple | list):
+        return ",".join(map(_show, value)) or "()"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{_show(v)}" for k, v in value.items()) or "{}"
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def keys_help(width: int = 100) -> str:
+    """Every config section and key with its dataclass default, wrapped for a --help epilog."""
+    import textwrap
+
+    top = ExperimentConfig()
+    lines, plain = [], []
+    for name, tp in _fields(ExperimentConfig).items():
+        section = _section_type(tp)
+        if section is None:
+            plain.append(f"{name}={_show(getattr(top, name))}")
+            continue
+        value = getattr(top, name)
+        optional = value is None
+        value = section() if optional else value
+        keys = " ".join(f"{f.name}={_show(getattr(value, f.name))}" for f in dataclasses.fields(section))
+        head = f"{name}{' (if the recipe uses it)' if optional else ''}: "
+        lines.append(textwrap.fill(head + keys, width, initial_indent="  ", subsequent_indent="      "))
+    lines.insert(0, textwrap.fill(" ".join(plain), width, initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(lines)

@@ -5,11 +5,11 @@ run folder holds config, logs, checkpoints, metrics.json, report.md and predicti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,8 @@ from tqdm import tqdm
 from uda import checkpoint
 from uda.config import ExperimentConfig, save_config, to_dict
 from uda.data.labels import get_label_set
-from uda.data.loader import MixedBatches, eval_loader, move_to
+from uda.data.loader import MixedBatches, move_to
 from uda.data.streams import RunData
-from uda.evaluate import evaluate, protocol, write_report
 from uda.hardware import make_accelerator
 from uda.models import build_model
 from uda.models.multitask import intermediate_scales
@@ -37,8 +36,9 @@ from uda.objectives import (
     build_objectives,
 )
 from uda.objectives.weighting import WeightingContext, weighting_from_config
+from uda.runlog import RunLog, flat_config, images_per_iteration, peak_memory_mib
 from uda.tasks import output_space, task_channels
-from uda.visualize import save_prediction_images
+from uda.validation import validate_run
 
 
 class TrainingError(RuntimeError):
@@ -60,6 +60,9 @@ class Trainer:
             checkpoint.check_output_dir(self.out)
         except checkpoint.CheckpointError as exc:
             raise TrainingError(str(exc)) from None
+        # The run's log first: it records the accelerator's precision choice.
+        main = accelerator.is_main_process if accelerator else os.environ.get("RANK", "0") == "0"
+        self.log = RunLog(self.out, main)
         self.accelerator = accelerator or make_accelerator(cfg.train, str(self.out))
         acc = self.accelerator
         if acc.device.type == "cpu":
@@ -125,17 +128,23 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        # Networks with their own optimiser first, then those trained with the model: checkpoint files keep
-        # their names (model_1.safetensors = the discriminators of an adaptation run).
+        # Networks with their own optimiser first, then those trained with the model: accelerate's files keep
+        # their names (model_1.safetensors = the discriminators of an adaptation run), and the checkpoint also
+        # holds them under the networks' own (discriminators.safetensors, posenet.safetensors, ...).
         for objective in self.objectives:
             attach_prepared(objective, acc.prepare)
         for objective in self.objectives:
             attach_prepared_joint(objective, acc.prepare)
+        nets = [n for o in self.objectives for n in o.own_networks()]
+        nets += [n for o in self.objectives for n in o.joint_networks()]
+        self.file_names = {f"model_{i}.safetensors": f"{n}.safetensors" for i, n in enumerate(nets, 1)}
         self.step = 0
         self.bad_steps = 0
         self._saved_buffers: list[torch.Tensor] | None = None  # storage of buffer_snapshot
         self.history: list[dict[str, Any]] = []  # validation results
-        self.loss_log: list[dict[str, float]] = []  # training losses of this process, per step
+        self.loss_log = (
+            self.log.recent
+        )  # this process's newest per-step losses (the run's: train_losses.jsonl)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -155,7 +164,7 @@ class Trainer:
     def batches(self, start_step: int) -> MixedBatches:
         """The endless mixed training stream of this process, positioned at start_step."""
         acc = self.accelerator
-        return self.data.batches(start_step, acc.process_index, acc.num_processes)
+        return self.data.batches(start_step * self.cfg.train.grad_accum, acc.process_index, acc.num_processes)
 
     # ------------------------------------------------------------------ one step
 
@@ -249,15 +258,25 @@ class Trainer:
         norms = [torch.nn.utils.clip_grad_norm_(g, limit) for g in groups]
         return torch.stack([n.float() for n in norms]).norm()
 
-    def model_update(self, batch: Mapping[str, Any]) -> tuple[Step, dict[str, torch.Tensor], bool]:
-        """Update the model (and joint networks) on the composed loss; returns the step (outputs per domain), the
-        detached logs and whether the step was finite (applied)."""
-        acc = self.accelerator
+    def model_update(self, batches: list[Mapping[str, Any]]) -> tuple[Step, dict[str, torch.Tensor], bool]:
+        """Update the model (and joint networks) on the composed loss, its gradient summed over the micro-batches
+        (each loss / their number; processes synchronise at the last); returns the step (outputs per domain of
+        every micro-batch), the detached logs (means) and whether the step was finite (applied)."""
+        acc, n = self.accelerator, len(batches)
         buffers = self.buffer_snapshot()
-        with acc.autocast():
-            step = Step(self.step, batch, self.forward_domains(batch), acc)
-            loss, logs = self.compose(step)
-        acc.backward(loss)
+        steps, sums = [], {}
+        for i, batch in enumerate(batches):
+            with contextlib.ExitStack() as no_sync:
+                if i < n - 1:
+                    for net in (self.model, *(net for net, _ in self.joint_networks())):
+                        no_sync.enter_context(acc.no_sync(net))
+                with acc.autocast():
+                    steps.append(Step(self.step, batch, self.forward_domains(batch), acc))
+                    loss, micro_logs = self.compose(steps[-1])
+                acc.backward(loss / n if n > 1 else loss)
+            for k, v in {"loss/total": loss, **micro_logs}.items():
+                sums[k] = sums.get(k, 0) + v.detach() / n
+        step, loss, logs = Step.merge(steps), sums.pop("loss/total"), sums
         grad_norm = self.clip_gradients()
         loss_ok = bool(torch.isfinite(loss.detach()).item())
         grads_ok = bool(torch.isfinite(grad_norm).item())
@@ -269,7 +288,7 @@ class Trainer:
             # A skipped step leaves the model as it was: the forward already moved the BatchNorm statistics.
             torch._foreach_copy_(*buffers)
         self.optimizer.zero_grad(set_to_none=True)
-        logs["loss/total"] = loss.detach()
+        logs["loss/total"] = loss
         logs["grad_norm"] = grad_norm.detach()
         return step, logs, finite
 
@@ -283,10 +302,11 @@ class Trainer:
         torch._foreach_copy_(self._saved_buffers, live)
         return live, self._saved_buffers
 
-    def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """One optimisation step: model update, then (if it was applied) the weighting's and objectives' own."""
+    def train_step(self, batch: Mapping[str, Any] | list[Mapping[str, Any]]) -> dict[str, float]:
+        """One optimisation step on a batch or the iteration's micro-batches: model update, then (if it was
+        applied) the weighting's and objectives' own."""
         self.set_learning_rates(self.step)
-        step, logs, finite = self.model_update(batch)
+        step, logs, finite = self.model_update([batch] if isinstance(batch, Mapping) else list(batch))
         if finite:
             logs.update(self.weighting.update(self.weighting_context()))
             for objective in self.objectives:
@@ -301,7 +321,7 @@ class Trainer:
         """Complete checkpoints, newest first (a temporary folder from an interrupted save is ignored)."""
         return checkpoint.complete_checkpoints(self.out)
 
-    def save_checkpoint(self, keep: int = 2) -> Path:
+    def save_checkpoint(self) -> Path:
         """Save everything needed to resume, atomically (temporary folder, then rename), with file hashes."""
         state = {
             "bad_steps": self.bad_steps,
@@ -312,7 +332,12 @@ class Trainer:
                 **{o.section: o.checkpoint_state() for o in self.objectives},
             },
         }
-        return checkpoint.save(self.accelerator, self.out, self.step, state, keep)
+        self.log.flush()
+        ckpt = checkpoint.save(
+            self.accelerator, self.out, self.step, state, self.cfg.train.keep_checkpoints, self.file_names
+        )
+        self.log.info(f"step {self.step}: checkpoint {ckpt.relative_to(self.out)}")
+        return ckpt
 
     def load_checkpoint(self, path: Path | None = None) -> Path | None:
         """Resume from `path` or the newest usable checkpoint; a damaged one is reported and skipped, one of
@@ -338,98 +363,35 @@ class Trainer:
     # ------------------------------------------------------------------ validation
 
     def validate(self, final: bool = False) -> dict[str, Any]:
-        """Evaluate on the validation split (the target's in UDA) and write metrics, report and images."""
-        acc, cfg = self.accelerator, self.cfg
-        results, protocols, images = {}, {}, []
-        model = acc.unwrap_model(self.model)
-        if acc.num_processes > 1:
-            # After a training step each process holds its own BatchNorm statistics (DDP broadcasts rank 0's
-            # only at the start of the next forward); evaluate everywhere with rank 0's, the saved ones.
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
-        runs = []
-        for name, data, domain in self.data.validation_sets():
-            eval_cfg = replace(cfg.eval, median_scaling=False) if name == "source" else cfg.eval
-            runs.append((name, data, domain, eval_cfg))
-            if final and name != "source" and not cfg.eval.label_resolution:
-                # The final evaluation also compares at the label files' resolution (e.g. 2048x1024 Cityscapes).
-                runs.append((f"{name}@labels", data, domain, replace(cfg.eval, label_resolution=True)))
-        for name, data, domain, eval_cfg in runs:
-            dataset = self.data.dataset(
-                data,
-                data.val_split,
-                self.tasks,
-                train=False,
-                domain=domain,
-                labels_native=eval_cfg.label_resolution,
-            )
-            loader = eval_loader(
-                dataset, data.batch_size, acc.process_index, acc.num_processes, data.num_workers
-            )
-            prefix = f"step{self.step:07d}_{name}"
-
-            def write_images(batch, preds, prefix=prefix):
-                if acc.is_main_process:
-                    paths = save_prediction_images(
-                        self.out / "images", prefix, batch, preds, self.tasks, self.label_set
-                    )
-                    images.extend(str(p.relative_to(self.out)) for p in paths)
-
-            max_batches = cfg.train.val_batches if (not final or name == "source") else None
-            if name == "source" and max_batches is None:
-                max_batches = 4
-            results[name] = evaluate(
-                model,
-                loader,
-                self.tasks,
-                eval_cfg,
-                self.space,
-                reduce=lambda s: acc.reduce(s, "sum"),
-                device=acc.device,
-                max_batches=max_batches,
-                on_first_batch=write_images,
-            )
-            protocols[name] = protocol(
-                eval_cfg, data.dataset, data.val_split, data.label_set, f"step {self.step} (last)"
-            )
-            if max_batches is not None:
-                protocols[name]["batches"] = f"first {max_batches} per process"
-        record = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}}
-        self.history.append(record)
-        if acc.is_main_process:
-            acc.log({f"val/{k}": v for k, v in record.items() if k != "step"}, step=self.step)
-            write_report(
-                self.out,
-                f"{cfg.name}: evaluation at step {self.step}",
-                results,
-                protocols,
-                class_names=self.label_set.class_names,
-                extra={"step": self.step, "iterations": cfg.train.iterations, "history": self.history}
-                if final
-                else {"step": self.step, "history": self.history},
-                images=images,
-            )
-        return results
+        """Evaluate on the validation split (the target's in UDA) and write metrics, report, curves and images."""
+        return validate_run(self, final)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to cfg.train.iterations (resuming if asked), validating and checkpointing on schedule."""
-        acc, cfg = self.accelerator, self.cfg
+        try:
+            return self._fit(resume)
+        finally:
+            self.log.close()
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
+        acc, cfg, log = self.accelerator, self.cfg, self.log
         if acc.is_main_process:
             save_config(cfg, self.out / "config.json")
-            print(json.dumps(to_dict(cfg), indent=2))
+            log.info("config:\n" + json.dumps(to_dict(cfg), indent=2))
         if not resume and self.checkpoint_dirs():
             # A fresh run here would interleave its checkpoints with the old run's (and rotate its own away).
             raise TrainingError(
                 f"{self.out}: holds checkpoints of an earlier run (newest {self.checkpoint_dirs()[0].name}); "
                 "pass --resume to continue it, or choose another --out"
             )
-        acc.init_trackers("logs", config={k: str(v) for k, v in to_dict(cfg).items()})
+        acc.init_trackers("logs", config=flat_config(to_dict(cfg)))
         if resume:
             ckpt = self.load_checkpoint()
-            if ckpt is not None and acc.is_main_process:
-                tqdm.write(f"resumed from {ckpt} at step {self.step}")
+            if ckpt is not None:
+                log.info(f"resumed from {ckpt} at step {self.step}")
+        log.start(self.step)
         batches = self.batches(self.step)
         for _, data, domain in self.data.validation_sets():
             # Fail now, not after days of training, if a validation split is missing or empty.
@@ -441,21 +403,20 @@ class Trainer:
         last: dict[str, float] = {}
         started = time.perf_counter()
         start_step = self.step
+        images = images_per_iteration(cfg, self.data.uses_domain, acc.num_processes)
         while self.step < cfg.train.iterations:
-            batch = move_to(next(batches), acc.device)
-            last = self.train_step(batch)
+            last = self.train_step([move_to(next(batches), acc.device) for _ in range(cfg.train.grad_accum)])
             self.step += 1
-            self.loss_log.append({"step": self.step, **last})
+            log.record({"step": self.step, **last})
             if last["finite"]:
                 self.bad_steps = 0
             else:
                 self.bad_steps += 1
                 bad = ", ".join(k for k, v in last.items() if not torch.isfinite(torch.tensor(v))) or "loss"
-                if acc.is_main_process:
-                    tqdm.write(
-                        f"warning: step {self.step}: non-finite {bad}; update skipped, weights unchanged "
-                        f"({self.bad_steps} in a row, the run stops at train.max_bad_steps={cfg.train.max_bad_steps})"
-                    )
+                log.warning(
+                    f"step {self.step}: non-finite {bad}; update skipped, weights unchanged "
+                    f"({self.bad_steps} in a row, the run stops at train.max_bad_steps={cfg.train.max_bad_steps})"
+                )
                 acc.log({"train/skipped_step": 1.0, "train/bad_steps": float(self.bad_steps)}, step=self.step)
                 if self.bad_steps >= cfg.train.max_bad_steps:
                     bar.close()
@@ -467,12 +428,16 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations:
                 rate = (self.step - start_step) / max(1e-9, time.perf_counter() - started)
+                speed = {
+                    "it_per_s": rate,
+                    "images_per_s": rate * images,
+                    "peak_mem_mib": peak_memory_mib(acc.device),
+                }
                 bar.set_postfix(
                     {k.replace("loss/", ""): f"{v:.3g}" for k, v in last.items() if k.startswith("loss/")}
                 )
-                acc.log(
-                    {**{f"train/{k}": v for k, v in last.items()}, "train/it_per_s": rate}, step=self.step
-                )
+                acc.log({f"train/{k}": v for k, v in {**last, **speed}.items()}, step=self.step)
+                log.progress(self.step, cfg.train.iterations, last, speed)
             # Validation first, so that the checkpoint of this step holds its result in the history.
             mid_run = self.step < cfg.train.iterations
             if mid_run and cfg.train.val_every and self.step % cfg.train.val_every == 0:
@@ -482,12 +447,9 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         results = self.validate(final=True)
+        seconds = time.perf_counter() - started
+        log.info(f"done: {self.step - start_step} steps in {seconds:.0f} s; report {self.out / 'report.md'}")
         # Every process finishes its work before the process group goes (end_training destroys it).
         acc.wait_for_everyone()
         acc.end_training()
-        return {
-            "results": results,
-            "last_losses": last,
-            "step": self.step,
-            "seconds": time.perf_counter() - started,
-        }
+        return {"results": results, "last_losses": last, "step": self.step, "seconds": seconds}

@@ -122,11 +122,17 @@ def write_report(
     class_names: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
     images: Sequence[str] = (),
+    history: Sequence[Mapping[str, Any]] | None = None,
+    figures: Sequence[str] = (),
 ) -> Path:
-    """Write metrics.json and report.md (main metrics, per-class IoU, protocol) into out_dir."""
+    """Write metrics.json and report.md (main metrics, per-class IoU, protocol) into out_dir; a training run adds
+    its validation `history` (metrics.json and a table) and `figures` (curve PNGs relative to out_dir)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "metrics.json", {"results": results, "protocol": protocols, **(extra or {})})
+    record = {"results": results, "protocol": protocols, **(extra or {})}
+    write_json_atomic(
+        out_dir / "metrics.json", {**record, "history": history} if history is not None else record
+    )
     lines = [f"# {title}", ""]
     for name, metrics in results.items():
         lines += [f"## {name}", "", "| metric | value |", "|---|---|"]
@@ -145,6 +151,11 @@ def write_report(
         lines.append("")
     if extra:
         lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in extra.items()] + [""]
+    if history or figures:
+        from uda.runlog import history_table
+
+        lines += ["## Validation history", "", history_table(history or ()), ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in figures] + [""]
     if images:
         lines += ["## Prediction images", ""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
     path = out_dir / "report.md"
@@ -157,12 +168,18 @@ def find_checkpoint(path: str | Path) -> Path:
     from uda.checkpoint import CHECKPOINTS, STATE_FILE, complete_checkpoints
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path}: no such run folder; pass the folder a training run wrote (its --out) or one of its "
+            f"{CHECKPOINTS}/step-*/ folders"
+        )
     if (path / STATE_FILE).is_file():
         return path
     found = complete_checkpoints(path)
     if not found:
         raise FileNotFoundError(
-            f"{path}: no checkpoint found (expected {path / CHECKPOINTS}/step-*/); pass a run folder or checkpoint"
+            f"{path}: no complete checkpoint (expected {path / CHECKPOINTS}/step-*/{STATE_FILE}); train the run "
+            "with train.ckpt_every > 0 or until its end, or pass a checkpoint folder"
         )
     return found[0]
 
@@ -181,8 +198,15 @@ def load_trained_model(path: str | Path) -> tuple[Any, torch.nn.Module, Path]:
     from uda.tasks import task_channels
 
     ckpt = find_checkpoint(path)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    cfg = from_dict(ExperimentConfig, state["config"])
+    state_file = ckpt / "trainer_state.json"
+    try:
+        cfg = from_dict(ExperimentConfig, json.loads(state_file.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, no config, or a config this code refuses
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(
+            f"{state_file}: cannot read the run's config ({reason}); "
+            "the checkpoint is damaged or from another version of uda, pass an older checkpoint folder"
+        ) from None
     model = build_model(
         replace(cfg.model, pretrained=False),
         task_channels(tuple(cfg.tasks), get_label_set(cfg.data.label_set).num_classes),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 from pathlib import Path
@@ -81,22 +82,85 @@ def choose_mixed_precision(requested: str, device: torch.device) -> tuple[str, s
     return requested, None
 
 
+# accelerate's trackers: train.log_with name -> (module that must import, pip package).
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "aim": ("aim", "aim"),
+    "mlflow": ("mlflow", "mlflow"),
+    "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"),
+    "swanlab": ("swanlab", "swanlab"),
+    "trackio": ("trackio", "trackio"),
+}
+
+
+def trackers(log_with: str) -> list[str]:
+    """The trackers of train.log_with ("tensorboard", "wandb", "tensorboard+wandb", "none"); a ConfigError names
+    an unknown one or the `pip install` that a missing one needs."""
+    import importlib.util
+
+    from uda.config import ConfigError
+
+    names = [n.strip() for n in log_with.replace(",", "+").split("+") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(
+                f"train.log_with={log_with}: unknown tracker {name!r}; choose from none, {', '.join(TRACKERS)}"
+            )
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"train.log_with={name} needs the {package} package: pip install {package} (or train.log_with=none)"
+            )
+    return names
+
+
+def launcher_precision(requested: str) -> tuple[str, str | None]:
+    """train.mixed_precision after `accelerate launch --mixed_precision X` (env ACCELERATE_MIXED_PRECISION): the
+    config's explicit value wins; with "auto" (not set) the launcher's fp16/bf16/fp8 is taken. The launcher's
+    "no" is not: accelerate writes it also when the flag is absent, so it cannot mean a choice (for fp32 set
+    train.mixed_precision=no). (precision, message)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if requested != "auto" or launched not in ("fp16", "bf16", "fp8"):
+        return requested, None
+    return launched, f"mixed precision: {launched} (from accelerate launch)"
+
+
 def make_accelerator(train, project_dir: str):
-    """The run's Accelerator: mixed precision chosen for the device (said by the first process), the model
-    compiled through accelerate's dynamo plugin with train.compile, TensorBoard logs under project_dir."""
+    """The run's Accelerator: mixed precision from the config, else from `accelerate launch --mixed_precision`,
+    else chosen for the device (said by the first process); the model compiled through accelerate's dynamo
+    plugin with train.compile; the trackers of train.log_with logging under project_dir."""
     from accelerate import Accelerator
     from accelerate.utils import parse_flag_from_env
 
+    log_with = trackers(train.log_with)
     # The device the Accelerator will pick, found without initialising accelerate's process-wide state (a
     # PartialState made here, before the Accelerator, would not see the launcher's CPU processes).
     use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
     gpu = None if use_cpu else torch.accelerator.current_accelerator()
-    precision, message = choose_mixed_precision(train.mixed_precision, gpu or torch.device("cpu"))
-    if message and os.environ.get("RANK", "0") == "0":
-        print(message, flush=True)
+    precision, launched = launcher_precision(train.mixed_precision)
+    precision, message = choose_mixed_precision(precision, gpu or torch.device("cpu"))
+    if os.environ.get("RANK", "0") == "0":
+        for line in (launched, message):
+            if line:
+                log_line(line)
     return Accelerator(
         mixed_precision=precision,
-        log_with="tensorboard",
+        log_with=log_with or None,
         project_dir=project_dir,
         dynamo_backend="inductor" if train.compile else None,
     )
+
+
+def log_line(message: str) -> None:
+    """An information line for the run log (train.log and the console once a run's log is set up; the console
+    alone before)."""
+    logger = logging.getLogger("uda")
+    if logger.handlers:
+        logger.info(message)
+    else:
+        print(message, flush=True)

@@ -67,6 +67,42 @@ class Step:
     outputs: dict[str, Outputs]  # domain -> outputs of the model update's forward
     accelerator: Accelerator
 
+    @staticmethod
+    def merge(steps: list[Step]) -> Step:
+        """The micro-batch steps of one iteration (gradient accumulation) as one step over their concatenated
+        batches and detached outputs: an objective's own update then sees the iteration's whole batch, as it
+        would without accumulation."""
+        if len(steps) == 1:
+            return steps[0]
+        first = steps[0]
+        return Step(
+            first.index,
+            _concat([s.batch for s in steps]),
+            _concat(
+                [
+                    {
+                        d: {t: {k: o.detach() for k, o in per.items()} for t, per in out.items()}
+                        for d, out in s.outputs.items()
+                    }
+                    for s in steps
+                ]
+            ),
+            first.accelerator,
+        )
+
+
+def _concat(items: list) -> Any:
+    """Concatenate equally structured batches along the batch: tensors by torch.cat, lists joined, dicts per
+    key; anything else is taken from the first."""
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(items) if first.dim() > 0 else first
+    if isinstance(first, Mapping):
+        return {k: _concat([item[k] for item in items]) for k in first}
+    if isinstance(first, list):
+        return [x for item in items for x in item]
+    return first
+
 
 @dataclass
 class Terms:
