@@ -1,9 +1,12 @@
-"""Shared command line of the recipes: `--toy`, `--data-root`, `--out`, `--model`, `--seed`, `--resume` and
-`section.key=value` overrides, then train with the one engine."""
+"""Shared command line of the recipes: `--toy`, `--data-root`, `--out`, `--model`, `--seed`, `--resume`,
+`--config`, `--print-config` and `section.key=value` overrides; checks the run folder, the data and the ImageNet
+weights (one-line errors), then trains with the one engine."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import os
 import re
 import sys
@@ -13,7 +16,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from uda.config import ConfigError, ConsistencyConfig, DataConfig, ExperimentConfig, apply_overrides
+from uda.config import (
+    ConfigError,
+    ConsistencyConfig,
+    DataConfig,
+    ExperimentConfig,
+    apply_overrides,
+    keys_help,
+    load_config,
+    to_dict,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_ROOT = REPO_ROOT / "datasets" / "toy"
@@ -65,6 +77,10 @@ def ensure_toy_data(root: Path = TOY_ROOT, frames: int = 240, seed: int = 0, tim
     return root
 
 
+class PreflightError(RuntimeError):
+    """A user error found before anything is built (run folder, ImageNet weights); one line with the fix."""
+
+
 class RecipeParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line on stderr (exit 2), like configuration errors."""
 
@@ -78,7 +94,10 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides: any config key as section.key=value, e.g. train.iterations=1000 model.backbone=resnet50 "
-        "data.batch_size=4 (the full config is printed at the start of a run and saved as <out>/config.json).",
+        "data.batch_size=4; they apply after the options and after --config. The full config is printed at the "
+        "start of a run and saved as <out>/config.json. Set UDA_DEBUG=1 (or --debug) for tracebacks of user "
+        "errors.\n\nConfig sections and keys (dataclass defaults; the recipe sets its own, see --print-config):\n"
+        + keys_help(),
     )
     parser.add_argument(
         "--toy",
@@ -96,9 +115,10 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
         "--out", type=Path, default=None, help="run folder (default: runs/<recipe>/<model>-s<seed>)"
     )
     parser.add_argument(
-        "--model", choices=MODELS, default=default_model, help=f"architecture (default: {default_model})"
+        "--model", choices=MODELS, default=None, help=f"architecture (default: {default_model})"
     )
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
+    parser.set_defaults(default_model=default_model)
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: 42, train.seed)")
     parser.add_argument(
         "--tasks",
         choices=sorted(TASK_SETS),
@@ -106,7 +126,41 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
         help="task set: S-D (SD), S-D-N (SDN), S-D-N-E (SDNE); default: the recipe's",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="resume from the newest usable checkpoint in --out"
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="samples per domain per step: data.batch_size (and target.batch_size when adapting) "
+        "(default: the recipe's, 2 for most)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "fp16", "bf16"],
+        default=None,
+        help="train.mixed_precision: auto = bf16 where the device supports it, fp16 on older GPUs, else fp32 "
+        "(default: auto; no with --toy)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from the newest usable checkpoint in --out; a new run when --out does not exist yet "
+        "(default: off)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="rebuild a run from its config.json (or a YAML file with the same keys) instead of the recipe's "
+        "config; --out, --data-root, --seed, --batch-size, --mixed-precision and key=value apply on top",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of user errors instead of one line (also: UDA_DEBUG=1)",
     )
     parser.add_argument(
         "--consistency",
@@ -132,11 +186,44 @@ def check_label_sets(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"{section}.label_set: {exc}") from None
 
 
-def with_root(data: DataConfig | None, root: Path | None) -> DataConfig | None:
-    """Point a data config at <root>/<dataset> when a data root is given."""
+def with_root(data: DataConfig | None, root: Path | str | None) -> DataConfig | None:
+    """Point a data config at <root>/<dataset> when a data root is given (path arithmetic only: building a
+    config touches no file; resolve_roots checks the folders)."""
     if data is None or root is None:
         return data
-    return replace(data, root=str(root / data.dataset))
+    return replace(data, root=str(Path(root) / data.dataset))
+
+
+def resolve_roots(cfg: ExperimentConfig, data_root: Path | None) -> ExperimentConfig:
+    """Resolve each dataset folder through uda.data.roots.dataset_folder: the one under --data-root (or under
+    $UDA_DATA_ROOT / datasets/ when no root is set), or --data-root itself when it is the dataset's folder.
+    A root set by data.root=... (or a --config file) is kept as it is. DataError when there is no folder."""
+    from uda.data.roots import dataset_folder
+
+    def resolve(data: DataConfig | None) -> DataConfig | None:
+        if data is None:
+            return None
+        if data.root is None:
+            return replace(data, root=str(dataset_folder(None, data.dataset)))
+        if data_root is not None and data.root == str(Path(data_root) / data.dataset):
+            return replace(data, root=str(dataset_folder(data_root, data.dataset)))
+        return data
+
+    return replace(cfg, data=resolve(cfg.data), target=resolve(cfg.target))
+
+
+def option_overrides(args: argparse.Namespace, adapting: bool) -> list[str]:
+    """The shortcut options as section.key=value overrides (the user's own overrides come after them)."""
+    out = []
+    if getattr(args, "seed", None) is not None:
+        out.append(f"train.seed={args.seed}")
+    if getattr(args, "batch_size", None) is not None:
+        out.append(f"data.batch_size={args.batch_size}")
+        if adapting:
+            out.append(f"target.batch_size={args.batch_size}")
+    if getattr(args, "mixed_precision", None) is not None:
+        out.append(f"train.mixed_precision={args.mixed_precision}")
+    return out
 
 
 def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> ExperimentConfig:
@@ -151,11 +238,10 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
         if cfg.target is not None:
             cfg = replace(cfg, target=replace(cfg.target, size=TOY_SIZE, num_workers=1))
     cfg = replace(cfg, data=with_root(cfg.data, root), target=with_root(cfg.target, root))
-    cfg = replace(cfg, model=replace(cfg.model, arch=args.model))
+    arch = args.model or getattr(args, "default_model", "mteb")
+    cfg = replace(cfg, model=replace(cfg.model, arch=arch))
     if args.tasks is not None:
         cfg = replace(cfg, tasks=TASK_SETS[args.tasks], loss=replace(cfg.loss, weights={}))
-    if args.seed is not None:
-        cfg = replace(cfg, train=replace(cfg.train, seed=args.seed))
     cfg = model_defaults(cfg)
     if getattr(args, "paper_tables", False):
         cfg = paper_baselines(cfg)
@@ -163,7 +249,7 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
         cfg = released_adaptation_optimiser(cfg)
     if getattr(args, "consistency", "none") != "none":
         cfg = with_consistency(cfg, args.consistency)
-    cfg = apply_overrides(cfg, list(args.overrides))
+    cfg = apply_overrides(cfg, option_overrides(args, cfg.target is not None) + list(args.overrides))
     check_label_sets(cfg)
     if args.toy:
         ensure_toy_data(Path(root))
@@ -171,6 +257,52 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     name = f"{recipe}-{variant}{cfg.model.arch}"
     out = args.out or REPO_ROOT / "runs" / recipe / f"{variant}{cfg.model.arch}-s{cfg.train.seed}"
     return replace(cfg, name=name, out=str(out))
+
+
+# Options that apply on top of a --config file; every other recipe option shapes the config the file holds.
+CONFIG_FILE_OPTIONS = {
+    "config",
+    "out",
+    "data_root",
+    "seed",
+    "batch_size",
+    "mixed_precision",
+    "resume",
+    "print_config",
+    "debug",
+    "overrides",
+}
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str]:
+    """The option strings given on the command line (an option given with its default value counts)."""
+    unset = object()
+    dests = [a for a in parser._actions if a.dest != argparse.SUPPRESS and a.option_strings]
+    namespace = argparse.Namespace(**{a.dest: unset for a in dests})
+    parser.parse_intermixed_args(argv, namespace=namespace)
+    return [
+        a.option_strings[-1] for a in dests if getattr(namespace, a.dest) is not unset and a.dest != "help"
+    ]
+
+
+def from_config_file(args: argparse.Namespace, given: Sequence[str]) -> ExperimentConfig:
+    """The config of a --config file with --out, --data-root, the shortcut options and the overrides on top."""
+    shaping = [o for o in given if o.lstrip("-").replace("-", "_") not in CONFIG_FILE_OPTIONS]
+    if shaping:
+        raise ConfigError(
+            f"{' '.join(shaping)} cannot be combined with --config (the file holds the whole config); "
+            "change its keys with section.key=value instead (e.g. model.arch=mtl)"
+        )
+    cfg = load_config(ExperimentConfig, args.config)
+    if args.data_root is not None:
+        cfg = replace(
+            cfg, data=with_root(cfg.data, args.data_root), target=with_root(cfg.target, args.data_root)
+        )
+    cfg = apply_overrides(cfg, option_overrides(args, cfg.target is not None) + list(args.overrides))
+    if args.out is not None:
+        cfg = replace(cfg, out=str(args.out))
+    check_label_sets(cfg)
+    return cfg
 
 
 def model_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -269,22 +401,177 @@ def main(
     recipe: str,
     argv: Sequence[str] | None = None,
 ) -> dict | None:
-    """Parse, build the config, train. Configuration errors exit 2, data and training errors (a bad dataset
-    file, an unwritable --out, an unusable checkpoint, a diverged run) exit 1, each with one line on stderr."""
+    """Parse, build the config, check the run folder, data and weights, train. Configuration errors exit 2; user
+    errors found before the run (missing data or split files, unavailable ImageNet weights, nothing to resume,
+    a mistyped --out) and data and training errors exit 1, each with one line on stderr (--debug or UDA_DEBUG=1:
+    the traceback). Nothing is built and no run folder is created before the checks pass."""
+    from uda.data.decode import DataError
+
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
+    debug = bool(getattr(args, "debug", False))
     try:
-        cfg = finalise(build(args), args, recipe)
+        if getattr(args, "config", None) is not None:
+            cfg = from_config_file(args, given_options(parser, argv))
+        else:
+            cfg = finalise(build(args), args, recipe)
     except ConfigError as exc:
-        fail(exc, 2)
+        fail(exc, 2, debug)
+    try:
+        cfg = resolve_roots(cfg, args.data_root)
+        if getattr(args, "print_config", False):
+            print(json.dumps(to_dict(cfg), indent=2))
+            return None
+        preflight(cfg, args)
+    except (DataError, PreflightError) as exc:
+        fail(exc, 1, debug)
     try:
         return run(cfg, args.resume)
     except Exception as exc:
-        from uda.data.decode import DataError
         from uda.engine import TrainingError
 
         if isinstance(exc, DataError | TrainingError):
-            fail(exc, 1)
+            fail(exc, 1, debug)
         raise
+
+
+def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    """Every user error that can be found before building anything: the run folder, the datasets and their
+    split files, the ImageNet weights."""
+    check_run_folder(Path(cfg.out), args.resume, explicit_out=getattr(args, "out", None) is not None)
+    check_data(cfg)
+    check_imagenet_weights(cfg)
+
+
+def check_run_folder(out: Path, resume: bool, explicit_out: bool = True) -> None:
+    """Refuse, before anything is written: a fresh run into a folder with checkpoints (its config.json would be
+    overwritten), --resume of a folder that holds files but no checkpoint, and --resume with an --out that
+    does not exist and looks mistyped (a close sibling exists, or its parent is missing outside runs/). A
+    --resume whose run folder does not exist yet starts a new run (as `make demo` relies on)."""
+    from uda.checkpoint import complete_checkpoints
+
+    if out.exists() and not out.is_dir():
+        raise PreflightError(f"{out}: is a file, not a run folder; pass --out a folder")
+    found = complete_checkpoints(out)
+    if found and not resume:
+        raise PreflightError(
+            f"{out}: holds checkpoints of an earlier run (newest {found[0].name}); pass --resume to continue it, "
+            "or choose another --out"
+        )
+    if not resume or found:
+        return
+    if out.is_dir():
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise PreflightError(
+                f"{out}: no checkpoint to resume from (it holds {shown} but no checkpoints/step-*/); check --out, "
+                "or drop --resume to start a new run there"
+            )
+        return
+    if not explicit_out:
+        return
+    absolute = out.absolute()
+    ancestor = absolute
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    missing = absolute.relative_to(ancestor).parts[0]
+    siblings = [p.name for p in ancestor.iterdir() if p.is_dir()]
+    close = difflib.get_close_matches(missing, siblings, n=1, cutoff=0.75)
+    if close:
+        raise PreflightError(
+            f"{out}: no such run folder (did you mean {ancestor / close[0]}?); fix --out, or drop --resume to "
+            "start a new run there"
+        )
+    runs = [REPO_ROOT / "runs", Path.cwd() / "runs"]
+    if not absolute.parent.is_dir() and not any(absolute.is_relative_to(r) for r in runs):
+        raise PreflightError(
+            f"{out}: no such run folder, and its parent {out.parent} does not exist; fix --out, or drop --resume "
+            "to start a new run there"
+        )
+    print(f"note: {out} does not exist yet; --resume starts a new run there", file=sys.stderr)
+
+
+def objective_uses_target(cfg: ExperimentConfig) -> bool:
+    """Whether an objective trains on the target's training split (else only its validation split is read)."""
+    if cfg.target is None:
+        return False
+    photometric = cfg.photometric is not None and cfg.photometric.domain == "target"
+    consistency = cfg.consistency is not None and "target" in cfg.consistency.domains
+    return cfg.adapt is not None or photometric or consistency
+
+
+def check_data(cfg: ExperimentConfig) -> None:
+    """Open every split the run reads (training splits: images; validation splits: images and the run's
+    labels) with the dataset readers, which check the layout, the split files and that every image exists.
+    Raises the readers' one-line DataError."""
+    from uda.data.readers import build_dataset
+
+    splits: list[tuple[DataConfig, str, tuple[str, ...]]] = [(cfg.data, cfg.data.train_split, ())]
+    if objective_uses_target(cfg):
+        splits.append((cfg.target, cfg.target.train_split, ()))
+    if cfg.target is not None:
+        splits.append((cfg.target, cfg.target.val_split, tuple(cfg.tasks)))
+    if cfg.target is None or cfg.target.dataset != cfg.data.dataset:
+        splits.append((cfg.data, cfg.data.val_split, tuple(cfg.tasks)))
+    for data, split, tasks in splits:
+        build_dataset(
+            data.dataset,
+            split,
+            tasks,
+            label_set=data.label_set,
+            root=data.root,
+            variation=data.variation,
+            sky_depth=data.sky_depth,
+        )
+
+
+def imagenet_weights(backbone: str) -> tuple[str, Path]:
+    """(url, local file) of the torchvision ImageNet weights of `backbone` (file: $TORCH_HOME/hub/checkpoints)."""
+    import torch
+    import torchvision
+
+    weights = torchvision.models.get_weight(f"ResNet{backbone.removeprefix('resnet')}_Weights.IMAGENET1K_V1")
+    return weights.url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def check_imagenet_weights(cfg: ExperimentConfig) -> None:
+    """Make sure the ImageNet weights the model (and pose net) load are there before anything is built: a
+    model.weights_path must exist; torchvision's cached file is downloaded now if missing, and where that
+    fails (offline) the run stops with the expected path and the fix."""
+    import torch
+
+    model = cfg.model
+    if model.weights_path is not None:
+        if not Path(model.weights_path).is_file():
+            raise PreflightError(
+                f"{model.weights_path}: no such file (model.weights_path); pass a torchvision ImageNet state dict "
+                "(.pth), or set model.pretrained=false model.weights_path=none"
+            )
+        return
+    if not model.pretrained:
+        return
+    backbones = [model.backbone]
+    if cfg.photometric is not None and cfg.photometric.pose_backbone not in backbones:
+        backbones.append(cfg.photometric.pose_backbone)
+    for backbone in backbones:
+        url, path = imagenet_weights(backbone)
+        if path.is_file() or os.environ.get("LOCAL_RANK", "0") != "0":
+            continue  # other processes of a launch: the first one downloads
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), progress=True)
+        except Exception as exc:  # noqa: BLE001 - offline, proxy, disk: the same fix
+            reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+            raise PreflightError(
+                f"{path}: {backbone} ImageNet weights missing and not downloadable ({reason}); place the file "
+                f"there (from {url}; or set TORCH_HOME), pass model.weights_path=/path/{path.name}, or train "
+                "without them with model.pretrained=false"
+            ) from None
+
+
+def debug_enabled(debug: bool = False) -> bool:
+    """Whether user errors show their traceback (--debug or UDA_DEBUG=1)."""
+    return debug or os.environ.get("UDA_DEBUG", "") not in ("", "0")
 
 
 def error_line(exc: BaseException) -> str:
@@ -296,9 +583,13 @@ def error_line(exc: BaseException) -> str:
     return re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1].strip())
 
 
-def fail(exc: BaseException, code: int) -> NoReturn:
-    """Print `error: <one line>` on stderr, release the process group (if any) and exit with `code`."""
+def fail(exc: BaseException, code: int, debug: bool = False) -> NoReturn:
+    """Print `error: <one line>` on stderr, release the process group (if any) and exit with `code`. With
+    --debug (debug=True) or UDA_DEBUG=1, re-raise `exc` with its traceback instead (call it in the except)."""
     from tqdm import tqdm
+
+    if debug_enabled(debug):
+        raise exc
 
     # tqdm.write puts the message on a line of its own, also under a progress bar.
     tqdm.write(f"error: {error_line(exc)}", file=sys.stderr)
