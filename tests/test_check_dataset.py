@@ -1,4 +1,4 @@
-"""tools/check_dataset.py: one line per problem, non-zero exit; counts per split when clean."""
+"""uda-check-dataset (uda/commands/check_dataset.py): one line per problem, non-zero exit; counts per split when clean."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from fakes import load_tool, make_cityscapes, make_nyudv2, make_synthia, make_vkitti2, write_png
+from fakes import make_cityscapes, make_nyudv2, make_synthia, make_vkitti2, write_png
 
-check_dataset = load_tool("check_dataset")
+from uda.commands import check_dataset
 
 
 def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, list[str]]:
@@ -19,32 +19,55 @@ def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, list[str]]:
 
 def test_clean_datasets_print_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     make_synthia(tmp_path / "synthia", n=5)
-    assert run(capsys, "synthia", "--root", str(tmp_path / "synthia")) == (
+    # --data-root is the folder holding the dataset folders
+    assert run(capsys, "--dataset", "synthia", "--data-root", str(tmp_path)) == (
         0,
         [
             "synthia train: 3 samples checked (semseg, depth)",
             "synthia val: 2 samples checked (semseg, depth)",
         ],
     )
+    # a dataset folder itself (here by its layout, whatever its name) is accepted with a note
     make_cityscapes(tmp_path / "cs", "val")
-    code, out = run(
-        capsys, "cityscapes", "--root", str(tmp_path / "cs"), "--split", "val", "--frames", "-1", "1"
+    code = check_dataset.main(
+        [
+            "--dataset",
+            "cityscapes",
+            "--data-root",
+            str(tmp_path / "cs"),
+            "--split",
+            "val",
+            "--frames",
+            "-1",
+            "1",
+        ]
     )
-    assert code == 0 and out == ["cityscapes val: 2 samples checked (semseg, depth)"]
+    out, err = capsys.readouterr()
+    assert code == 0 and out.splitlines() == ["cityscapes val: 2 samples checked (semseg, depth)"]
+    assert f"note: {tmp_path / 'cs'} is the cityscapes folder itself" in err
     make_vkitti2(tmp_path / "vk")
-    assert run(capsys, "vkitti2", "--root", str(tmp_path / "vk"), "--split", "all")[0] == 0
+    assert run(capsys, "--dataset", "vkitti2", "--data-root", str(tmp_path / "vk"), "--split", "all")[0] == 0
     make_nyudv2(tmp_path / "ny")
-    code, out = run(capsys, "nyudv2", "--root", str(tmp_path / "ny"))
+    code, out = run(capsys, "--dataset", "nyudv2", "--data-root", str(tmp_path / "ny"))
     assert code == 0 and out[0] == "nyudv2 train: 2 samples checked (semseg, depth, normals, edges)"
 
 
 def test_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out = run(capsys, "synthia", "--root", str(tmp_path / "absent"), "--split", "train")
+    code = check_dataset.main(["--dataset", "synthia", "--data-root", str(tmp_path / "absent"), "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.startswith(
+        f"error: {tmp_path / 'absent'}: no synthia folder here; --data-root names the folder"
+    )
+    (tmp_path / "synthia").mkdir()  # the dataset folder is there, its layout is not
+    code, out = run(capsys, "--dataset", "synthia", "--data-root", str(tmp_path), "--split", "train")
     assert code == 1
-    assert out[0].startswith(f"[train] {tmp_path / 'absent'}: synthia not found (no RGB/ folder)")
+    assert out[0].startswith(f"[train] {tmp_path / 'synthia'}: synthia not found (no RGB/ folder)")
     assert out[-1] == "1 problem(s) found"
     make_cityscapes(tmp_path / "cs", disparity=False)
-    code, out = run(capsys, "cityscapes", "--root", str(tmp_path / "cs"), "--split", "train")
+    code, out = run(
+        capsys, "--dataset", "cityscapes", "--data-root", str(tmp_path / "cs"), "--split", "train"
+    )
     assert code == 1 and out[0].startswith(
         f"[train] {tmp_path / 'cs' / 'disparity' / 'train'}: missing folder (depth)"
     )
@@ -53,7 +76,7 @@ def test_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_image_without_label(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     make_synthia(tmp_path, n=5)
     (tmp_path / "GT" / "LABELS" / "0000001.png").unlink()
-    code, out = run(capsys, "synthia", "--root", str(tmp_path), "--split", "train")
+    code, out = run(capsys, "--dataset", "synthia", "--data-root", str(tmp_path), "--split", "train")
     assert code == 1
     assert out[0] == (
         f"[train] {tmp_path / 'GT/LABELS/0000001.png'}: missing label file (partial dataset?); "
@@ -67,7 +90,17 @@ def test_unknown_class_ids(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     label = np.full((8, 16), 7, np.uint8)
     label[0, 0], label[1, 1] = 34, 200
     cv2.imwrite(str(tmp_path / "gtFine/train/bochum/bochum_000000_000313_gtFine_labelIds.png"), label)
-    code, out = run(capsys, "cityscapes", "--root", str(tmp_path), "--split", "train", "--tasks", "semseg")
+    code, out = run(
+        capsys,
+        "--dataset",
+        "cityscapes",
+        "--data-root",
+        str(tmp_path),
+        "--split",
+        "train",
+        "--tasks",
+        "semseg",
+    )
     assert code == 1
     assert out[0].startswith(
         f"[train] {tmp_path / 'gtFine/train/bochum/bochum_000000_000313_gtFine_labelIds.png'}"
@@ -78,7 +111,9 @@ def test_unknown_class_ids(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 def test_wrong_bit_depth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     make_vkitti2(tmp_path)
     write_png(tmp_path / "Scene02/clone/frames/depth/Camera_0/depth_00000.png", np.zeros((6, 10), np.uint8))
-    code, out = run(capsys, "vkitti2", "--root", str(tmp_path), "--split", "train", "--tasks", "depth")
+    code, out = run(
+        capsys, "--dataset", "vkitti2", "--data-root", str(tmp_path), "--split", "train", "--tasks", "depth"
+    )
     assert code == 1
     assert out[0].startswith(f"[train] {tmp_path / 'Scene02/clone/frames/depth/Camera_0/depth_00000.png'}: ")
     assert "depth PNG is 8-bit, expected 16-bit" in out[0]
@@ -88,7 +123,7 @@ def test_unreadable_file_and_size_mismatch(tmp_path: Path, capsys: pytest.Captur
     make_nyudv2(tmp_path)
     (tmp_path / "normals" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage IEND....")
     write_png(tmp_path / "edge" / "0002.png", np.zeros((5, 8), np.uint8))
-    code, out = run(capsys, "nyudv2", "--root", str(tmp_path), "--split", "train")
+    code, out = run(capsys, "--dataset", "nyudv2", "--data-root", str(tmp_path), "--split", "train")
     assert code == 1
     assert out[0].startswith(f"[train] {tmp_path / 'normals/0001.png'}: unreadable normals (corrupt file?)")
     assert out[1].startswith(

@@ -1,4 +1,4 @@
-"""Label sets and class maps: the data files in datasets/ and the lookup-table mapping."""
+"""Label sets and class maps: the catalogue files in uda/catalogue/ and the lookup-table mapping."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from fakes import load_tool
 
+from uda.commands import classmap
 from uda.data.labels import (
     LABEL_SETS,
     available_label_sets,
@@ -175,11 +175,8 @@ def test_colorize_numpy_and_tensor_ignore_black() -> None:
     assert np.array_equal(ls.colorize(torch.from_numpy(label)), out)
 
 
-classmap = load_tool("classmap")
-
-
 def run_tool(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """Run tools/classmap.py in-process: (exit code, stdout, stderr)."""
+    """Run uda-classmap (uda/commands/classmap.py) in-process: (exit code, stdout, stderr)."""
     code = classmap.main(list(args))
     out = capsys.readouterr()
     return code, out.out, out.err

@@ -12,7 +12,6 @@ import torch
 from fakes import (
     CS_CAMERA,
     cs_name,
-    load_tool,
     make_cityscapes,
     make_nyudv2,
     make_synthia,
@@ -20,6 +19,7 @@ from fakes import (
     write_png,
 )
 
+from uda.commands.make_splits import known_ids
 from uda.data.decode import DataError, semantic_edges
 from uda.data.labels import CATALOGUE_DIR, get_class_map
 from uda.data.readers import build_dataset
@@ -266,7 +266,7 @@ def test_shipped_splits_disjoint_sorted_stable() -> None:
         assert not set(train) & set(val)
         assert len(train) + len(val) == n and len(val) == round(0.2 * n)
         # Regenerating gives the same files: the split is a function of the ids and the seed only.
-        assert split_ids(load_tool("make_splits").known_ids(dataset)) == {"train": train, "val": val}
+        assert split_ids(known_ids(dataset)) == {"train": train, "val": val}
     assert "0009399" in read_split_file(CATALOGUE_DIR / "synthia/splits/train.txt") + read_split_file(
         CATALOGUE_DIR / "synthia/splits/val.txt"
     )

@@ -1,4 +1,4 @@
-"""Command-line tools on a real (tiny) run: evaluate a checkpoint, compare runs with Delta_T, benchmark."""
+"""Command-line tools on a real (tiny) run: compare runs with Delta_T, benchmark (evaluate: test_evaluate_tool.py)."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
+from uda.commands import compare
 from uda.engine import Trainer
 from uda.metrics import multitask_delta
 
@@ -16,8 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
 import benchmark  # noqa: E402
-import compare  # noqa: E402
-import evaluate as evaluate_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +31,8 @@ def runs(toy_root, tmp_path_factory):
     return out
 
 
-def test_evaluate_reproduces_the_run_metrics_and_writes_a_report(runs, toy_root, tmp_path):
-    run = runs["mtl"]
-
-    def evaluate(out: Path, *options: str) -> dict:
-        data = ["--dataset", "synthia", "--split", "val", "--data-root", str(toy_root / "synthia")]
-        return evaluate_tool.main([str(run), *data, "--size", "64", "128", *options, "--out", str(out)])
-
-    results = evaluate(tmp_path)
-    trained = json.loads((run / "metrics.json").read_text())["results"]["val"]
-    for key in ("semseg/miou", "depth/rmse", "depth/abs_rel"):
-        assert results[key] == pytest.approx(trained[key], rel=1e-5), key  # same checkpoint, same protocol
-    assert "depth/median_scale" not in results
-    scaled = evaluate(tmp_path / "ms", "--median-scaling")
-    assert scaled["depth/median_scale"] > 0 and scaled["depth/abs_rel"] != results["depth/abs_rel"]
-    report = (tmp_path / "report.md").read_text()
-    assert "median_scaling: False" in report and "checkpoint" in report
-    assert list((tmp_path / "images").glob("*.png"))
-
-
 def test_compare_prints_delta_against_stl(runs, capsys):
-    table = compare.main([str(runs["stl"]), str(runs["mtl"]), "--split", "val"])
+    table = compare.table([str(runs["stl"]), str(runs["mtl"]), "--split", "val"])
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     stl = json.loads((runs["stl"] / "metrics.json").read_text())["results"]["val"]
     mtl = json.loads((runs["mtl"] / "metrics.json").read_text())["results"]["val"]
@@ -63,7 +43,7 @@ def test_compare_prints_delta_against_stl(runs, capsys):
 
 def test_compare_rejects_a_folder_without_metrics(tmp_path):
     with pytest.raises(SystemExit, match="metrics.json not found"):
-        compare.main([str(tmp_path)])
+        compare.table([str(tmp_path)])
 
 
 TINY_BENCH = [
@@ -154,22 +134,6 @@ def test_benchmark_benches_measure_exchange_adapt_selfsup_and_data(tmp_path, req
     ]
 
 
-def test_evaluate_takes_the_protocol_from_the_run(toy_root, tmp_path, capsys):
-    from dataclasses import replace
-
-    cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl", iterations=1, ckpt_every=1)
-    Trainer(replace(cfg, eval=replace(cfg.eval, median_scaling=True))).fit()
-    data = ["--dataset", "synthia", "--split", "val", "--data-root", str(toy_root / "synthia")]
-    capsys.readouterr()
-    results = evaluate_tool.main([str(tmp_path / "run"), *data, "--out", str(tmp_path / "a")])
-    assert "depth/median_scale" in results  # the run's eval.median_scaling, no flag needed
-    assert "median_scaling=True" in capsys.readouterr().out  # and it says which protocol it used
-    off = evaluate_tool.main(
-        [str(tmp_path / "run"), *data, "--no-median-scaling", "--out", str(tmp_path / "b")]
-    )
-    assert "depth/median_scale" not in off
-
-
 def fake_run(folder: Path, name: str, arch: str, tasks: list[str], metrics: dict) -> Path:
     """A finished run folder as compare reads it: config.json (name, tasks, arch) and metrics.json."""
     folder.mkdir(parents=True)
@@ -186,8 +150,8 @@ def test_compare_partial_delta_and_a_dashed_arch(tmp_path):
         fake_run(tmp_path / "a", "synthia-stl", "stl", tasks, stl),
         fake_run(tmp_path / "b", "synthia-3ways-padnet", "3ways-padnet", tasks, padnet),
     ]
-    full = compare.main([str(r) for r in runs])  # the STL baseline is found for a dashed arch name
-    sd = compare.main([*map(str, runs), "--tasks", "semseg,depth"])
+    full = compare.table([str(r) for r in runs])  # the STL baseline is found for a dashed arch name
+    sd = compare.table([*map(str, runs), "--tasks", "semseg,depth"])
     row = {line.split("|")[1].strip(): line for line in full.splitlines()[2:]}["synthia-3ways-padnet"]
     row_sd = {line.split("|")[1].strip(): line for line in sd.splitlines()[2:]}["synthia-3ways-padnet"]
     expected_full = multitask_delta(padnet, stl, ["semseg/miou", "depth/rmse", "normals/mean"])

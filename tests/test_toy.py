@@ -270,9 +270,9 @@ def test_cli_writes_a_dataset_and_replaces_an_old_toy_one(tmp_path, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     args = ["--out", str(tmp_path), "--height", "32", "--width", "64", "--workers", "1", "--quiet"]
-    cli.main([*args, "--frames", "2", "--domains", "synthia", "vkitti2"])
+    cli.main([*args, "--frames", "2", "--dataset", "synthia", "vkitti2"])
     assert len(list((tmp_path / "synthia" / "RGB").iterdir())) == 2
-    cli.main([*args, "--frames", "1", "--domains", "synthia"])
+    cli.main([*args, "--frames", "1", "--dataset", "synthia"])
     assert len(list((tmp_path / "synthia" / "RGB").iterdir())) == 1 and not (tmp_path / "vkitti2").exists()
     assert json.loads((tmp_path / "toy_info.json").read_text())["domains"] == ["synthia"]
     assert "done in" in capsys.readouterr().out

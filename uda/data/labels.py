@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 CATALOGUE_DIR = Path(__file__).resolve().parents[1] / "catalogue"
 IGNORE_INDEX = 255
 DATASETS = ("synthia", "cityscapes", "vkitti2", "nyudv2")
+# The label set a dataset's ground truth is read in when none is named.
+DEFAULT_LABEL_SETS = {
+    "synthia": "synthia16",
+    "cityscapes": "cityscapes16",
+    "vkitti2": "vkitti2_14",
+    "nyudv2": "nyudv2_40",
+}
 LABEL_SETS: tuple[str, ...] = tuple(sorted(p.stem for p in (CATALOGUE_DIR / "labelsets").glob("*.json")))
 
 

@@ -23,17 +23,11 @@ from torch.utils.data import Dataset
 from uda import TASKS
 from uda.data import decode
 from uda.data.decode import DataError
-from uda.data.labels import CATALOGUE_DIR, ClassMap, get_class_map, get_id_table
+from uda.data.labels import CATALOGUE_DIR, DEFAULT_LABEL_SETS, ClassMap, get_class_map, get_id_table
 from uda.data.splits import read_split_file
 from uda.geometry import normals_from_depth
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "datasets"  # the clone's datasets/ folder
-DEFAULT_LABEL_SETS = {
-    "synthia": "synthia16",
-    "cityscapes": "cityscapes16",
-    "vkitti2": "vkitti2_14",
-    "nyudv2": "nyudv2_40",
-}
 
 Sample = dict[str, Any]
 

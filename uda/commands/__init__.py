@@ -1,0 +1,1 @@
+"""Command-line entry points (console scripts uda-*); each parses its arguments before importing torch."""
