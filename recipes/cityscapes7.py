@@ -1,7 +1,11 @@
 """XTasC's Cityscapes protocol (Nakano, Chen, Demachi 2021, Table I): 7-class segmentation + depth at 128x256.
 
     accelerate launch recipes/cityscapes7.py [--toy] [--model xtasc-unet|xtasc-stl|mtl|...]
-                                             [--consistency none|consistency|alignment] [key=value ...]
+                                             [--consistency none|consistency|alignment]
+                                             [--data-root D] [--out O] [key=value ...]
+
+Shared options (see --help): --seed S, --batch-size N, --mixed-precision auto|no|fp16|bf16, --resume,
+--config FILE (rebuild a run from its config.json), --print-config, --debug.
 
 The rows of its Table I, each with uncertainty weighting (this recipe's loss.weighting):
     --model xtasc-stl                                   Base ST-Net (one U-Net per task)

@@ -3,6 +3,9 @@
     accelerate launch recipes/cityscapes_depth.py [--toy] [--model mteb|3ways-padnet|mtl] [--init-from RUN]
                                        [--data-root D] [--out O] [key=value ...]
 
+Shared options (see --help): --seed S, --batch-size N, --mixed-precision auto|no|fp16|bf16, --resume,
+--config FILE (rebuild a run from its config.json), --print-config, --debug.
+
 "3-ways_mTEB" is --model mteb, "3-ways_PAD-Net" is --model 3ways-padnet. Depth is evaluated against
 disparity-derived depth with per-image median scaling and an 80 m cap.
 """

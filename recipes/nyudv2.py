@@ -3,6 +3,9 @@
     accelerate launch recipes/nyudv2.py [--toy] [--tasks SD|SDN|SDNE] [--model stl|mtl|padnet|3ways-padnet|mteb]
                                        [--data-root D] [--out O] [key=value ...]
 
+Shared options (see --help): --seed S, --batch-size N, --mixed-precision auto|no|fp16|bf16, --resume,
+--config FILE (rebuild a run from its config.json), --print-config, --debug.
+
 Default task set: SDNE; task weights: the paper's preset for the task set.
 """
 

@@ -1,7 +1,12 @@
 """Multi-task UDA, SYNTHIA (labelled) -> Cityscapes (unlabelled): semantic segmentation (16 classes) + depth.
 
     accelerate launch recipes/synthia2cityscapes.py [--toy] [--model stl|mtl|mteb] [--no-adapt | --oracle]
-                                                   [--tasks SD|SDN] [--data-root D] [--out O] [key=value ...]
+                                                   [--tasks SD|SDN] [--target-depth adversarial|photometric|both]
+                                                   [--optim-preset paper|released] [--data-root D] [--out O]
+                                                   [key=value ...]
+
+Shared options (see --help): --seed S, --batch-size N, --mixed-precision auto|no|fp16|bf16, --resume,
+--config FILE (rebuild a run from its config.json), --print-config, --debug.
 
 Rows of the paper's Table 6: `--oracle` (target), `--no-adapt` (source only), default (UDA), each with --model.
 """

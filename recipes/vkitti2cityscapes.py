@@ -1,7 +1,12 @@
 """Multi-task UDA, Virtual KITTI 2 (labelled) -> Cityscapes (unlabelled): segmentation (8 classes) + depth.
 
     accelerate launch recipes/vkitti2cityscapes.py [--toy] [--model stl|mtl|mteb] [--no-adapt | --oracle]
-                                                  [--data-root D] [--out O] [key=value ...]
+                                                  [--tasks SD|SDN] [--target-depth adversarial|photometric|both]
+                                                  [--optim-preset paper|released] [--data-root D] [--out O]
+                                                  [key=value ...]
+
+Shared options (see --help): --seed S, --batch-size N, --mixed-precision auto|no|fp16|bf16, --resume,
+--config FILE (rebuild a run from its config.json), --print-config, --debug.
 
 The 8-class set is the paper's Table 8 (Cityscapes wall ignored, as in the authors' code).
 """

@@ -109,10 +109,14 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
         "--data-root",
         type=Path,
         default=None,
-        help="folder holding the dataset folders (default: datasets/, or datasets/toy with --toy)",
+        help="folder holding the dataset folders, e.g. D with D/cityscapes/ inside (default: $UDA_DATA_ROOT if "
+        "set, else datasets/; datasets/toy with --toy)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="run folder (default: runs/<recipe>/<model>-s<seed>)"
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (default: runs/<recipe>/[<variant>-]<model>-s<seed>)",
     )
     parser.add_argument(
         "--model", choices=MODELS, default=None, help=f"architecture (default: {default_model})"
@@ -130,7 +134,7 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
         type=int,
         default=None,
         metavar="N",
-        help="samples per domain per step: data.batch_size (and target.batch_size when adapting) "
+        help="samples per domain per step: data.batch_size (and target.batch_size when the run has a target domain) "
         "(default: the recipe's, 2 for most)",
     )
     parser.add_argument(
