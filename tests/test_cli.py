@@ -105,6 +105,16 @@ def test_resume_of_a_folder_without_checkpoints(roots, tmp_path, capsys, no_trai
     assert [p.name for p in out.iterdir()] == ["config.json"]
 
 
+def test_resume_of_the_same_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"name": "x"}))
+    cli.check_run_folder(out, resume=True, config={"name": "x"})  # `make demo` again after an early Ctrl-C
+    assert "starting it over" in capsys.readouterr().err
+    with pytest.raises(cli.PreflightError, match="no checkpoint to resume from"):
+        cli.check_run_folder(out, resume=True, config={"name": "y"})
+
+
 def test_resume_with_a_mistyped_out(roots, tmp_path, capsys, no_training):
     (tmp_path / "runs" / "depth").mkdir(parents=True)
     line = one_line_exit(capsys, ["--data-root", roots, "--out", tmp_path / "runs" / "dpeth", "--resume"])

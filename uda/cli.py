@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from uda.config import (
     ConfigError,
@@ -441,16 +441,19 @@ def main(
 def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     """Every user error that can be found before building anything: the run folder, the datasets and their
     split files, the ImageNet weights."""
-    check_run_folder(Path(cfg.out), args.resume, explicit_out=getattr(args, "out", None) is not None)
+    check_run_folder(Path(cfg.out), args.resume, getattr(args, "out", None) is not None, to_dict(cfg))
     check_data(cfg)
     check_imagenet_weights(cfg)
 
 
-def check_run_folder(out: Path, resume: bool, explicit_out: bool = True) -> None:
+def check_run_folder(
+    out: Path, resume: bool, explicit_out: bool = True, config: dict[str, Any] | None = None
+) -> None:
     """Refuse, before anything is written: a fresh run into a folder with checkpoints (its config.json would be
     overwritten), --resume of a folder that holds files but no checkpoint, and --resume with an --out that
     does not exist and looks mistyped (a close sibling exists, or its parent is missing outside runs/). A
-    --resume whose run folder does not exist yet starts a new run (as `make demo` relies on)."""
+    --resume whose run folder does not exist yet starts a new run (as `make demo` relies on), and so does one
+    of the same run (its config.json equals `config`) stopped before its first checkpoint."""
     from uda.checkpoint import complete_checkpoints
 
     if out.exists() and not out.is_dir():
@@ -465,6 +468,12 @@ def check_run_folder(out: Path, resume: bool, explicit_out: bool = True) -> None
         return
     if out.is_dir():
         held = sorted(p.name for p in out.iterdir())
+        if held and config is not None and same_run(out / "config.json", config):
+            print(
+                f"note: {out} has no checkpoint yet (stopped before the first); starting it over",
+                file=sys.stderr,
+            )
+            return
         if held:
             shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
             raise PreflightError(
@@ -493,6 +502,14 @@ def check_run_folder(out: Path, resume: bool, explicit_out: bool = True) -> None
             "to start a new run there"
         )
     print(f"note: {out} does not exist yet; --resume starts a new run there", file=sys.stderr)
+
+
+def same_run(saved: Path, config: dict[str, Any]) -> bool:
+    """Whether `saved` (a run's config.json) holds exactly `config`."""
+    try:
+        return json.loads(saved.read_text()) == config
+    except (OSError, ValueError):
+        return False
 
 
 def objective_uses_target(cfg: ExperimentConfig) -> bool:
