@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=DATASETS,
         default=list(DATASETS),
-        help="datasets to write (default: all; nyudv2 is the street renderer in the NYUDv2 layout)",
+        help=f"datasets to write (default: {' '.join(DATASETS)}; nyudv2 is the street renderer in the NYUDv2 layout)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: one per CPU core)"
