@@ -25,16 +25,50 @@ def image_rgb(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def depth_rgb(depth: torch.Tensor, max_depth: float = 80.0) -> np.ndarray:
-    """Metric depth [1,H,W] -> magma colour map on inverse depth (near = bright); 0 (no measurement) is black."""
+def depth_scale(depth: torch.Tensor, max_depth: float = 80.0) -> float:
+    """The inverse depth (1/m) drawn brightest: the 95th percentile of the valid pixels (at least 1/max_depth)."""
+    d = depth.detach().float()[0].cpu().numpy()
+    valid = d > 0
+    scale = float(np.percentile(1.0 / np.clip(d[valid], 1e-3, None), 95)) if valid.any() else 1.0
+    return max(scale, 1.0 / max_depth)
+
+
+def depth_rgb(depth: torch.Tensor, max_depth: float = 80.0, scale: float | None = None) -> np.ndarray:
+    """Metric depth [1,H,W] -> magma colour map on inverse depth (near = bright, 1/scale metres and nearer at the
+    top of the map); 0 (no measurement) is black. scale: see depth_scale (default: this map's own)."""
     d = depth.detach().float()[0].cpu().numpy()
     valid = d > 0
     inv = np.where(valid, 1.0 / np.clip(d, 1e-3, None), 0.0)
-    scale = np.percentile(inv[valid], 95) if valid.any() else 1.0
-    grey = (np.clip(inv / max(scale, 1.0 / max_depth), 0, 1) * 255).astype(np.uint8)
+    scale = depth_scale(depth, max_depth) if scale is None else scale
+    grey = (np.clip(inv / scale, 0, 1) * 255).astype(np.uint8)
     rgb = cv2.applyColorMap(grey, cv2.COLORMAP_MAGMA)[..., ::-1].copy()
     rgb[~valid] = 0
     return rgb
+
+
+def depth_colorbar(width: int, scale: float, height: int = 26) -> np.ndarray:
+    """A magma bar for depth_rgb at `scale`, labelled in metres (far on the left, near on the right)."""
+    bar = np.full((height, width, 3), 255, np.uint8)
+    grey = np.linspace(0, 255, width - 8).astype(np.uint8)[None].repeat(10, 0)
+    bar[2:12, 4:-4] = cv2.applyColorMap(grey, cv2.COLORMAP_MAGMA)[..., ::-1]
+    for fraction in (0.125, 0.25, 0.5, 1.0):
+        x = 4 + int(round(fraction * (width - 9)))
+        text = f"{1.0 / (fraction * scale):.3g}m"
+        cv2.putText(bar, text, (min(x - 10, width - 34), 23), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (0, 0, 0), 1)
+    return bar
+
+
+def class_legend(width: int, label_set, classes: Sequence[int]) -> np.ndarray:
+    """Colour swatches with the names of `classes` (ids of label_set), a few per line."""
+    per_line = max(1, width // 90)
+    lines = max(1, -(-len(classes) // per_line))
+    legend = np.full((lines * 13 + 4, width, 3), 255, np.uint8)
+    for k, c in enumerate(classes):
+        x, y = 4 + (k % per_line) * (width // per_line), 3 + (k // per_line) * 13
+        legend[y : y + 9, x : x + 9] = label_set.colors[c]
+        name = label_set.class_names[c][:12]
+        cv2.putText(legend, name, (x + 12, y + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (0, 0, 0), 1, cv2.LINE_AA)
+    return legend
 
 
 def normals_rgb(normals: torch.Tensor) -> np.ndarray:
@@ -50,12 +84,12 @@ def edges_rgb(edges: torch.Tensor) -> np.ndarray:
     return image_rgb(edges.detach().float().clamp(0, 1).expand(3, -1, -1))
 
 
-def task_rgb(task: str, value: torch.Tensor, label_set=None) -> np.ndarray:
+def task_rgb(task: str, value: torch.Tensor, label_set=None, depth_scale: float | None = None) -> np.ndarray:
     """One task map (ground truth or prediction already converted: labels, metres, unit normals, probabilities)."""
     if task == "semseg":
         return label_set.colorize(value.detach().cpu().numpy().astype(np.int64))
     if task == "depth":
-        return depth_rgb(value)
+        return depth_rgb(value, scale=depth_scale)
     if task == "normals":
         return normals_rgb(value)
     if task == "edges":
@@ -76,21 +110,29 @@ def prediction_panel(
     tasks: Sequence[str],
     label_set=None,
 ) -> np.ndarray:
-    """One sample as a grid: the input on top, then per task the ground truth (left) and prediction (right).
+    """One sample as a grid: the input on top, then per task the ground truth (left) and prediction (right); under
+    segmentation a legend of the classes shown, under depth a colour bar in metres (both maps share it).
 
     Maps are per sample: semseg [H,W] class ids, depth [1,H,W] metres, normals [3,H,W], edges [1,H,W].
     """
     size = tuple(image.shape[-2:])
+    scale = depth_scale(targets.get("depth", predictions.get("depth"))) if "depth" in tasks else None
 
     def tile(task: str, value: torch.Tensor, name: str) -> np.ndarray:
         value = _to_hw(value[None] if task == "semseg" else value, size, nearest=True)
-        return _label(task_rgb(task, value[0] if task == "semseg" else value, label_set), name)
+        return _label(task_rgb(task, value[0] if task == "semseg" else value, label_set, scale), name)
 
     rgb = image_rgb(image)
     rows = [np.concatenate([_label(rgb, "input"), np.zeros_like(rgb)], axis=1)]
     for task in tasks:
         gt = tile(task, targets[task], f"{task} gt") if task in targets else np.zeros_like(rgb)
         rows.append(np.concatenate([gt, tile(task, predictions[task], f"{task} pred")], axis=1))
+        if task == "semseg" and label_set is not None:
+            shown = torch.cat([predictions[task].flatten(), targets.get(task, predictions[task]).flatten()])
+            classes = [int(c) for c in shown.unique() if 0 <= int(c) < label_set.num_classes]
+            rows.append(class_legend(2 * rgb.shape[1], label_set, classes))
+        if task == "depth":
+            rows.append(depth_colorbar(2 * rgb.shape[1], scale))
     return np.concatenate(rows, axis=0)
 
 
