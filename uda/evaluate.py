@@ -192,15 +192,17 @@ def load_trained_model(path: str | Path) -> tuple[Any, torch.nn.Module, Path]:
     """
     from safetensors.torch import load_file
 
+    from uda.checkpoint import STATE_FILE, CheckpointError, check_files
     from uda.config import ExperimentConfig, from_dict
     from uda.data.labels import get_label_set
     from uda.models import build_model
     from uda.tasks import task_channels
 
     ckpt = find_checkpoint(path)
-    state_file = ckpt / "trainer_state.json"
+    state_file = ckpt / STATE_FILE
     try:
-        cfg = from_dict(ExperimentConfig, json.loads(state_file.read_text())["config"])
+        state = json.loads(state_file.read_text())
+        cfg = from_dict(ExperimentConfig, state["config"])
     except (ValueError, KeyError, TypeError) as exc:  # not JSON, no config, or a config this code refuses
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(
@@ -212,6 +214,13 @@ def load_trained_model(path: str | Path) -> tuple[Any, torch.nn.Module, Path]:
         task_channels(tuple(cfg.tasks), get_label_set(cfg.data.label_set).num_classes),
     )
     weights = ckpt / "model.safetensors"
+    # The weights' size and SHA-256 as recorded at save time (the optimiser and RNG files are not needed here).
+    record = state.get("files") if isinstance(state, dict) else None
+    if isinstance(record, Mapping) and weights.name in record:
+        try:
+            check_files(ckpt, {"files": {weights.name: record[weights.name]}})
+        except CheckpointError as exc:
+            raise ValueError(f"{exc}; the checkpoint is damaged, use an older one") from None
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files

@@ -1,0 +1,170 @@
+"""The evaluate command (uda.commands.evaluate, tools/evaluate.py) on a tiny trained run: the run's protocol by
+default and flags that override one choice, one process or two with the same numbers, one-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_config
+from tests.test_faults import launch
+from uda.commands import evaluate as command
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run(toy_root, tmp_path_factory) -> Path:
+    """A tiny MTL run on the toy SYNTHIA-like data, trained with median scaling in its protocol."""
+    from accelerate.state import AcceleratorState
+
+    from uda.engine import Trainer
+
+    AcceleratorState._reset_state(True)
+    cfg = tiny_config(toy_root, tmp_path_factory.mktemp("run"), arch="mtl", iterations=1, ckpt_every=1)
+    Trainer(replace(cfg, eval=replace(cfg.eval, median_scaling=True))).fit()
+    AcceleratorState._reset_state(True)
+    return Path(cfg.out)
+
+
+def run_metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())["results"]["val"]
+
+
+def test_evaluate_reproduces_the_run_metrics_with_its_protocol(run, tmp_path, capsys, fresh_accelerator):
+    # No protocol flag: the run's dataset, split, size and median scaling, as its own validation.
+    results = command.metrics([str(run), "--out", str(tmp_path)])
+    trained = run_metrics(run)
+    for key in ("semseg/miou", "depth/rmse", "depth/abs_rel", "depth/median_scale"):
+        assert results[key] == pytest.approx(trained[key], rel=1e-6), key
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("protocol: "))
+    assert "median_scaling=True," in line and "dataset=synthia," in line and "split=val," in line
+    assert "(flag)" not in line and "processes=1" in line
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["protocol"]["synthia/val"]["median_scaling"] is True
+    assert saved["protocol"]["synthia/val"]["set_by_flags"] == []
+    report = (tmp_path / "report.md").read_text()
+    assert "- median_scaling: True" in report and "- checkpoint: " in report
+    assert list((tmp_path / "images").glob("*.png"))
+
+
+def test_a_flag_overrides_one_choice_and_is_marked(run, toy_root, tmp_path, capsys, fresh_accelerator):
+    options = ["--no-median-scaling", "--max-depth", "20", "--data-root", str(toy_root), "--no-images"]
+    results = command.metrics([str(run), *options, "--out", str(tmp_path)])
+    assert "depth/median_scale" not in results and "depth_unscaled/rmse" not in results
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("protocol: "))
+    assert "median_scaling=False (flag)" in line and "depth_cap_m=[0.001, 20.0] (flag)" in line
+    assert f"data_root={toy_root / 'synthia'} (flag)" in line and "label_set=synthia16," in line
+    saved = json.loads((tmp_path / "metrics.json").read_text())["protocol"]["synthia/val"]
+    assert saved["set_by_flags"] == ["data_root", "depth_cap_m", "median_scaling"]
+    assert not (tmp_path / "images").exists()
+
+
+def test_protocol_of_an_adaptation_run(toy_root, tmp_path):
+    """Without flags the target's split and protocol; the source as the run validated it (no median scaling);
+    a size replaces the resize before it."""
+    cfg = tiny_config(toy_root, tmp_path, adapt=True)
+    cfg = replace(cfg, target=replace(cfg.target, val_split="test", resize_to=(80, 160)))
+    args = command.parser().parse_args(["run"])
+    data, eval_cfg, domain, flagged = command.resolve(cfg, args)
+    assert (data.dataset, data.val_split, data.label_set, domain) == ("cityscapes", "test", "cityscapes16", 1)
+    assert eval_cfg.median_scaling and data.resize_to == (80, 160) and not flagged
+    args = command.parser().parse_args(["run", "--dataset", "synthia", "--size", "32", "64"])
+    data, eval_cfg, domain, flagged = command.resolve(cfg, args)
+    assert (data.dataset, data.val_split, data.label_set, domain) == ("synthia", "val", "synthia16", 0)
+    assert not eval_cfg.median_scaling and data.size == (32, 64) and data.resize_to is None
+    assert flagged == {"dataset", "size", "resize_to"}
+    args = command.parser().parse_args(["run", "--dataset", "synthia", "--median-scaling"])
+    assert command.resolve(cfg, args)[1].median_scaling
+
+
+def fail_line(capsys, argv: list[str]) -> str:
+    """The single stderr line of a failing evaluate (exit 1)."""
+    with pytest.raises(SystemExit) as exit_:
+        command.metrics(argv)
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_errors_are_one_line_naming_the_path_and_the_fix(run, tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "nowhere"
+    assert f"error: {missing}: no such run folder; pass" in fail_line(capsys, [str(missing)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = fail_line(capsys, [str(empty)])
+    assert f"error: {empty}: no complete checkpoint" in line and "ckpt_every" in line
+    # A checkpoint whose weights or state file are damaged.
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(next((run / "checkpoints").glob("step-*")) / "trainer_state.json", ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)
+    line = fail_line(capsys, [str(ckpt)])
+    assert f"{ckpt / 'model.safetensors'}: truncated or overwritten" in line and "use an older one" in line
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "files": {}}))  # no record to check against
+    line = fail_line(capsys, [str(ckpt)])
+    assert f"{ckpt / 'model.safetensors'}: cannot read weights" in line and "use an older one" in line
+    (ckpt / "trainer_state.json").write_text('{"config": ')
+    assert f"{ckpt / 'trainer_state.json'}: cannot read the run's config" in fail_line(capsys, [str(ckpt)])
+    # A data root without the dataset.
+    line = fail_line(capsys, [str(run), "--data-root", str(empty)])
+    assert f"error: {empty}: no synthia folder here" in line
+    # --debug and UDA_DEBUG=1 show the traceback instead.
+    with pytest.raises(FileNotFoundError):
+        command.metrics([str(missing), "--debug"])
+    monkeypatch.setenv("UDA_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        command.metrics([str(missing)])
+
+
+def test_a_run_without_checkpoints_fails_in_one_line_without_a_traceback(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k != "UDA_DEBUG"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "evaluate.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path}: no complete checkpoint (expected {tmp_path / 'checkpoints'}/step-*/trainer_state.json); "
+        "train the run with train.ckpt_every > 0 or until its end, or pass a checkpoint folder"
+    ]
+
+
+def test_help_and_usage_errors_answer_before_torch_is_imported():
+    code = (
+        "import sys\nfrom uda.commands.evaluate import main\n"
+        "for argv in (['--help'], ['run', '--size', '0', '64']):\n"
+        "    try:\n        main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert result.stdout.splitlines()[-3:] == ["exit 0", "exit 2", "False"]
+    help_text = " ".join(result.stdout.split())
+    assert "--median-scaling" in help_text and "default: the run's train.mixed_precision" in help_text
+
+
+def test_two_processes_give_the_metrics_of_one(run, tmp_path):
+    """Each process evaluates its share of the split (no sample twice); summed metric states equal one
+    process's numbers, and only the main process writes."""
+    result = launch([str(REPO / "tools" / "evaluate.py"), str(run), "--out", str(tmp_path)], 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("protocol: ") == 1 and "processes=2" in result.stdout
+    two = json.loads((tmp_path / "metrics.json").read_text())["results"]["synthia/val"]
+    one = run_metrics(run)  # the run's own validation: one process, the same checkpoint and protocol
+    assert set(two) == set(one)
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
