@@ -13,6 +13,7 @@ from uda.models.exchange import (
     build_exchange,
 )
 from uda.models.multitask import ARCHS, MultiTaskModel, PADNet, STLModel, build_model
+from uda.models.pretrained import export_pretrained, load_pretrained
 
 __all__ = [
     "ARCHS",
@@ -31,4 +32,6 @@ __all__ = [
     "TaskDecoder",
     "build_exchange",
     "build_model",
+    "export_pretrained",
+    "load_pretrained",
 ]
