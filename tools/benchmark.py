@@ -689,7 +689,7 @@ def toy_synthia(root: Path, tmp: str) -> str | None:
     module = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(module)
     try:
-        module.main(["--out", tmp, "--frames", "16", "--domains", "synthia", "--quiet", "--workers", "1"])
+        module.main(["--out", tmp, "--frames", "16", "--dataset", "synthia", "--quiet", "--workers", "1"])
     except (SystemExit, Exception) as err:
         print(f"data: skipped, the toy data could not be generated ({err})", flush=True)
         return None
