@@ -158,8 +158,9 @@ def test_help_and_usage_errors_answer_before_torch_is_imported():
 
 
 def test_two_processes_give_the_metrics_of_one(run, tmp_path):
-    """Each process evaluates its share of the split (no sample twice); summed metric states equal one
-    process's numbers, and only the main process writes."""
+    """Each process evaluates its share of the split (the toy val split's 5 samples: 3 + 2, where a padding
+    sampler would count one twice); the summed metric states equal one process's numbers, and only the main
+    process prints and writes."""
     result = launch([str(REPO / "tools" / "evaluate.py"), str(run), "--out", str(tmp_path)], 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("protocol: ") == 1 and "processes=2" in result.stdout
