@@ -1,10 +1,9 @@
-"""Evaluate a trained run on a dataset split (the `uda-evaluate` command; see uda/commands/evaluate.py)."""
+"""`python tools/evaluate.py` in a clone = the console script `uda-evaluate`; the code is uda/commands/evaluate.py."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's uda, installed or not
 from uda.commands.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
