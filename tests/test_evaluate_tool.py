@@ -106,7 +106,10 @@ def test_errors_are_one_line_naming_the_path_and_the_fix(run, tmp_path, capsys, 
     shutil.copy(next((run / "checkpoints").glob("step-*")) / "trainer_state.json", ckpt)
     (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)
     line = fail_line(capsys, [str(ckpt)])
-    assert f"{ckpt / 'model.safetensors'}: truncated or overwritten" in line and "use an older one" in line
+    assert (
+        f"{ckpt / 'model.safetensors'}: cannot read weights (truncated or overwritten" in line
+        and "use an older one" in line
+    )
     state = json.loads((ckpt / "trainer_state.json").read_text())
     (ckpt / "trainer_state.json").write_text(json.dumps({**state, "files": {}}))  # no record to check against
     line = fail_line(capsys, [str(ckpt)])

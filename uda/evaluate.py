@@ -220,7 +220,10 @@ def load_trained_model(path: str | Path) -> tuple[Any, torch.nn.Module, Path]:
         try:
             check_files(ckpt, {"files": {weights.name: record[weights.name]}})
         except CheckpointError as exc:
-            raise ValueError(f"{exc}; the checkpoint is damaged, use an older one") from None
+            reason = str(exc).removeprefix(f"{weights}: ")
+            raise ValueError(
+                f"{weights}: cannot read weights ({reason}); the checkpoint is damaged, use an older one"
+            ) from None
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
