@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-root",
         type=Path,
         help="the folder holding the dataset folders, e.g. D with D/cityscapes/ inside (the dataset folder "
-        "itself is accepted with a note) (default: $UDA_DATA_ROOT if set, else the clone's datasets/)",
+        "itself is accepted with a note) (default: $UDA_DATA_ROOT if set, else the clone's datasets/, "
+        "or ./datasets outside a clone)",
     )
     parser.add_argument(
         "--split", nargs="+", default=["train", "val"], help="splits to check (default: train val)"
