@@ -574,14 +574,14 @@ def test_bad_data_stops_the_recipe_with_one_line(case, data_root, tmp_path, caps
 
 
 def test_missing_dataset_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "nowhere").mkdir()
     code, _, err = recipe_in_process(
         "synthia", synthia_args(tmp_path / "nowhere", tmp_path / "out"), capsys, monkeypatch
     )
     line = the_error_line(err)
-    assert code == 1 and line.startswith(f"error: {tmp_path / 'nowhere' / 'synthia'}: synthia not found"), (
-        line
-    )
-    assert "pass --data-root, see datasets/synthia/README.md" in line
+    assert code == 1 and line.startswith(f"error: {tmp_path / 'nowhere'}: no synthia folder here"), line
+    assert "see datasets/synthia/README.md" in line
+    assert not (tmp_path / "out").exists(), "a user error creates no run folder"
 
 
 def test_a_corrupt_sample_fails_loudly_when_loaded_never_skipped(data_root, tmp_path, capsys, monkeypatch):
