@@ -3,6 +3,7 @@ loss file, curves and report history, checkpoint rotation, the `latest` pointer 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,8 +180,11 @@ def test_latest_pointer_named_files_and_fallback(fresh_accelerator, tmp_path):
     assert found == root / "step-0000003" and state["step"] == 3
 
 
-def test_run_folder_a_person_can_read(toy_root, tmp_path):
+def test_run_folder_a_person_can_read(toy_root, tmp_path, monkeypatch):
+    import uda.engine
     from uda.engine import Trainer
+
+    monkeypatch.setattr(uda.engine, "ETA_STEPS", 1)  # the expected time is said after the warm steps
 
     out = tmp_path / "run"
     cfg = tiny_config(
@@ -190,6 +194,7 @@ def test_run_folder_a_person_can_read(toy_root, tmp_path):
     trainer.fit()
     log = (out / "train.log").read_text()
     assert "images/s" in log and "peak memory" in log and "step 1: validation val/semseg/miou=" in log
+    assert re.search(r"expected: 0 more steps at [0-9.]+ s/step", log), log
     rows = [json.loads(line) for line in (out / "train_losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("loss/total" in r for r in rows)
     assert (out / "curves" / "losses.png").stat().st_size > 0 and (out / "curves" / "metrics.png").is_file()

@@ -276,3 +276,50 @@ def test_cli_writes_a_dataset_and_replaces_an_old_toy_one(tmp_path, capsys):
     assert len(list((tmp_path / "synthia" / "RGB").iterdir())) == 1 and not (tmp_path / "vkitti2").exists()
     assert json.loads((tmp_path / "toy_info.json").read_text())["domains"] == ["synthia"]
     assert "done in" in capsys.readouterr().out
+
+
+def test_extend_renders_only_the_missing_domains_bit_identical_to_a_full_run(toy, tmp_path, monkeypatch):
+    make_toy_data(
+        tmp_path, frames=FRAMES, seed=SEED, workers=1, progress=False, domains=["synthia"], extend=True
+    )
+    synthia = files(tmp_path / "synthia")
+    make_toy_data(
+        tmp_path,
+        frames=FRAMES,
+        seed=SEED,
+        workers=1,
+        progress=False,
+        domains=["cityscapes"],
+        extend=True,
+        **SIZE,
+    )
+    # other size: nothing kept, the whole folder is replaced
+    assert json.loads((tmp_path / "toy_info.json").read_text())["domains"] == ["cityscapes"]
+    assert not (tmp_path / "synthia").exists() and synthia
+    (tmp_path / "synthia" / "RGB").mkdir(parents=True)  # an interrupted rendering: replaced, not kept
+    (tmp_path / "synthia" / "RGB" / "0000099.png").write_bytes(b"half")
+    make_toy_data(
+        tmp_path,
+        frames=FRAMES,
+        seed=SEED,
+        workers=1,
+        progress=False,
+        domains=["synthia"],
+        extend=True,
+        **SIZE,
+    )
+    assert json.loads((tmp_path / "toy_info.json").read_text())["domains"] == ["synthia", "cityscapes"]
+    for d in ("synthia", "cityscapes"):
+        assert files(tmp_path / d) == files(toy / d), d
+    # already there: nothing is rendered again (a render would fail here)
+    monkeypatch.setattr("uda.data.toy.write._task", lambda args: pytest.fail(f"rendered {args}"))
+    make_toy_data(
+        tmp_path,
+        frames=FRAMES,
+        seed=SEED,
+        workers=1,
+        progress=False,
+        domains=["cityscapes"],
+        extend=True,
+        **SIZE,
+    )

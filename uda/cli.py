@@ -54,24 +54,42 @@ TASK_SETS = {
 }
 
 
-def ensure_toy_data(root: Path = TOY_ROOT, frames: int = 240, seed: int = 0, timeout_s: float = 900) -> Path:
-    """Generate the built-in toy datasets under root when missing (one process generates, others wait)."""
+def toy_domains(root: Path) -> set[str]:
+    """The complete domains of the toy dataset under root (none when it has no toy_info.json)."""
+    import json
+
+    try:
+        return set(json.loads((root / "toy_info.json").read_text()).get("domains", ()))
+    except (OSError, ValueError):
+        return set()
+
+
+def ensure_toy_data(
+    root: Path = TOY_ROOT,
+    domains: Sequence[str] | None = None,
+    frames: int = 240,
+    seed: int = 0,
+    timeout_s: float = 900,
+) -> Path:
+    """Generate the built-in toy datasets a run reads (default: all) under root when missing; the other
+    domains are rendered when a recipe first needs them (one process generates, the others wait)."""
     from uda.data.toy import TOY_DATASETS
 
-    marker = root / "toy_info.json"
-    if marker.is_file() and all((root / d).is_dir() for d in TOY_DATASETS):
+    needed = set(TOY_DATASETS if domains is None else domains)
+    if needed <= toy_domains(root) and all((root / d).is_dir() for d in needed):
         return root
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from uda.data.toy import make_toy_data
 
-        print(f"generating toy data in {root} (first run only)", flush=True)
-        make_toy_data(root, frames=frames, seed=seed)
+        names = ", ".join(d for d in TOY_DATASETS if d in needed - toy_domains(root))
+        print(f"generating toy data ({names}) in {root} (first run only)", flush=True)
+        make_toy_data(root, frames=frames, seed=seed, domains=sorted(needed), extend=True)
     else:
         deadline = time.monotonic() + timeout_s
-        while not marker.is_file():
+        while not needed <= toy_domains(root):
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"{marker}: toy data did not appear; run `python tools/make_toy_data.py --out {root}`"
+                    f"{root / 'toy_info.json'}: toy data did not appear; run `uda-make-toy-data --out {root}`"
                 )
             time.sleep(1)
     return root
@@ -256,7 +274,7 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     cfg = apply_overrides(cfg, option_overrides(args, cfg.target is not None) + list(args.overrides))
     check_label_sets(cfg)
     if args.toy:
-        ensure_toy_data(Path(root))
+        ensure_toy_data(Path(root), [d.dataset for d in (cfg.data, cfg.target) if d is not None])
     variant = "" if cfg.name == "experiment" else f"{cfg.name}-"
     name = f"{recipe}-{variant}{cfg.model.arch}"
     out = args.out or REPO_ROOT / "runs" / recipe / f"{variant}{cfg.model.arch}-s{cfg.train.seed}"

@@ -40,6 +40,8 @@ from uda.runlog import RunLog, flat_config, images_per_iteration, peak_memory_mi
 from uda.tasks import output_space, task_channels
 from uda.validation import validate_run
 
+ETA_STEPS = 4  # warm steps timed before the run says how long it will take
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (the message says why and where its last checkpoint is)."""
@@ -426,6 +428,10 @@ class Trainer:
                         f"{ckpt}; lower the learning rates or check the data"
                     )
             bar.update(1)
+            if self.step == start_step + 1:  # the first step warms up (allocations, kernels): time from here
+                warm = time.perf_counter()
+            elif self.step == start_step + ETA_STEPS + 1:
+                log.expected(ETA_STEPS, cfg.train.iterations - self.step, time.perf_counter() - warm)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations:
                 rate = (self.step - start_step) / max(1e-9, time.perf_counter() - started)
                 speed = {

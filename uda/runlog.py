@@ -114,6 +114,15 @@ class RunLog:
 
     # ------------------------------------------------------------------ per-step losses
 
+    def expected(self, steps: int, remaining: int, seconds: float) -> None:
+        """Say early what the run will cost: the time of `steps` warm steps, extrapolated to the rest."""
+        per_step = seconds / max(1, steps)
+        total = per_step * remaining
+        when = f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s"
+        self.info(
+            f"expected: {remaining} more steps at {per_step:.2f} s/step, about {when} before the final evaluation"
+        )
+
     def start(self, step: int) -> None:
         """Open the loss file for a run (re)starting at `step`: rows after `step` (from a run that went further
         before it was stopped) are dropped, so the file follows the resumed run."""

@@ -248,12 +248,15 @@ def make_toy_data(
     domains: Sequence[str] = TOY_DATASETS,
     workers: int | None = None,
     progress: bool = True,
+    extend: bool = False,
 ) -> None:
     """Render `frames` labelled frames per domain and write them in the real on-disk formats under out/.
 
     height, width: the Cityscapes (target) size in pixels; sources use `domain_size`. Bit-identical for a
-    given (seed, frames, size). Writes out/<domain>/..., split files, and out/toy_info.json last.
-    An existing toy dataset in out/ is replaced; a folder with other data is never touched.
+    given (seed, frames, size), domain by domain. Writes out/<domain>/..., split files, and out/toy_info.json
+    last. An existing toy dataset in out/ is replaced; a folder with other data is never touched. With
+    extend=True, a toy dataset of the same generator version, seed, frames and size keeps its domains and only
+    the missing ones are rendered (a recipe renders just the datasets it reads).
     """
     out = Path(out)
     domains = tuple(domains)
@@ -267,7 +270,19 @@ def make_toy_data(
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least one worker process")
     info_path = out / "toy_info.json"
-    if info_path.is_file():  # a toy dataset: replace it whole
+    kept: tuple[str, ...] = ()
+    if extend and info_path.is_file():
+        old = json.loads(info_path.read_text())
+        same = {"version": VERSION, "seed": seed, "frames": frames, "target_size": [height, width]}
+        if all(old.get(k) == v for k, v in same.items()):
+            kept = tuple(d for d in old.get("domains", ()) if (out / d).is_dir())
+            domains = tuple(d for d in domains if d not in kept)
+            if not domains:
+                return
+    if kept:  # extend: the marker lists the complete domains; another toy domain folder is an interrupted one
+        for d in domains:
+            shutil.rmtree(out / d, ignore_errors=True)
+    elif info_path.is_file():  # a toy dataset: replace it whole
         info_path.unlink()  # written last, so its presence means a complete dataset
         for d in TOY_DATASETS:
             shutil.rmtree(out / d, ignore_errors=True)
@@ -300,6 +315,7 @@ def make_toy_data(
         _write_vkitti2_scene_files(out / "vkitti2", frames, seed, height, width)
         ids = [f"{s}/{f:05d}" for s, f in map(vkitti2_name, range(frames))]
         write_split_files(out / "vkitti2" / "splits", split_ids(ids))
+    domains = tuple(d for d in TOY_DATASETS if d in kept or d in domains)
     info = {
         "generator": "uda.data.toy",
         "version": VERSION,
