@@ -2,8 +2,8 @@
 
     python tools/benchmark.py [--benches step exchange adapt selfsup data]
                               [--archs stl mtl 3ways-padnet mteb padnet] [--tasks SD SDN] [--backbone resnet101] [--decoder 3ways|deeplab]
-                              [--size 512 1024] [--batch 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
-                              [--amp no|bf16|fp16] [--channels-last] [--compile] [--fused] [--checkpointing]
+                              [--size 512 1024] [--batch-size 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
+                              [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--fused] [--checkpointing]
                               [--exchange-size 512 1024] [--data-root datasets/toy] [--data-batches 20]
                               [--threads N] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
     python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
@@ -16,7 +16,7 @@ Benches (default: all five; `--check` alone runs `step` only):
             products and attention only, elementwise ops are not counted).
   exchange  the mTEB exchange block alone (the block the model builds at ModelConfig.exchange_scales[0] = 1:
             decoder_channels[1] = 128 channels at 1/2 of the input resolution) on random features of an
-            `--exchange-size` input, forward + backward, batch `--batch`.
+            `--exchange-size` input, forward + backward, batch `--batch-size`.
   adapt     the adaptation step: model update on the supervised loss of a source batch plus the adversarial term
             of a target batch through the output-level patch discriminators (uda.objectives.Adversarial, one
             per task x scale), then the discriminator update. The model forwards 2 x batch images per step.
@@ -38,7 +38,7 @@ optimiser state; warm-up included). VmHWM rather than getrusage's ru_maxrss: on 
 starts at the parent's peak (it survives fork/exec), so it is also reported (`ru_maxrss_mib`) but not used.
 Data-loader worker processes are not counted.
 
-Options of the step bench (`--amp`, `--channels-last`, `--compile`, `--fused` Adam, `--checkpointing` of
+Options of the step bench (`--mixed-precision`, `--channels-last`, `--compile`, `--fused` Adam, `--checkpointing` of
 ModelConfig; a one-line error where ModelConfig has no such field): each requested option runs as its own variant
 next to plain fp32 (and all requested options together when more than one is given); the table names them
 fp32, bf16/fp16, cl, compile, fused, ckpt ('+'-joined) and shows each variant's time relative to plain fp32.
@@ -842,16 +842,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--benches", nargs="+", choices=BENCHES, default=None, help="default: all")
-    parser.add_argument("--archs", nargs="+", default=DEFAULT_ARCHS)
+    parser.add_argument(
+        "--archs",
+        nargs="+",
+        default=DEFAULT_ARCHS,
+        help=f"models of the step bench (default: {' '.join(DEFAULT_ARCHS)})",
+    )
     parser.add_argument(
         "--decoder",
         default="3ways",
         choices=["3ways", "deeplab"],
         help="task decoder of stl and mtl (the other archs have their own); default 3ways",
     )
-    parser.add_argument("--backbone", default="resnet101", choices=get_args(Backbone))
-    parser.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument(
+        "--backbone", default="resnet101", choices=get_args(Backbone), help="encoder (default: resnet101)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[512, 1024],
+        metavar=("H", "W"),
+        help="input size (default: 512 1024)",
+    )
+    parser.add_argument(
+        "--batch-size", "--batch", dest="batch", type=int, default=2, help="images per step (default: 2)"
+    )
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -861,19 +877,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", "--steps", dest="repeats", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2 with --compile)")
-    parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument(
+        "--mixed-precision",
+        "--amp",
+        dest="amp",
+        default="no",
+        choices=["no", "bf16", "fp16"],
+        help="autocast of the step bench (default: no, fp32)",
+    )
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile(model)")
     parser.add_argument("--fused", action="store_true", help="Adam(fused=True)")
     parser.add_argument("--checkpointing", action="store_true", help="ModelConfig(checkpointing=True)")
-    parser.add_argument("--exchange-size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
-    parser.add_argument("--data-root", type=Path, default=REPO / "datasets" / "toy")
+    parser.add_argument(
+        "--exchange-size",
+        type=int,
+        nargs=2,
+        default=[512, 1024],
+        metavar=("H", "W"),
+        help="input size whose decoder features the exchange bench feeds the block (default: 512 1024)",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=REPO / "datasets" / "toy",
+        help="folder holding the toy dataset folders of the data bench (default: datasets/toy; generated if missing)",
+    )
     parser.add_argument("--data-batches", type=int, default=20, help="timed batches of the data bench")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads of each run (default: torch's)"
     )
     parser.add_argument("--no-flops", action="store_true", help="skip counting multiply-adds")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda or cpu (default: cuda when available)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
         "--compare",
