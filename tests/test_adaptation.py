@@ -108,6 +108,7 @@ def test_synthia2cityscapes_recipe_end_to_end_and_resume(toy_root, tmp_path):
         "train.val_every=0",
         "train.deterministic=true",
         "train.iterations=4",
+        "train.mixed_precision=no",  # fp32 on every CPU (auto picks bf16 on one with AVX-512 BF16)
     ]
     summary = run_recipe(["--out", str(tmp_path / "full"), *common])
     results = summary["results"]

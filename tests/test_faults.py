@@ -83,7 +83,7 @@ def link_copy(src: Path, dst: Path) -> Path:
         run_file = (Path(src) / "config.json").is_file() and f"{os.sep}checkpoints{os.sep}" not in a
         shutil.copy2(a, b) if run_file else os.link(a, b)
 
-    shutil.copytree(src, dst, copy_function=copy)
+    shutil.copytree(src, dst, symlinks=True, copy_function=copy)  # checkpoints/latest stays a link
     return dst
 
 
@@ -266,7 +266,12 @@ def test_save_writes_a_temporary_folder_then_renames_it(run, tmp_path):
     trainer.step = 4
     final = trainer.save_checkpoint()
     assert seen == [".tmp-step-0000004"] and final.name == "step-0000004"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest",
+        "step-0000003",
+        "step-0000004",
+    ]
+    assert checkpoint.latest_checkpoint(out) == final
     state = json.loads((final / checkpoint.STATE_FILE).read_text())
     # Every file is recorded with its size and hash; the config and history travel with the weights.
     assert set(state["files"]) >= {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}

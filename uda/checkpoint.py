@@ -90,7 +90,12 @@ def write_latest(root: Path, ckpt: Path) -> None:
         os.symlink(ckpt.name, tmp, target_is_directory=True)
     except OSError:  # no symlinks here (e.g. some Windows or network file systems)
         tmp.write_text(ckpt.name + "\n")
-    os.replace(tmp, root / LATEST)
+    pointer = root / LATEST
+    if (
+        pointer.is_dir() and not pointer.is_symlink()
+    ):  # a copy that followed the link (shutil.copytree, cp -L)
+        shutil.rmtree(pointer)
+    os.replace(tmp, pointer)
 
 
 def remove_leftovers(root: Path) -> None:

@@ -58,6 +58,7 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
+        self.bar: tqdm | None = None  # the training progress bar while fit() runs
         try:
             checkpoint.check_output_dir(self.out)
         except checkpoint.CheckpointError as exc:
@@ -260,10 +261,13 @@ class Trainer:
         norms = [torch.nn.utils.clip_grad_norm_(g, limit) for g in groups]
         return torch.stack([n.float() for n in norms]).norm()
 
-    def model_update(self, batches: list[Mapping[str, Any]]) -> tuple[Step, dict[str, torch.Tensor], bool]:
+    def model_update(
+        self, batches: Mapping[str, Any] | list[Mapping[str, Any]]
+    ) -> tuple[Step, dict[str, torch.Tensor], bool]:
         """Update the model (and joint networks) on the composed loss, its gradient summed over the micro-batches
         (each loss / their number; processes synchronise at the last); returns the step (outputs per domain of
         every micro-batch), the detached logs (means) and whether the step was finite (applied)."""
+        batches = [batches] if isinstance(batches, Mapping) else list(batches)
         acc, n = self.accelerator, len(batches)
         buffers = self.buffer_snapshot()
         steps, sums = [], {}
@@ -308,7 +312,7 @@ class Trainer:
         """One optimisation step on a batch or the iteration's micro-batches: model update, then (if it was
         applied) the weighting's and objectives' own."""
         self.set_learning_rates(self.step)
-        step, logs, finite = self.model_update([batch] if isinstance(batch, Mapping) else list(batch))
+        step, logs, finite = self.model_update(batch)
         if finite:
             logs.update(self.weighting.update(self.weighting_context()))
             for objective in self.objectives:
@@ -375,6 +379,8 @@ class Trainer:
         try:
             return self._fit(resume)
         finally:
+            if self.bar is not None:  # an error mid-run: no stale bar shifts later bars' positions
+                self.bar.close()
             self.log.close()
 
     def _fit(self, resume: bool) -> dict[str, Any]:
@@ -399,7 +405,7 @@ class Trainer:
             # Fail now, not after days of training, if a validation split is missing or empty.
             self.data.dataset(data, data.val_split, self.tasks, train=False, domain=domain)
         self.model.train()
-        bar = tqdm(
+        bar = self.bar = tqdm(
             total=cfg.train.iterations, initial=self.step, disable=not acc.is_main_process, desc=cfg.name
         )
         last: dict[str, float] = {}
