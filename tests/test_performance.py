@@ -106,6 +106,37 @@ def test_compile_option_compiles_the_model_and_checkpoints_keep_their_keys(
     assert not any("_orig_mod" in k for k in keys)
 
 
+def test_checkpointed_mteb_keeps_only_its_inputs_and_outputs_per_task():
+    from uda.models.checkpointing import enable_checkpointing
+    from uda.models.exchange import MTEB, XTAM
+
+    tasks, shape = ("semseg", "depth", "normals"), (2, 16, 32, 64)
+    kept, grads = {}, {}
+    for mode in ("plain", "xtam", "mteb"):
+        torch.manual_seed(0)
+        block = MTEB(tasks, 16).train()
+        if mode == "xtam":
+            block.CHECKPOINT_METHODS = ()  # the xTAMs alone, as before per-task refinement was checkpointed
+        if mode != "plain":
+            enable_checkpointing(block, (XTAM,))
+        torch.manual_seed(1)
+        features = {t: torch.randn(shape, requires_grad=True) for t in tasks}
+        stored: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, kept=stored: kept.append(t) or t, lambda t: t
+        ):
+            out = block(features)
+        inputs = {f.data_ptr() for f in features.values()}
+        new = {t.data_ptr(): t.untyped_storage().nbytes() for t in stored if t.data_ptr() not in inputs}
+        kept[mode] = sum(new.values())  # bytes the block keeps beyond its inputs
+        sum(o.square().mean() for o in out.values()).backward()
+        grads[mode] = [features[t].grad for t in tasks] + [p.grad for p in block.parameters()]
+    # Only references to the inputs stay for the backward pass: the xTAMs and fusions rerun one task at a time.
+    assert kept["mteb"] == 0 < kept["xtam"] < kept["plain"], kept
+    for mode in ("xtam", "mteb"):
+        assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads[mode])), mode
+
+
 def test_checkpointing_and_compile_are_refused_together_in_one_line(toy_root, tmp_path):
     from uda.config import ConfigError
 

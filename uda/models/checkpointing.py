@@ -32,24 +32,27 @@ def frozen_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
             m.num_batches_tracked.copy_(count)
 
 
-def checkpoint_forward(module: nn.Module) -> None:
-    """Run `module` under activation checkpointing while it trains with gradients (plain forward otherwise)."""
-    plain = module.forward
+def checkpoint_forward(module: nn.Module, method: str = "forward") -> None:
+    """Run `module.<method>` under activation checkpointing while it trains with gradients (plain otherwise)."""
+    plain = getattr(module, method)
 
-    def forward(*args, **kwargs):
+    def run(*args, **kwargs):
         if not (module.training and torch.is_grad_enabled()):
             return plain(*args, **kwargs)
         contexts = lambda: (nullcontext(), frozen_batchnorm_statistics(module))  # noqa: E731
         return checkpoint(plain, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
-    module.forward = forward
+    setattr(module, method, run)
 
 
 def enable_checkpointing(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -> None:
     """Checkpoint every outermost module of `block_types` in `model` (a block inside a checkpointed one is not
-    checkpointed again)."""
+    checkpointed again), and the methods a module lists in CHECKPOINT_METHODS (e.g. mTEB's per-task refinement:
+    only each task's output is kept, the xTAMs and fusion inside are rerun one task at a time)."""
     done: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, block_types) and not any(name.startswith(f"{d}.") for d in done):
             checkpoint_forward(module)
             done.append(name)
+        for method in getattr(module, "CHECKPOINT_METHODS", ()):
+            checkpoint_forward(module, method)

@@ -210,16 +210,20 @@ class MTEB(ExchangeBlock):
             self_attention=cfg.self_attention,
         )
 
+    CHECKPOINT_METHODS = ("refine",)  # model.checkpointing: keep one output per task, rerun the rest
+
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """{task: [B,C,H,W]} -> refined {task: [B,C,H,W]}."""
-        out = {}
-        for i in self.tasks:
-            directional = [self.xtam[_pair(j, i)](features[i], features[j]) for j in self.tasks if j != i]
-            if self.fusion == "concat":
-                out[i] = self.post[i](torch.cat([features[i], *directional], dim=1))
-            else:
-                out[i] = _FUSE[self.fusion](features[i], self.post[i](torch.cat(directional, dim=1)))
-        return out
+        return {i: self.refine(i, *(features[t] for t in self.tasks)) for i in self.tasks}
+
+    def refine(self, i: str, *features: Tensor) -> Tensor:
+        """f~_i from the features of every task (in self.tasks order)."""
+        f = dict(zip(self.tasks, features))
+        directional = [self.xtam[_pair(j, i)](f[i], f[j]) for j in self.tasks if j != i]
+        if self.fusion == "concat":
+            return self.post[i](torch.cat([f[i], *directional], dim=1))
+        fused = directional[0] if len(directional) == 1 else torch.cat(directional, dim=1)
+        return _FUSE[self.fusion](f[i], self.post[i](fused))
 
 
 class PADNetDistillation(ExchangeBlock):
