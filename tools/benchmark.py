@@ -3,7 +3,7 @@
     python tools/benchmark.py [--benches step exchange adapt selfsup data]
                               [--archs stl mtl 3ways-padnet mteb padnet] [--tasks SD SDN] [--backbone resnet101] [--decoder 3ways|deeplab]
                               [--size 512 1024] [--batch-size 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
-                              [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--fused] [--checkpointing]
+                              [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--fused] [--checkpointing] [--baseline]
                               [--exchange-size 512 1024] [--data-root datasets/toy] [--data-batches 20]
                               [--threads N] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
     python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
@@ -547,10 +547,35 @@ BENCH_FUNCTIONS = {
 }
 
 
+def use_baseline_attention() -> None:
+    """--baseline: xTAM's correlation attention as before issue 12, with q/k/v passed to
+    scaled_dot_product_attention as transposed views, which sends it to the math kernel that holds the N x N
+    matrix (forward and backward). Everything else is today's code."""
+    import torch.nn.functional as F
+
+    from uda.models.exchange import XTAM
+
+    def correlation(self, f_i: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if self.attention != "spatial":
+            raise ValueError("--baseline reproduces the spatial attention only")
+        b, c, h, w = f_i.shape
+        tokens = (math.ceil(h / self.downscale), math.ceil(w / self.downscale))
+        q = self.query(F.interpolate(f_i, size=tokens, mode="nearest")).flatten(2)
+        source = F.adaptive_max_pool2d(g, tokens)
+        k, v = self.key(source).flatten(2), self.value(source).flatten(2)
+        qt, kt, vt = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qt, kt, vt).squeeze(1).transpose(1, 2)
+        return F.interpolate(out.reshape(b, c, *tokens), size=(h, w), mode="nearest")
+
+    XTAM.correlation = correlation
+
+
 def run_one(spec: dict) -> dict:
     """Run one configuration in this process; the spec plus its measurements, pid and threads."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("baseline"):
+        use_baseline_attention()
     torch.manual_seed(0)
     device = torch.device(spec["device"])
     row = dict(spec)
@@ -598,6 +623,7 @@ def options_label(spec: dict) -> str:
             ("compile", "compile"),
             ("fused", "fused"),
             ("checkpointing", "ckpt"),
+            ("baseline", "baseline"),
         )
         if spec.get(key)
     ]
@@ -613,6 +639,8 @@ def option_variants(args: argparse.Namespace) -> list[dict]:
     variants = [dict(PLAIN)] + [PLAIN | c for c in chosen]
     if len(chosen) > 1:
         variants.append(PLAIN | {k: v for c in chosen for k, v in c.items()})
+    if args.baseline:
+        variants.insert(0, PLAIN | {"baseline": True})
     return variants
 
 
@@ -641,6 +669,8 @@ def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
         elif bench == "exchange":
             # Plain, and with --checkpointing the block's xTAMs checkpointed (the other options are model-wide).
             exchange_variants = [PLAIN] + ([PLAIN | {"checkpointing": True}] if args.checkpointing else [])
+            if args.baseline:
+                exchange_variants.insert(0, PLAIN | {"baseline": True})
             for tasks in (t for t in args.tasks if len(TASK_SETS[t]) >= 2):
                 for variant in exchange_variants:
                     specs.append(
@@ -889,6 +919,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile(model)")
     parser.add_argument("--fused", action="store_true", help="Adam(fused=True)")
     parser.add_argument("--checkpointing", action="store_true", help="ModelConfig(checkpointing=True)")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the step and exchange benches with xTAM's attention as before issue 12 (transposed q/k/v: "
+        "the math kernel holding the N x N matrix), the reference of the memory and time targets",
+    )
     parser.add_argument(
         "--exchange-size",
         type=int,
