@@ -278,48 +278,47 @@ def test_cli_writes_a_dataset_and_replaces_an_old_toy_one(tmp_path, capsys):
     assert "done in" in capsys.readouterr().out
 
 
-def test_extend_renders_only_the_missing_domains_bit_identical_to_a_full_run(toy, tmp_path, monkeypatch):
-    make_toy_data(
-        tmp_path, frames=FRAMES, seed=SEED, workers=1, progress=False, domains=["synthia"], extend=True
-    )
+def test_extend_renders_only_the_missing_parts_bit_identical_to_a_full_run(toy, tmp_path, monkeypatch):
+    def make(domains, sequences=True, **size):
+        make_toy_data(
+            tmp_path, frames=FRAMES, seed=SEED, workers=1, progress=False, domains=domains, extend=True,
+            sequences=sequences, **size,
+        )  # fmt: skip
+
+    make(["synthia"])
     synthia = files(tmp_path / "synthia")
-    make_toy_data(
-        tmp_path,
-        frames=FRAMES,
-        seed=SEED,
-        workers=1,
-        progress=False,
-        domains=["cityscapes"],
-        extend=True,
-        **SIZE,
-    )
-    # other size: nothing kept, the whole folder is replaced
-    assert json.loads((tmp_path / "toy_info.json").read_text())["domains"] == ["cityscapes"]
+    make(["cityscapes"], sequences=False, **SIZE)  # other size: nothing kept, the whole folder is replaced
+    info = json.loads((tmp_path / "toy_info.json").read_text())
+    assert info["domains"] == ["cityscapes"] and info["cityscapes_sequence"] is False
     assert not (tmp_path / "synthia").exists() and synthia
+    assert not (tmp_path / "cityscapes" / "leftImg8bit_sequence").exists()  # no video frames rendered
     (tmp_path / "synthia" / "RGB").mkdir(parents=True)  # an interrupted rendering: replaced, not kept
     (tmp_path / "synthia" / "RGB" / "0000099.png").write_bytes(b"half")
-    make_toy_data(
-        tmp_path,
-        frames=FRAMES,
-        seed=SEED,
-        workers=1,
-        progress=False,
-        domains=["synthia"],
-        extend=True,
-        **SIZE,
-    )
-    assert json.loads((tmp_path / "toy_info.json").read_text())["domains"] == ["synthia", "cityscapes"]
+    make(["synthia"], **SIZE)
+    make(["cityscapes"], **SIZE)  # now with its video frames: only those are rendered
+    info = json.loads((tmp_path / "toy_info.json").read_text())
+    assert info["domains"] == ["synthia", "cityscapes"] and info["cityscapes_sequence"] is True
     for d in ("synthia", "cityscapes"):
         assert files(tmp_path / d) == files(toy / d), d
     # already there: nothing is rendered again (a render would fail here)
     monkeypatch.setattr("uda.data.toy.write._task", lambda args: pytest.fail(f"rendered {args}"))
-    make_toy_data(
-        tmp_path,
-        frames=FRAMES,
-        seed=SEED,
-        workers=1,
-        progress=False,
-        domains=["cityscapes"],
-        extend=True,
-        **SIZE,
-    )
+    make(["cityscapes", "synthia"], **SIZE)
+    make(["cityscapes"], sequences=False, **SIZE)
+
+
+def test_a_recipe_renders_the_toy_parts_it_reads(tmp_path, monkeypatch):
+    import uda.cli
+    import uda.data.toy
+
+    calls = []
+    monkeypatch.setattr(uda.data.toy, "make_toy_data", lambda root, **kw: calls.append(kw))
+    uda.cli.ensure_toy_data(tmp_path, ["synthia", "cityscapes"], sequences=False)
+    assert calls[-1]["domains"] == ["cityscapes", "synthia"] and calls[-1]["sequences"] is False
+    info = {"domains": ["synthia", "cityscapes"], "cityscapes_sequence": False}
+    (tmp_path / "toy_info.json").write_text(json.dumps(info))
+    for d in info["domains"]:
+        (tmp_path / d).mkdir()
+    uda.cli.ensure_toy_data(tmp_path, ["cityscapes"], sequences=False)  # present: nothing to do
+    assert len(calls) == 1
+    uda.cli.ensure_toy_data(tmp_path, ["cityscapes"], sequences=True)  # self-supervised depth: the frames
+    assert calls[-1]["domains"] == ["cityscapes"] and calls[-1]["sequences"] is True and len(calls) == 2

@@ -323,7 +323,7 @@ def test_vkitti2_to_cityscapes_recipe_resizes_the_source_keeping_its_aspect(monk
     assert synthia.data.resize_to is None
 
     # --toy: finalise sets the toy size; resize_to is scaled alike (same height, VKITTI2's aspect ratio).
-    monkeypatch.setattr(uda.cli, "ensure_toy_data", lambda root, domains=None: tmp_path)
+    monkeypatch.setattr(uda.cli, "ensure_toy_data", lambda root, *args, **kwargs: tmp_path)
     args = parser.parse_args(["--toy"])
     toy = uda.cli.finalise(adaptation_config(args, "vkitti2", "vkitti2_8", "cityscapes8"), args, "vk2cs")
     assert toy.data.size == uda.cli.TOY_SIZE and toy.data.resize_to == (96, 318)

@@ -54,39 +54,50 @@ TASK_SETS = {
 }
 
 
-def toy_domains(root: Path) -> set[str]:
-    """The complete domains of the toy dataset under root (none when it has no toy_info.json)."""
+def toy_parts(root: Path) -> set[str]:
+    """The complete parts of the toy dataset under root: its datasets, and "cityscapes_sequence" when it has
+    Cityscapes' video frames (none when root has no toy_info.json)."""
     import json
 
+    from uda.data.toy.write import SEQUENCE
+
     try:
-        return set(json.loads((root / "toy_info.json").read_text()).get("domains", ()))
+        info = json.loads((root / "toy_info.json").read_text())
     except (OSError, ValueError):
         return set()
+    parts = set(info.get("domains", ()))
+    return parts | ({SEQUENCE} if "cityscapes" in parts and info.get(SEQUENCE, True) else set())
 
 
 def ensure_toy_data(
     root: Path = TOY_ROOT,
     domains: Sequence[str] | None = None,
+    sequences: bool = True,
     frames: int = 240,
     seed: int = 0,
     timeout_s: float = 900,
 ) -> Path:
-    """Generate the built-in toy datasets a run reads (default: all) under root when missing; the other
-    domains are rendered when a recipe first needs them (one process generates, the others wait)."""
+    """Generate the built-in toy datasets a run reads (default: all; Cityscapes' video frames only with
+    `sequences`) under root when missing. The other parts are rendered when a recipe first needs them; one
+    process generates, the others wait."""
     from uda.data.toy import TOY_DATASETS
+    from uda.data.toy.write import SEQUENCE
 
     needed = set(TOY_DATASETS if domains is None else domains)
-    if needed <= toy_domains(root) and all((root / d).is_dir() for d in needed):
+    needed |= {SEQUENCE} if sequences and "cityscapes" in needed else set()
+    if needed <= toy_parts(root) and all((root / d).is_dir() for d in needed - {SEQUENCE}):
         return root
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from uda.data.toy import make_toy_data
 
-        names = ", ".join(d for d in TOY_DATASETS if d in needed - toy_domains(root))
+        missing = needed - toy_parts(root)
+        names = ", ".join(d for d in (*TOY_DATASETS, SEQUENCE) if d in missing)
         print(f"generating toy data ({names}) in {root} (first run only)", flush=True)
-        make_toy_data(root, frames=frames, seed=seed, domains=sorted(needed), extend=True)
+        datasets = sorted(needed - {SEQUENCE})
+        make_toy_data(root, frames=frames, seed=seed, domains=datasets, extend=True, sequences=sequences)
     else:
         deadline = time.monotonic() + timeout_s
-        while not needed <= toy_domains(root):
+        while not needed <= toy_parts(root):
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"{root / 'toy_info.json'}: toy data did not appear; run `uda-make-toy-data --out {root}`"
@@ -274,7 +285,8 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     cfg = apply_overrides(cfg, option_overrides(args, cfg.target is not None) + list(args.overrides))
     check_label_sets(cfg)
     if args.toy:
-        ensure_toy_data(Path(root), [d.dataset for d in (cfg.data, cfg.target) if d is not None])
+        datasets = [d.dataset for d in (cfg.data, cfg.target) if d is not None]
+        ensure_toy_data(Path(root), datasets, sequences=cfg.photometric is not None)
     variant = "" if cfg.name == "experiment" else f"{cfg.name}-"
     name = f"{recipe}-{variant}{cfg.model.arch}"
     out = args.out or REPO_ROOT / "runs" / recipe / f"{variant}{cfg.model.arch}-s{cfg.train.seed}"

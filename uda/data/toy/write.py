@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -93,7 +94,9 @@ def cityscapes_name(index: int) -> tuple[str, str, int]:
     return "train", CS_TRAIN_CITIES[(index % 5) % len(CS_TRAIN_CITIES)], index
 
 
-def _write_cityscapes(out: Path, index: int, seed: int, height: int, width: int) -> None:
+def _write_cityscapes(
+    out: Path, index: int, seed: int, height: int, width: int, sequence: bool = True
+) -> None:
     split, city, seq = cityscapes_name(index)
     f = render_frame("cityscapes", index, seed, height, width)
     stem = f"{city}_{seq:06d}_{CS_LABELLED_FRAME:06d}"
@@ -114,14 +117,31 @@ def _write_cityscapes(out: Path, index: int, seed: int, height: int, width: int)
     path = out / "camera" / sub / f"{stem}_camera.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(camera, indent=4) + "\n")
-    for offset in (-1, 0, 1):  # the sequence folder holds the labelled frame too, as in the real dataset
+    if sequence:
+        _write_cityscapes_sequence(out, index, seed, height, width, labelled=f["image"])
+
+
+def _write_cityscapes_sequence(
+    out: Path, index: int, seed: int, height: int, width: int, labelled: np.ndarray | None = None
+) -> None:
+    """leftImg8bit_sequence: the frames before and after labelled frame `index`, and the labelled frame itself
+    (as in the real dataset; copied from leftImg8bit when not given)."""
+    split, city, seq = cityscapes_name(index)
+    sub = Path(split) / city
+    for offset in (-1, 0, 1):
+        name = f"{city}_{seq:06d}_{CS_LABELLED_FRAME + offset:06d}_leftImg8bit.png"
+        path = out / "leftImg8bit_sequence" / sub / name
+        if offset == 0 and labelled is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stem = f"{city}_{seq:06d}_{CS_LABELLED_FRAME:06d}"
+            shutil.copyfile(out / "leftImg8bit" / sub / f"{stem}_leftImg8bit.png", path)
+            continue
         img = (
-            f["image"]
+            labelled
             if offset == 0
             else render_frame("cityscapes", index, seed, height, width, offset)["image"]
         )
-        name = f"{city}_{seq:06d}_{CS_LABELLED_FRAME + offset:06d}_leftImg8bit.png"
-        _write_png(out / "leftImg8bit_sequence" / sub / name, img[..., ::-1])
+        _write_png(path, img[..., ::-1])
 
 
 def vkitti2_name(index: int) -> tuple[str, int]:
@@ -212,9 +232,13 @@ def _write_nyudv2(out: Path, index: int, seed: int, height: int, width: int) -> 
 
 # ----------------------------------------------------------------------------------------------- driver
 
+SEQUENCE = "cityscapes_sequence"  # Cityscapes' video frames (leftImg8bit_sequence), for self-supervised depth
+
 _WRITERS = {
     "synthia": _write_synthia,
     "cityscapes": _write_cityscapes,
+    "cityscapes-labelled": partial(_write_cityscapes, sequence=False),
+    SEQUENCE: _write_cityscapes_sequence,
     "vkitti2": _write_vkitti2,
     "nyudv2": _write_nyudv2,
 }
@@ -222,7 +246,8 @@ _WRITERS = {
 
 def _task(args: tuple) -> str:
     out, domain, index, seed, height, width = args
-    _WRITERS[domain](Path(out) / domain, index, seed, height, width)
+    folder = "cityscapes" if domain.startswith("cityscapes") else domain
+    _WRITERS[domain](Path(out) / folder, index, seed, height, width)
     return domain
 
 
@@ -249,6 +274,7 @@ def make_toy_data(
     workers: int | None = None,
     progress: bool = True,
     extend: bool = False,
+    sequences: bool = True,
 ) -> None:
     """Render `frames` labelled frames per domain and write them in the real on-disk formats under out/.
 
@@ -256,7 +282,9 @@ def make_toy_data(
     given (seed, frames, size), domain by domain. Writes out/<domain>/..., split files, and out/toy_info.json
     last. An existing toy dataset in out/ is replaced; a folder with other data is never touched. With
     extend=True, a toy dataset of the same generator version, seed, frames and size keeps its domains and only
-    the missing ones are rendered (a recipe renders just the datasets it reads).
+    the missing ones are rendered (a recipe renders just the datasets it reads). sequences=False leaves out
+    Cityscapes' video frames (leftImg8bit_sequence, two extra renders per frame), which only self-supervised depth
+    reads; a later call with sequences=True and extend=True adds them.
     """
     out = Path(out)
     domains = tuple(domains)
@@ -271,17 +299,23 @@ def make_toy_data(
         raise ValueError(f"workers={workers}: need at least one worker process")
     info_path = out / "toy_info.json"
     kept: tuple[str, ...] = ()
+    kept_sequence = False
     if extend and info_path.is_file():
         old = json.loads(info_path.read_text())
         same = {"version": VERSION, "seed": seed, "frames": frames, "target_size": [height, width]}
         if all(old.get(k) == v for k, v in same.items()):
             kept = tuple(d for d in old.get("domains", ()) if (out / d).is_dir())
-            domains = tuple(d for d in domains if d not in kept)
-            if not domains:
-                return
-    if kept:  # extend: the marker lists the complete domains; another toy domain folder is an interrupted one
+            kept_sequence = "cityscapes" in kept and old.get(SEQUENCE, True)
+    want_sequence = sequences and "cityscapes" in domains
+    add_sequence = want_sequence and "cityscapes" in kept and not kept_sequence
+    domains = tuple(d for d in domains if d not in kept)
+    if kept and not domains and not add_sequence:
+        return
+    if kept:  # extend: the marker lists the complete parts; another toy folder is from an interrupted run
         for d in domains:
             shutil.rmtree(out / d, ignore_errors=True)
+        if add_sequence:
+            shutil.rmtree(out / "cityscapes" / "leftImg8bit_sequence", ignore_errors=True)
     elif info_path.is_file():  # a toy dataset: replace it whole
         info_path.unlink()  # written last, so its presence means a complete dataset
         for d in TOY_DATASETS:
@@ -294,7 +328,9 @@ def make_toy_data(
             )
     out.mkdir(parents=True, exist_ok=True)
     # interleave the domains so that every worker gets a similar mix of cheap and expensive frames
-    tasks = [(str(out), d, i, seed, height, width) for i in range(frames) for d in domains]
+    parts = [d if d != "cityscapes" or want_sequence else "cityscapes-labelled" for d in domains]
+    parts += [SEQUENCE] if add_sequence else []
+    tasks = [(str(out), d, i, seed, height, width) for i in range(frames) for d in parts]
     with tqdm(total=len(tasks), desc="toy data", unit="frame", disable=not progress) as bar:
         if workers == 1:
             for t in tasks:
@@ -315,6 +351,7 @@ def make_toy_data(
         _write_vkitti2_scene_files(out / "vkitti2", frames, seed, height, width)
         ids = [f"{s}/{f:05d}" for s, f in map(vkitti2_name, range(frames))]
         write_split_files(out / "vkitti2" / "splits", split_ids(ids))
+    has_sequence = (kept_sequence or add_sequence) if "cityscapes" in kept else want_sequence
     domains = tuple(d for d in TOY_DATASETS if d in kept or d in domains)
     info = {
         "generator": "uda.data.toy",
@@ -327,6 +364,7 @@ def make_toy_data(
         },
         "domains": list(domains),
         "sky_depth_m": SKY_DEPTH,
+        SEQUENCE: bool(has_sequence and "cityscapes" in domains),
         "vkitti2_frames_per_scene": VK_FRAMES_PER_SCENE,
     }
     tmp = info_path.with_suffix(".tmp")
