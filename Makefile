@@ -26,7 +26,7 @@ constraints: setup
 # with adversarial adaptation to the Cityscapes-like target; the two compared on the target. Re-running resumes.
 demo: setup
 	@echo "make demo: toy SYNTHIA -> Cityscapes, mTEB source-only then adapted ($(DEMO_STEPS) steps each);" \
-		"expected about 4-5 min on 2 CPU cores, toy data included (rendered on the first run)"
+		"expected about 4 min on 2 CPU cores, toy data included (rendered on the first run)"
 	$(LAUNCH) recipes/synthia2cityscapes.py --toy --no-adapt --resume --out $(OUT)/source-only train.iterations=$(DEMO_STEPS)
 	$(LAUNCH) recipes/synthia2cityscapes.py --toy --resume --out $(OUT)/adapted train.iterations=$(DEMO_STEPS)
 	$(VENV)/bin/uda-compare $(OUT)/source-only $(OUT)/adapted --split target \
