@@ -128,7 +128,7 @@ class TrainConfig:
     ckpt_every: int = 2000
     log_every: int = 50
     image_every: int = 0  # write prediction images every N steps (0 = only at validation)
-    # auto: bf16 on GPUs and CPUs that support it (AVX-512 BF16/AMX), fp16 with a scaler on older GPUs, else fp32.
+    # auto: bf16 on GPUs that support it and CPUs with AMX-BF16, fp16 with a scaler on older GPUs, else fp32.
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     channels_last: bool = False  # channels-last memory format for the model and its inputs
     compile: bool = False  # torch.compile the model (through accelerate's dynamo plugin, inductor backend)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
-# Measured on a 2-core AMD EPYC with AVX2 only (no AVX-512 BF16): a toy training step under bf16 autocast took
-# 16x the fp32 time (the convolutions fall to a slow reference kernel).
-BF16_SLOWDOWN_WITHOUT_SUPPORT = 16
+# The fp32 step time that bf16 autocast costs on CPUs without AMX (tools/benchmark.py, step bench):
+# a 2-core AMD EPYC with AVX2 only: 12-16x (ResNet-18 toy step; the convolutions fall to a slow reference kernel);
+# a 2-core Intel Xeon with AVX-512 BF16 but no AMX: 1.36x (ResNet-101 mTEB S-D step at 256x512, batch 2).
+BF16_SLOWDOWN_AVX2 = 16
+BF16_SLOWDOWN_AVX512_BF16 = 1.36
 
 
 @functools.cache
@@ -42,9 +44,10 @@ def cpu_model() -> str:
 
 
 def cpu_supports_bf16(flags: frozenset[str] | None = None) -> bool:
-    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16), so bf16 autocast pays."""
+    """True where bf16 autocast pays on this CPU: it has AMX-BF16 tiles (oneDNN's bf16 convolutions and
+    matrix products). AVX-512 BF16 alone computes bf16 but measured slower than fp32 (1.36x the step)."""
     flags = cpu_flags() if flags is None else flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return "amx_bf16" in flags
 
 
 def choose_mixed_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
@@ -62,17 +65,19 @@ def choose_mixed_precision(requested: str, device: torch.device) -> tuple[str, s
             if requested == "auto"
             else (requested, None)
         )
-    native = cpu_supports_bf16()
+    flags = cpu_flags()
+    native = cpu_supports_bf16(flags)
     if requested == "auto":
-        why = "the CPU has AVX-512 BF16/AMX" if native else "the CPU has no AVX-512 BF16/AMX"
+        why = "the CPU has AMX-BF16" if native else "the CPU has no AMX-BF16"
         return (
             "bf16" if native else "no"
         ), f"train.mixed_precision=auto: {'bf16' if native else 'fp32'} ({why})"
     if requested == "bf16" and not native:
+        cost = BF16_SLOWDOWN_AVX512_BF16 if "avx512_bf16" in flags else BF16_SLOWDOWN_AVX2
+        kind = "AVX-512 BF16 but no AMX" if "avx512_bf16" in flags else "no AVX-512 BF16 or AMX"
         return requested, (
-            "warning: train.mixed_precision=bf16 on a CPU without AVX-512 BF16/AMX: autocast runs the convolutions "
-            f"in a slow kernel (measured {BF16_SLOWDOWN_WITHOUT_SUPPORT}x the fp32 step on an AVX2 CPU); "
-            "use train.mixed_precision=auto or no"
+            f"warning: train.mixed_precision=bf16 on a CPU with {kind}: bf16 autocast measured {cost}x the fp32 "
+            "step time on such a CPU; use train.mixed_precision=auto or no"
         )
     if requested == "fp16":
         return (

@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         default=None,
         help="autocast precision (default: the run's train.mixed_precision, as its validation ran; auto = bf16 "
-        "on GPUs and CPUs with AVX-512 BF16/AMX, fp16 on older GPUs, else fp32)",
+        "on GPUs and CPUs with AMX-BF16, fp16 on older GPUs, else fp32)",
     )
     r.add_argument(
         "--batch-size", type=positive, default=None, help="batch size per process (default: the run's)"
