@@ -66,7 +66,7 @@ def class_legend(width: int, label_set, classes: Sequence[int]) -> np.ndarray:
     for k, c in enumerate(classes):
         x, y = 4 + (k % per_line) * (width // per_line), 3 + (k // per_line) * 13
         legend[y : y + 9, x : x + 9] = label_set.colors[c]
-        name = label_set.class_names[c][:12]
+        name = label_set.class_names[c][: max(4, (width // per_line - 14) // 5)]  # ~5 px a character
         cv2.putText(legend, name, (x + 12, y + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (0, 0, 0), 1, cv2.LINE_AA)
     return legend
 
