@@ -245,7 +245,14 @@ def _loss(out, targets) -> torch.Tensor:
     return total
 
 
-EXPECTED_SCALES = {"stl": (1, 0), "mtl": (1, 0), "3ways-padnet": (1, 0), "mteb": (1, 0), "padnet": (4, 0)}
+EXPECTED_SCALES = {
+    "stl": (1, 0),
+    "mtl": (1, 0),
+    "3ways-padnet": (1, 0),
+    "mteb": (1, 0),
+    "padnet": (4, 0),
+    "cross-stitch": (1, 0),
+}
 
 
 @pytest.mark.parametrize("tasks", [SD, SDNE], ids=["SD", "SDNE"])
@@ -273,6 +280,33 @@ def test_every_arch_trains_with_exact_output_shapes(arch, tasks):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def test_cross_stitch_at_identity_is_exactly_the_separate_task_networks():
+    torch.manual_seed(0)
+    stitched = build_model(
+        _cfg(arch="cross-stitch", decoder_channels=SMALL, cross_stitch_init=1.0), SD
+    ).eval()
+    stl = build_model(_cfg(arch="stl", decoder_channels=SMALL, decoder="3ways"), SD).eval()
+    stl.load_state_dict({k: v for k, v in stitched.state_dict().items() if not k.startswith("units.")})
+    image = torch.rand(2, 3, H, W)
+    a, b = stitched(image), stl(image)
+    assert all(torch.equal(a[t][s], b[t][s]) for t in b for s in b[t])
+    # the paper's initialisation (0.9 self, 0.1 other) mixes the task networks; the units learn
+    torch.manual_seed(0)
+    mixed = build_model(_cfg(arch="cross-stitch", decoder_channels=SMALL), SD).eval()
+    assert torch.allclose(mixed.units[0].alpha[:, :, 0], torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    mixed.load_state_dict(
+        {**stitched.state_dict(), **{k: v for k, v in mixed.state_dict().items() if "units" in k}}
+    )
+    out = mixed(image)
+    assert not torch.equal(out["depth"][0], b["depth"][0])
+    out["semseg"][0].sum().backward()
+    assert all(u.alpha.grad is not None and u.alpha.grad.abs().sum() > 0 for u in mixed.units)
+    assert (
+        len(mixed.units) == 5
+        and [u.alpha.shape[-1] for u in mixed.units] == mixed.nets["semseg"].encoder.channels
+    )
 
 
 def test_exchange_at_several_scales_emits_intermediates_there():

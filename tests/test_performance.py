@@ -31,7 +31,9 @@ def saved_activation_bytes(model: torch.nn.Module, image: torch.Tensor) -> tuple
     return out, total
 
 
-@pytest.mark.parametrize("arch,decoder", [("mteb", "3ways"), ("stl", "deeplab"), ("padnet", "3ways")])
+@pytest.mark.parametrize(
+    "arch,decoder", [("mteb", "3ways"), ("stl", "deeplab"), ("padnet", "3ways"), ("cross-stitch", "3ways")]
+)
 def test_checkpointing_gives_the_same_step_with_less_kept_memory(arch, decoder):
     results = []
     for checkpointing in (False, True):

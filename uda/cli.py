@@ -29,7 +29,7 @@ from uda.config import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_ROOT = REPO_ROOT / "datasets" / "toy"
-MODELS = ("stl", "mtl", "padnet", "3ways-padnet", "mteb", "xtasc-unet", "xtasc-stl")
+MODELS = ("stl", "mtl", "padnet", "3ways-padnet", "mteb", "cross-stitch", "xtasc-unet", "xtasc-stl")
 
 # The toy schedule: small backbone, small images, a few hundred steps on 2 CPU cores.
 TOY_OVERRIDES = [

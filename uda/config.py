@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 Task = Literal["semseg", "depth", "normals", "edges"]
-Arch = Literal["stl", "mtl", "padnet", "3ways-padnet", "mteb", "xtasc-unet", "xtasc-stl"]
+Arch = Literal["stl", "mtl", "padnet", "3ways-padnet", "mteb", "cross-stitch", "xtasc-unet", "xtasc-stl"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
 
@@ -40,6 +40,9 @@ class ModelConfig:
     attention: Literal["spatial", "channel", "both"] = "spatial"  # xTAM correlation type, Table 4b
     self_attention: bool = True  # xTAM self-attention branch, App. A.2
     downscale: int = 4  # xTAM token downscale s
+    cross_stitch_init: float = (
+        0.9  # cross-stitch units' self weight at initialisation (1.0 = separate networks)
+    )
     depth_output: Literal["inverse", "disparity"] = "inverse"  # linear d_far/d, or sigmoid disparity (SDE)
     output_scales: tuple[int, ...] | None = None  # side outputs; None = exchange scales + final scale 0
     # Initial raw depth output (inverse normalised depth d_far/d): 32.768 = 20 m with d_far = 655.36 m.

@@ -11,8 +11,9 @@ edges 1). Outputs are raw, except depth with `depth_output="disparity"` (sigmoid
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -138,11 +139,14 @@ class MultiTaskModel(nn.Module):
         if self.decoder_kind == "deeplab":
             deepest = self.encoder(image)[-1]
             return {t: {0: self.decoders[t](deepest, image.shape[-2:])} for t in self.tasks}
-        skips = self.encoder(image)
+        return self.decode(self.encoder(image), image.shape[-2:])
+
+    def decode(self, skips: Sequence[Tensor], size: tuple[int, int]) -> Outputs:
+        """Encoder maps (strides 2 .. 16) -> every task's outputs through its decoder and the exchange blocks."""
         x = {t: skips[4] for t in self.tasks}
         out: Outputs = {t: {} for t in self.tasks}
         for s in range(4, -1, -1):
-            x = {t: self.decoders[t].stage(s, x[t], skips, size=image.shape[-2:]) for t in self.tasks}
+            x = {t: self.decoders[t].stage(s, x[t], skips, size=size) for t in self.tasks}
             if s > 0 and s in self.scales:  # intermediate outputs come before the exchange
                 for t in self.tasks:
                     out[t][s] = self.decoders[t].head(s, x[t])
@@ -191,6 +195,72 @@ class STLModel(nn.Module):
     def independent_parts(self) -> list[list[nn.Parameter]]:
         """The parameters of each task's network: they share nothing, so each is clipped on its own."""
         return [list(net.parameters()) for net in self.nets.values()]
+
+
+class CrossStitchUnit(nn.Module):
+    """Cross-stitch unit (Misra et al., CVPR 2016): per channel c, x~_t = sum_s alpha[t, s, c] * x_s.
+
+    alpha starts at `self_weight` on the diagonal and (1 - self_weight) / (T - 1) elsewhere (the paper's best
+    initialisation is 0.9 / 0.1 for two tasks; 1.0 gives exactly the separate networks). Per-channel weights
+    follow the paper's channel-wise variant; it leaves open whether alpha is constrained (here: free).
+    """
+
+    def __init__(self, tasks: int, channels: int, self_weight: float = 0.9):
+        super().__init__()
+        other = (1.0 - self_weight) / max(1, tasks - 1)
+        alpha = torch.full((tasks, tasks, channels), other)
+        alpha[torch.arange(tasks), torch.arange(tasks)] = self_weight
+        self.alpha = nn.Parameter(alpha)
+
+    def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        """T maps [B,C,H,W] -> T mixed maps [B,C,H,W]."""
+        return [sum(a[:, None, None] * x for a, x in zip(self.alpha[t], xs)) for t in range(len(xs))]
+
+
+class CrossStitchModel(nn.Module):
+    """Cross-stitch networks: one network per task (encoder + 3-ways decoder, as STL), their encoder maps mixed by
+    a cross-stitch unit after each of the five encoder stages (stem, layer1 .. layer4); each task then decodes its
+    own mixed maps. model.cross_stitch_init is the units' self weight (1.0: exactly the STL networks)."""
+
+    def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig):
+        super().__init__()
+        if cfg.decoder != "3ways":
+            raise ValueError("model.arch=cross-stitch uses the 3-ways decoder; set model.decoder=3ways")
+        self.tasks = tuple(tasks)
+        self.nets = nn.ModuleDict({t: MultiTaskModel({t: n}, cfg, exchange="none") for t, n in tasks.items()})
+        channels = next(iter(self.nets.values())).encoder.channels
+        self.units = nn.ModuleList(
+            [CrossStitchUnit(len(self.tasks), c, cfg.cross_stitch_init) for c in channels]
+        )
+
+    def forward(self, image: Tensor) -> Outputs:
+        """image [B,3,H,W] in [0,1] -> {task: {scale: prediction}}."""
+        encoders = [self.nets[t].encoder for t in self.tasks]
+        enc = encoders[0]
+        x = [(image - enc.mean) / enc.std] * len(self.tasks)
+        stages = [
+            lambda e, v: e.relu(e.bn1(e.conv1(v))),
+            lambda e, v: e.layer1(e.maxpool(v)),
+            lambda e, v: e.layer2(v),
+            lambda e, v: e.layer3(v),
+            lambda e, v: e.layer4(v),
+        ]
+        skips: list[list[Tensor]] = []
+        for stage, unit in zip(stages, self.units):
+            x = unit([stage(e, v) for e, v in zip(encoders, x)])
+            skips.append(x)
+        out: Outputs = {}
+        for k, t in enumerate(self.tasks):
+            out.update(self.nets[t].decode([maps[k] for maps in skips], image.shape[-2:]))
+        return out
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": every task's encoder, "decoder": decoders and cross-stitch units}."""
+        return _split_params(self, [net.encoder for net in self.nets.values()])
+
+    def shared_layer(self, task: str) -> list[nn.Parameter]:
+        """The last cross-stitch unit: the last parameters every task's output depends on."""
+        return [self.units[-1].alpha]
 
 
 def _bottlenecks(in_channels: int, width: int) -> nn.Sequential:
@@ -256,6 +326,7 @@ ARCHS: dict[str, Callable[[Mapping[str, int], ModelConfig], nn.Module]] = {
     "3ways-padnet": MultiTaskModel,
     "mteb": MultiTaskModel,
     "padnet": PADNet,
+    "cross-stitch": CrossStitchModel,
     "xtasc-unet": XTasCUNet,
     "xtasc-stl": lambda tasks, cfg: STLModel(tasks, cfg, network=XTasCUNet),  # XTasC's Base ST-Net
 }
