@@ -116,12 +116,22 @@ class ResNetEncoder(nn.Module):
         """The weight of the encoder's last convolution (the last layer shared by tasks on this encoder)."""
         return [[m for m in self.layer4.modules() if isinstance(m, nn.Conv2d)][-1].weight]
 
+    def normalise(self, image: Tensor) -> Tensor:
+        """RGB in [0,1] -> the ImageNet-normalised input of stage 0."""
+        return (image - self.mean) / self.std
+
+    def stage(self, k: int, x: Tensor) -> Tensor:
+        """Stage k (0 stem, 1..4 layer1..layer4) on the previous stage's map (stage 0: the normalised image)."""
+        if k == 0:
+            return self.relu(self.bn1(self.conv1(x)))
+        if k == 1:
+            return self.layer1(self.maxpool(x))
+        return (self.layer2, self.layer3, self.layer4)[k - 2](x)
+
     def forward(self, image: Tensor) -> list[Tensor]:
         """image [B,3,H,W] in [0,1] -> five feature maps (strides 2, 4, 8, 16, 16; 32 last if not dilated)."""
-        x = (image - self.mean) / self.std
-        f0 = self.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(self.maxpool(f0))
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
-        return [f0, f1, f2, f3, f4]
+        maps, x = [], self.normalise(image)
+        for k in range(5):
+            x = self.stage(k, x)
+            maps.append(x)
+        return maps

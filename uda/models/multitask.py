@@ -236,18 +236,10 @@ class CrossStitchModel(nn.Module):
     def forward(self, image: Tensor) -> Outputs:
         """image [B,3,H,W] in [0,1] -> {task: {scale: prediction}}."""
         encoders = [self.nets[t].encoder for t in self.tasks]
-        enc = encoders[0]
-        x = [(image - enc.mean) / enc.std] * len(self.tasks)
-        stages = [
-            lambda e, v: e.relu(e.bn1(e.conv1(v))),
-            lambda e, v: e.layer1(e.maxpool(v)),
-            lambda e, v: e.layer2(v),
-            lambda e, v: e.layer3(v),
-            lambda e, v: e.layer4(v),
-        ]
+        x = [e.normalise(image) for e in encoders]
         skips: list[list[Tensor]] = []
-        for stage, unit in zip(stages, self.units):
-            x = unit([stage(e, v) for e, v in zip(encoders, x)])
+        for k, unit in enumerate(self.units):
+            x = unit([e.stage(k, v) for e, v in zip(encoders, x)])
             skips.append(x)
         out: Outputs = {}
         for k, t in enumerate(self.tasks):
