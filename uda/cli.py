@@ -57,8 +57,6 @@ TASK_SETS = {
 def toy_parts(root: Path) -> set[str]:
     """The complete parts of the toy dataset under root: its datasets, and "cityscapes_sequence" when it has
     Cityscapes' video frames (none when root has no toy_info.json)."""
-    import json
-
     from uda.data.toy.write import SEQUENCE
 
     try:
@@ -85,12 +83,12 @@ def ensure_toy_data(
 
     needed = set(TOY_DATASETS if domains is None else domains)
     needed |= {SEQUENCE} if sequences and "cityscapes" in needed else set()
-    if needed <= toy_parts(root) and all((root / d).is_dir() for d in needed - {SEQUENCE}):
+    missing = needed - toy_parts(root)
+    if not missing and all((root / d).is_dir() for d in needed - {SEQUENCE}):
         return root
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from uda.data.toy import make_toy_data
 
-        missing = needed - toy_parts(root)
         names = ", ".join(d for d in (*TOY_DATASETS, SEQUENCE) if d in missing)
         print(f"generating toy data ({names}) in {root} (first run only)", flush=True)
         datasets = sorted(needed - {SEQUENCE})
