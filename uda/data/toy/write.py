@@ -351,7 +351,6 @@ def make_toy_data(
         _write_vkitti2_scene_files(out / "vkitti2", frames, seed, height, width)
         ids = [f"{s}/{f:05d}" for s, f in map(vkitti2_name, range(frames))]
         write_split_files(out / "vkitti2" / "splits", split_ids(ids))
-    has_sequence = (kept_sequence or add_sequence) if "cityscapes" in kept else want_sequence
     domains = tuple(d for d in TOY_DATASETS if d in kept or d in domains)
     info = {
         "generator": "uda.data.toy",
@@ -364,7 +363,7 @@ def make_toy_data(
         },
         "domains": list(domains),
         "sky_depth_m": SKY_DEPTH,
-        SEQUENCE: bool(has_sequence and "cityscapes" in domains),
+        SEQUENCE: bool(kept_sequence or want_sequence),  # each implies Cityscapes is there
         "vkitti2_frames_per_scene": VK_FRAMES_PER_SCENE,
     }
     tmp = info_path.with_suffix(".tmp")
