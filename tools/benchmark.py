@@ -86,6 +86,7 @@ sys.path.insert(0, str(REPO))
 
 from uda.cli import TASK_SETS  # noqa: E402
 from uda.config import Backbone, ModelConfig  # noqa: E402
+from uda.hardware import proc_status_mib  # noqa: E402
 from uda.losses import MultiTaskLoss, default_task_weights  # noqa: E402
 from uda.models import build_model  # noqa: E402
 from uda.models.multitask import DEEPLAB_ARCHS, intermediate_scales  # noqa: E402
@@ -158,17 +159,6 @@ def describe_machine(facts: dict) -> str:
     )
 
 
-def _proc_status_mib(field: str) -> float | None:
-    """A memory field (kB) of /proc/self/status in MiB, None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def ru_maxrss_mib() -> float:
     """getrusage's peak resident size of this process in MiB (KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -177,13 +167,13 @@ def ru_maxrss_mib() -> float:
 
 def rss_mib() -> float:
     """Current resident set size of this process (MiB)."""
-    current = _proc_status_mib("VmRSS")
+    current = proc_status_mib("VmRSS")
     return current if current is not None else ru_maxrss_mib()
 
 
 def peak_rss_mib() -> float:
     """Peak resident set size of this process's own address space (VmHWM; ru_maxrss where unavailable)."""
-    peak = _proc_status_mib("VmHWM")
+    peak = proc_status_mib("VmHWM")
     return peak if peak is not None else ru_maxrss_mib()
 
 

@@ -33,6 +33,17 @@ def cpu_info() -> dict[str, str]:
     return fields
 
 
+def proc_status_mib(field: str) -> float | None:
+    """A memory field (kB) of /proc/self/status (VmRSS, VmHWM, ...) in MiB; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags (avx2, avx512_bf16, amx_bf16, ...)."""
     return frozenset(cpu_info().get("flags", "").split())

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from uda.hardware import proc_status_mib
+
 LOGGER = "uda"
 LOSSES_FILE = "train_losses.jsonl"
 CURVES = "curves"
@@ -47,13 +49,7 @@ def peak_memory_mib(device: torch.device) -> float:
     (VmHWM) on CPU; 0 where unknown."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return proc_status_mib("VmHWM") or 0.0
 
 
 class RunLog:
