@@ -145,9 +145,8 @@ class Trainer:
         self.bad_steps = 0
         self._saved_buffers: list[torch.Tensor] | None = None  # storage of buffer_snapshot
         self.history: list[dict[str, Any]] = []  # validation results
-        self.loss_log = (
-            self.log.recent
-        )  # this process's newest per-step losses (the run's: train_losses.jsonl)
+        # This process's newest per-step losses (the whole run's are in train_losses.jsonl).
+        self.loss_log = self.log.recent
 
     # ------------------------------------------------------------------ construction helpers
 
