@@ -29,7 +29,20 @@ from uda.config import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_ROOT = REPO_ROOT / "datasets" / "toy"
-MODELS = ("stl", "mtl", "padnet", "3ways-padnet", "mteb", "cross-stitch", "xtasc-unet", "xtasc-stl")
+MODELS = (
+    "stl",
+    "mtl",
+    "padnet",
+    "3ways-padnet",
+    "mteb",
+    "cross-stitch",
+    "pap-net",
+    "ctal",
+    "mti-net",
+    "ctal-ms",
+    "xtasc-unet",
+    "xtasc-stl",
+)
 
 # The toy schedule: small backbone, small images, a few hundred steps on 2 CPU cores.
 TOY_OVERRIDES = [
@@ -339,9 +352,16 @@ def from_config_file(args: argparse.Namespace, given: Sequence[str]) -> Experime
 
 def model_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
     """Per-architecture defaults (before the user's overrides): 3-ways PAD-Net distils at decoder scale 2, where
-    the authors' PadnetPlus places its block (mTEB sits at scale 1)."""
-    if cfg.model.arch == "3ways-padnet":
+    the authors' PadnetPlus places its block (mTEB sits at scale 1); PAP-Net and CTAL, whose affinities are N x N
+    in the tokens, propagate at decoder scale 3 (1/8 of the input) on the 3-ways decoder; MTI-Net and CTAL-MS
+    supervise every scale's initial prediction with the final loss weight (sum, MTI-Net §3)."""
+    arch = cfg.model.arch
+    if arch == "3ways-padnet":
         return replace(cfg, model=replace(cfg.model, exchange_scales=(2,)))
+    if arch in ("pap-net", "ctal"):
+        return replace(cfg, model=replace(cfg.model, exchange_scales=(3,)))
+    if arch in ("mti-net", "ctal-ms"):
+        return replace(cfg, loss=replace(cfg.loss, intermediate="sum"))
     return cfg
 
 

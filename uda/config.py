@@ -15,8 +15,33 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 Task = Literal["semseg", "depth", "normals", "edges"]
-Arch = Literal["stl", "mtl", "padnet", "3ways-padnet", "mteb", "cross-stitch", "xtasc-unet", "xtasc-stl"]
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+Arch = Literal[
+    "stl",
+    "mtl",
+    "padnet",
+    "3ways-padnet",
+    "mteb",
+    "cross-stitch",
+    "pap-net",
+    "ctal",
+    "mti-net",
+    "ctal-ms",
+    "xtasc-unet",
+    "xtasc-stl",
+]
+# Dilated torchvision ResNets (output stride 16), and the multi-scale backbones (strides 4..32): HRNetV2
+# through timm, FPN on a plain ResNet.
+Backbone = Literal[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "hrnetv2-w18-small",
+    "hrnetv2-w18",
+    "hrnetv2-w48",
+    "fpn-resnet18",
+    "fpn-resnet50",
+]
 
 
 class ConfigError(ValueError):
@@ -43,6 +68,15 @@ class ModelConfig:
     cross_stitch_init: float = (
         0.9  # cross-stitch units' self weight at initialisation (1.0 = separate networks)
     )
+    # PAP-Net and CTAL: blend of the propagated features, out = gamma * propagated + (1 - gamma) * f (PAP-Net's
+    # and CTAL's 0.05); CTAL's fusion filter size f; PAP-Net's number of diffusion iterations.
+    affinity_gamma: float = 0.05
+    ctal_kernel: int = 3
+    pap_iterations: int = 1
+    # MTI-Net: tasks predicted in the front end only (deep supervision at every scale, no final prediction; its
+    # "(N)", "(N+E)" rows), and the feature propagation module between scales.
+    aux_tasks: tuple[str, ...] = ()
+    fpm: bool = True
     depth_output: Literal["inverse", "disparity"] = "inverse"  # linear d_far/d, or sigmoid disparity (SDE)
     output_scales: tuple[int, ...] | None = None  # side outputs; None = exchange scales + final scale 0
     # Initial raw depth output (inverse normalised depth d_far/d): 32.768 = 20 m with d_far = 655.36 m.
@@ -94,6 +128,9 @@ class LossConfig:
     weights: dict[str, float] = field(default_factory=dict)  # empty = the paper's preset for the task set
     d_far: float = 655.36  # inverse normalised depth g = d_far / d (metres)
     functions: dict[str, str] = field(default_factory=dict)  # loss per task, e.g. depth:l1 (default berhu)
+    # A task's intermediate-prediction losses: their mean added to the final one (DenseMTL Eq. 6), or their sum
+    # (MTI-Net: every scale's initial prediction with the final loss weight; its default).
+    intermediate: Literal["mean", "sum"] = "mean"
     # How the per-task losses (base weight x loss) are combined: fixed (the base weights alone), uncertainty
     # (Kendall et al. 2018), dwa (Liu et al. 2019, MTAN), gradnorm (Chen et al. 2018).
     weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm"] = "fixed"

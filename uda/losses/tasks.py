@@ -122,7 +122,8 @@ class MultiTaskLoss(nn.Module):
     configured intermediate scales present in the outputs for task t (Eq. 6 with S shared by all
     tasks when every task has the same scales). The released code averaged the final and intermediate
     terms, i.e. half of Eq. 6 with S = {1}; we implement Eq. 6 as written. Task losses are unitless.
-    `loss_fns` replaces the loss of some tasks (pred, label) -> scalar.
+    `loss_fns` replaces the loss of some tasks (pred, label) -> scalar. intermediate="sum" replaces the mean
+    over S_t by the sum (MTI-Net's deep supervision: every scale with the final weight).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class MultiTaskLoss(nn.Module):
         d_far: float = D_FAR,
         intermediate_scales: Sequence[int] = (1,),
         loss_fns: Mapping[str, Callable[[Tensor, Tensor], Tensor]] | None = None,
+        intermediate: str = "mean",
     ) -> None:
         super().__init__()
         self.loss_fns: dict[str, Callable[[Tensor, Tensor], Tensor]] = dict(TASK_LOSSES)
@@ -148,6 +150,9 @@ class MultiTaskLoss(nn.Module):
         self.tasks = tuple(tasks)
         self.weights = {t: float(weights[t]) for t in self.tasks}
         self.intermediate_scales = tuple(intermediate_scales)
+        if intermediate not in ("mean", "sum"):
+            raise ValueError(f"intermediate must be mean or sum, got {intermediate!r}")
+        self.reduce = torch.mean if intermediate == "mean" else torch.sum
 
     def task_terms(
         self,
@@ -186,7 +191,7 @@ class MultiTaskLoss(nn.Module):
             inter = [per_scale[s] for s in self.intermediate_scales if s in per_scale]
             terms[task] = [per_scale[0]] if 0 in per_scale else []
             if inter:
-                terms[task].append(torch.stack(inter).mean())
+                terms[task].append(self.reduce(torch.stack(inter)))
         return terms, zero, logs
 
     def forward(

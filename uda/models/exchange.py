@@ -5,6 +5,7 @@
   instances: one computing f_{j->i}, one computing f_{i->j}.
 - `MTEB`: multi-task exchange block (one XTAM per ordered task pair, fused into each task's features).
 - `PADNetDistillation`: PAD-Net's multi-modal distillation.
+- `CrossStitchExchange`: cross-stitch units (Misra et al.) mixing the task features.
 - `IdentityExchange`: no exchange (plain multi-task learning).
 
 A new block is one `ExchangeBlock` subclass registered in `EXCHANGE_BLOCKS`.
@@ -245,10 +246,52 @@ class PADNetDistillation(ExchangeBlock):
         return out
 
 
+class CrossStitchUnit(nn.Module):
+    """Cross-stitch unit (Misra et al., CVPR 2016): per channel c, x~_t = sum_s alpha[t, s, c] * x_s.
+
+    alpha starts at `self_weight` on the diagonal and (1 - self_weight) / (T - 1) elsewhere (the paper's best
+    initialisation is 0.9 / 0.1 for two tasks; 1.0 gives exactly the separate networks). Per-channel weights
+    follow the paper's channel-wise variant; it leaves open whether alpha is constrained (here: free).
+    """
+
+    def __init__(self, tasks: int, channels: int, self_weight: float = 0.9):
+        super().__init__()
+        other = (1.0 - self_weight) / max(1, tasks - 1)
+        alpha = torch.full((tasks, tasks, channels), other)
+        alpha[torch.arange(tasks), torch.arange(tasks)] = self_weight
+        self.alpha = nn.Parameter(alpha)
+
+    def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        """T maps [B,C,H,W] -> T mixed maps [B,C,H,W]."""
+        return [sum(a[:, None, None] * x for a, x in zip(self.alpha[t], xs)) for t in range(len(xs))]
+
+
+class CrossStitchExchange(ExchangeBlock):
+    """Cross-stitch units as an exchange block: one unit mixing the task features (per channel), as ATRC's
+    controlled comparison places them on a shared backbone (the same parameters as plain multi-task learning).
+    The self weight is model.cross_stitch_init."""
+
+    def __init__(self, tasks: Sequence[str], channels: int, self_weight: float = 0.9):
+        super().__init__(tasks, channels)
+        self._check_pairs()
+        self.unit = CrossStitchUnit(len(self.tasks), channels, self_weight)
+
+    @classmethod
+    def from_config(
+        cls, tasks: Sequence[str], channels: int, cfg: ModelConfig, scale: int
+    ) -> CrossStitchExchange:
+        return cls(tasks, channels, cfg.cross_stitch_init)
+
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """{task: [B,C,H,W]} -> mixed {task: [B,C,H,W]}."""
+        return dict(zip(self.tasks, self.unit([features[t] for t in self.tasks])))
+
+
 EXCHANGE_BLOCKS: dict[str, type[ExchangeBlock]] = {
     "none": IdentityExchange,
     "mteb": MTEB,
     "padnet": PADNetDistillation,
+    "cross-stitch": CrossStitchExchange,
 }
 
 

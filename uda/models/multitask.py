@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -23,12 +22,12 @@ from uda.config import ModelConfig
 from uda.models.backbone import ResNetEncoder
 from uda.models.checkpointing import enable_checkpointing
 from uda.models.decoder import ConvBlock, DeepLabDecoder, TaskDecoder, output_head
-from uda.models.exchange import EXCHANGE_BLOCKS, XTAM, PADNetDistillation
+from uda.models.exchange import EXCHANGE_BLOCKS, XTAM, CrossStitchUnit, PADNetDistillation
 
 Outputs = dict[str, dict[int, Tensor]]
 
 # Exchange block of each multi-task architecture built on the 3-ways decoder.
-EXCHANGE_OF_ARCH = {"mtl": "none", "3ways-padnet": "padnet", "mteb": "mteb"}
+EXCHANGE_OF_ARCH = {"mtl": "none", "3ways-padnet": "padnet", "mteb": "mteb", "pap-net": "pap", "ctal": "ctal"}
 
 # Architectures whose task decoder is chosen by cfg.decoder (the others have their own decoder design).
 DEEPLAB_ARCHS = ("stl", "mtl")
@@ -197,26 +196,6 @@ class STLModel(nn.Module):
         return [list(net.parameters()) for net in self.nets.values()]
 
 
-class CrossStitchUnit(nn.Module):
-    """Cross-stitch unit (Misra et al., CVPR 2016): per channel c, x~_t = sum_s alpha[t, s, c] * x_s.
-
-    alpha starts at `self_weight` on the diagonal and (1 - self_weight) / (T - 1) elsewhere (the paper's best
-    initialisation is 0.9 / 0.1 for two tasks; 1.0 gives exactly the separate networks). Per-channel weights
-    follow the paper's channel-wise variant; it leaves open whether alpha is constrained (here: free).
-    """
-
-    def __init__(self, tasks: int, channels: int, self_weight: float = 0.9):
-        super().__init__()
-        other = (1.0 - self_weight) / max(1, tasks - 1)
-        alpha = torch.full((tasks, tasks, channels), other)
-        alpha[torch.arange(tasks), torch.arange(tasks)] = self_weight
-        self.alpha = nn.Parameter(alpha)
-
-    def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
-        """T maps [B,C,H,W] -> T mixed maps [B,C,H,W]."""
-        return [sum(a[:, None, None] * x for a, x in zip(self.alpha[t], xs)) for t in range(len(xs))]
-
-
 class CrossStitchModel(nn.Module):
     """Cross-stitch networks: one network per task (encoder + 3-ways decoder, as STL), their encoder maps mixed by
     a cross-stitch unit after each of the five encoder stages (stem, layer1 .. layer4); each task then decodes its
@@ -317,16 +296,59 @@ ARCHS: dict[str, Callable[[Mapping[str, int], ModelConfig], nn.Module]] = {
     "mtl": MultiTaskModel,
     "3ways-padnet": MultiTaskModel,
     "mteb": MultiTaskModel,
+    "pap-net": MultiTaskModel,
+    "ctal": MultiTaskModel,
     "padnet": PADNet,
     "cross-stitch": CrossStitchModel,
     "xtasc-unet": XTasCUNet,
     "xtasc-stl": lambda tasks, cfg: STLModel(tasks, cfg, network=XTasCUNet),  # XTasC's Base ST-Net
 }
 
+# On a multi-scale backbone (HRNetV2, FPN): the exchange block each architecture puts on the task features of
+# MultiScaleModel (ATRC's controlled comparison), and the architectures that work across scales.
+MULTISCALE_EXCHANGE = {
+    "mtl": "none",
+    "padnet": "padnet",  # PAD-Net's distillation = MTI-Net's Eq. 1 at one scale (ATRC's "PAD-Net C")
+    "mteb": "mteb",
+    "cross-stitch": "cross-stitch",
+    "pap-net": "pap",
+    "ctal": "ctal",
+}
+ACROSS_SCALES = ("mti-net", "ctal-ms")
+
+
+def _build_multiscale(tasks: Mapping[str, int], cfg: ModelConfig) -> nn.Module:
+    from uda.models.multiscale import MultiScaleModel
+
+    if cfg.decoder == "deeplab":
+        raise ValueError(
+            f"model.decoder=deeplab is a head for dilated ResNets; model.backbone={cfg.backbone} takes the HRNet "
+            "head (upsample + concatenate every scale, 3x3 conv, 1x1 prediction); set model.decoder=3ways"
+        )
+    if cfg.arch == "stl":
+        return STLModel(tasks, cfg, network=lambda one, c: MultiScaleModel(one, c, "none"))
+    if cfg.arch in MULTISCALE_EXCHANGE:
+        return MultiScaleModel(tasks, cfg, MULTISCALE_EXCHANGE[cfg.arch])
+    if cfg.arch in ACROSS_SCALES:
+        from uda.models.mtinet import MTINet
+
+        return MTINet(tasks, cfg)
+    raise ValueError(
+        f"model.arch={cfg.arch} needs a dilated ResNet backbone (resnet18/34/50/101), not model.backbone="
+        f"{cfg.backbone}; on a multi-scale backbone choose one of stl, {', '.join(MULTISCALE_EXCHANGE)}, "
+        f"{', '.join(ACROSS_SCALES)}"
+    )
+
 
 def intermediate_scales(cfg: ModelConfig) -> tuple[int, ...]:
     """Scales of the intermediate predictions (taken before the exchange block) a model of cfg emits."""
+    from uda.models.multiscale import BACKBONE_SCALES, FEATURE_SCALE, is_multiscale
+
     check_decoder(cfg)
+    if is_multiscale(cfg.backbone):
+        if cfg.arch in ACROSS_SCALES:
+            return BACKBONE_SCALES  # every scale's initial prediction
+        return () if MULTISCALE_EXCHANGE.get(cfg.arch, "none") == "none" else (FEATURE_SCALE,)
     if cfg.decoder == "deeplab":
         return ()  # the DeepLab head has no decoder stage to take an intermediate prediction from
     if cfg.arch == "padnet":
@@ -337,12 +359,35 @@ def intermediate_scales(cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def build_model(cfg: ModelConfig, tasks: Mapping[str, int]) -> nn.Module:
-    """The network of cfg.arch for `tasks` (task -> output channels)."""
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    """The network of cfg.arch for `tasks` (task -> output channels) on cfg.backbone."""
+    from uda.models.multiscale import is_multiscale
+
+    if cfg.arch not in (*ARCHS, *ACROSS_SCALES):
+        raise ValueError(
+            f"unknown model.arch {cfg.arch!r}; choose one of {', '.join((*ARCHS, *ACROSS_SCALES))}"
+        )
     check_decoder(cfg)
-    model = ARCHS[cfg.arch](tasks, cfg)
+    if is_multiscale(cfg.backbone):
+        model = _build_multiscale(tasks, cfg)
+    elif cfg.arch in ACROSS_SCALES:
+        raise ValueError(
+            f"model.arch={cfg.arch} works across the scales of a multi-scale backbone; set model.backbone to one "
+            "of hrnetv2-w18-small, hrnetv2-w18, hrnetv2-w48, fpn-resnet18, fpn-resnet50"
+        )
+    else:
+        model = ARCHS[cfg.arch](tasks, cfg)
     if cfg.checkpointing:
         # Encoder blocks, decoder stages (3-ways, DeepLab, PAD-Net) and xTAM: the memory of a step's activations.
-        enable_checkpointing(model, (BasicBlock, Bottleneck, ConvBlock, ASPP, XTAM))
+        enable_checkpointing(model, (BasicBlock, Bottleneck, ConvBlock, ASPP, XTAM, *_timm_blocks(cfg)))
     return model
+
+
+def _timm_blocks(cfg: ModelConfig) -> tuple[type[nn.Module], ...]:
+    """The residual blocks of timm's HRNet (checkpointed as the ResNet ones), if the backbone is one."""
+    from uda.models.multiscale import HRNETS
+
+    if cfg.backbone not in HRNETS:
+        return ()
+    from timm.models.hrnet import HighResolutionModule
+
+    return (HighResolutionModule,)

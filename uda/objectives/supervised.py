@@ -36,6 +36,7 @@ class Supervised(Objective):
             d_far=run.space.d_far,
             intermediate_scales=run.intermediate_scales,
             loss_fns=fns,
+            intermediate=cfg.intermediate,
         )
 
     def loss(self, step: Step) -> Terms:

@@ -1,0 +1,182 @@
+"""Multi-scale backbones (HRNetV2 through timm, FPN on ResNet) and the multi-task models on them.
+
+A multi-scale backbone maps an RGB batch [B,3,H,W] in [0,1] to four maps at strides 4, 8, 16, 32 (output
+scales 2..5 in the `{task: {scale: tensor}}` convention). `MultiScaleModel` is the single-scale setting of
+ATRC's controlled comparison (Bruggemann et al. 2021, Table 1): all four maps are upsampled to stride 4 and
+concatenated; per task a 3x3 conv + BN + ReLU reduces them to a quarter of the channels (the task features,
+67 channels on HRNetV2-W18); an exchange block works on those features (`{task: feature} -> {task: feature}`:
+none, PAD-Net/MTI-Net distillation, mTEB, PAP, CTAL, cross-stitch units); a 1x1 conv predicts, and the
+prediction is upsampled bilinearly to the input size. With that head the parameter counts of ATRC's Table 1
+come out (single task 16.09 M, multi-task 4.52 M, PAD-Net C 5.50 M on HRNetV2-W18-small, four NYUD-v2 tasks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uda.config import ModelConfig
+from uda.models.backbone import _IMAGENET_MEAN, _IMAGENET_STD, PretrainedWeightsError, ResNetEncoder
+from uda.models.decoder import output_head
+
+# Our backbone name -> timm model name (HRNetV2: the plain branch outputs, feature_location="").
+HRNETS = {
+    "hrnetv2-w18-small": "hrnet_w18_small_v2",
+    "hrnetv2-w18": "hrnet_w18",
+    "hrnetv2-w48": "hrnet_w48",
+}
+# FPN on a plain (undilated) torchvision ResNet: name -> ResNet name.
+FPNS = {"fpn-resnet18": "resnet18", "fpn-resnet50": "resnet50"}
+MULTISCALE_BACKBONES = (*HRNETS, *FPNS)
+
+# Output scale of each backbone map: strides 4, 8, 16, 32.
+BACKBONE_SCALES = (2, 3, 4, 5)
+# Scale of the task features of MultiScaleModel (stride 4) and of its intermediate predictions.
+FEATURE_SCALE = 2
+FPN_CHANNELS = 256  # Panoptic FPN's width
+
+
+def is_multiscale(backbone: str) -> bool:
+    """Whether `backbone` names a multi-scale backbone (HRNetV2, FPN) rather than a dilated ResNet."""
+    return backbone in MULTISCALE_BACKBONES
+
+
+class HRNetBackbone(nn.Module):
+    """HRNetV2 from timm: the four branch outputs (strides 4..32; W18: 18, 36, 72, 144 channels).
+
+    Weights: ImageNet through timm (Hugging Face hub or its cache) with pretrained=True, a local timm
+    checkpoint with weights_path (the classification model's state dict; the head is dropped), none otherwise.
+    """
+
+    def __init__(self, name: str, pretrained: bool = False, weights_path: str | None = None):
+        super().__init__()
+        import timm
+
+        kwargs = {"features_only": True, "feature_location": "", "out_indices": (1, 2, 3, 4)}
+        if weights_path is not None:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights_path)}
+        try:
+            self.net = timm.create_model(
+                HRNETS[name], pretrained=pretrained or weights_path is not None, **kwargs
+            )
+        except Exception as exc:  # noqa: BLE001 - offline hub, missing or foreign file: the same fix
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            where = f"model.weights_path={weights_path}" if weights_path else "the Hugging Face hub"
+            raise PretrainedWeightsError(
+                f"cannot load {name} ImageNet weights from {where} ({reason}); pass a local timm "
+                f"{HRNETS[name]} checkpoint with model.weights_path=/path/{HRNETS[name]}.pth (or .safetensors), "
+                "or train without them with model.pretrained=false"
+            ) from None
+        self.channels: list[int] = list(self.net.feature_info.channels())
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: Tensor) -> list[Tensor]:
+        """image [B,3,H,W] in [0,1] -> four maps at strides 4, 8, 16, 32."""
+        return self.net((image - self.mean) / self.std)
+
+
+class FPNBackbone(nn.Module):
+    """Feature pyramid network (Lin et al. 2017; torchvision's FeaturePyramidNetwork) on a plain ResNet:
+    layer1..layer4 (strides 4..32) -> four maps of 256 channels. ImageNet weights as ResNetEncoder's."""
+
+    def __init__(self, name: str, pretrained: bool = False, weights_path: str | None = None):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+
+        self.encoder = ResNetEncoder(FPNS[name], pretrained, weights_path, dilated=False)
+        self.fpn = FeaturePyramidNetwork(self.encoder.channels[1:], FPN_CHANNELS)
+        self.channels = [FPN_CHANNELS] * 4
+
+    def forward(self, image: Tensor) -> list[Tensor]:
+        """image [B,3,H,W] in [0,1] -> four maps at strides 4, 8, 16, 32 (256 channels)."""
+        maps = self.encoder(image)[1:]
+        return list(self.fpn({str(k): m for k, m in enumerate(maps)}).values())
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The multi-scale backbone of cfg.backbone (HRNetV2 or FPN), with `channels` of its four maps."""
+    if cfg.backbone in HRNETS:
+        return HRNetBackbone(cfg.backbone, cfg.pretrained, cfg.weights_path)
+    if cfg.backbone in FPNS:
+        return FPNBackbone(cfg.backbone, cfg.pretrained, cfg.weights_path)
+    raise ValueError(f"{cfg.backbone!r} is not a multi-scale backbone; choose one of {MULTISCALE_BACKBONES}")
+
+
+def upsample_concat(maps: Sequence[Tensor]) -> Tensor:
+    """Bilinearly upsample every map to the size of the first and concatenate them along channels."""
+    size = maps[0].shape[-2:]
+    ups = [
+        m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear", align_corners=False)
+        for m in maps
+    ]
+    return torch.cat(ups, dim=1)
+
+
+def task_features(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv (no bias: BN follows) + BN + ReLU: ATRC's per-task feature head F_n."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear upsampling of a prediction to the input size."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class MultiScaleModel(nn.Module):
+    """Shared multi-scale backbone, the HRNet head per task, one exchange block on the task features.
+
+    backbone maps -> upsample to stride 4 + concat (sum of channels) -> per task 3x3 conv+BN+ReLU to a quarter of
+    them -> exchange block (kind `exchange`) -> 1x1 conv -> bilinear to the input size (scale 0). When there is
+    an exchange block, a 1x1 conv on the task features before it gives the intermediate prediction at scale 2
+    (stride 4), deeply supervised as PAD-Net's initial predictions.
+    """
+
+    def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, exchange: str = "none"):
+        super().__init__()
+        from uda.models.exchange import EXCHANGE_BLOCKS
+        from uda.models.multitask import _head_bias, _sigmoid_head
+
+        self.tasks = tuple(tasks)
+        self.backbone = build_backbone(cfg)
+        fused = sum(self.backbone.channels)
+        width = fused // 4
+        self.width = width
+        self.features = nn.ModuleDict({t: task_features(fused, width) for t in self.tasks})
+        self.exchange = EXCHANGE_BLOCKS[exchange].from_config(self.tasks, width, cfg, FEATURE_SCALE)
+        self.intermediate = exchange != "none"
+        heads = lambda: nn.ModuleDict(  # noqa: E731
+            {t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg)) for t, n in tasks.items()}
+        )
+        self.head = heads()
+        self.initial_head = heads() if self.intermediate else nn.ModuleDict()
+
+    def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
+        """image [B,3,H,W] in [0,1] -> {task: {0: [B,C,H,W]}} (+ {2: [B,C,H/4,W/4]} with an exchange block)."""
+        fused = upsample_concat(self.backbone(image))
+        x = {t: self.features[t](fused) for t in self.tasks}
+        out: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
+        if self.intermediate:
+            for t in self.tasks:
+                out[t][FEATURE_SCALE] = self.initial_head[t](x[t])
+        x = self.exchange(x)
+        for t in self.tasks:
+            out[t][0] = upsample_to(self.head[t](x[t]), image.shape[-2:])
+        return out
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": backbone parameters, "decoder": heads and the exchange block}."""
+        from uda.models.multitask import _split_params
+
+        return _split_params(self, [self.backbone])
+
+    def shared_layer(self, task: str) -> list[nn.Parameter]:
+        """The last layer every task shares: the weight of the backbone's last convolution."""
+        return [[m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)][-1].weight]
