@@ -1,7 +1,11 @@
 """Supervised multi-task learning on Virtual KITTI 2, 14 classes, 1024x320.
 
-    accelerate launch recipes/vkitti2.py [--toy] [--tasks SD|SDN|SDNE] [--model stl|mtl|padnet|3ways-padnet|mteb]
+    accelerate launch recipes/vkitti2.py [--toy] [--tasks SD|SDN|SDNE] [--model M]
                                        [--data-root D] [--out O] [key=value ...]
+
+Models M: stl, mtl, padnet, 3ways-padnet, mteb, cross-stitch, pap-net, ctal on the dilated ResNets
+(model.backbone=resnet18..101); stl, mtl, padnet, mteb, cross-stitch, pap-net, ctal, mti-net, ctal-ms on the
+multi-scale backbones (model.backbone=hrnetv2-w18-small|hrnetv2-w18|hrnetv2-w48|fpn-resnet18|fpn-resnet50).
 
 Shared options (see --help): --seed S, --batch-size N, --mixed-precision auto|no|fp16|bf16, --resume,
 --config FILE (rebuild a run from its config.json), --print-config, --debug.

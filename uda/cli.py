@@ -613,13 +613,17 @@ def check_imagenet_weights(cfg: ExperimentConfig) -> None:
     if model.weights_path is not None:
         if not Path(model.weights_path).is_file():
             raise PreflightError(
-                f"{model.weights_path}: no such file (model.weights_path); pass a torchvision ImageNet state dict "
-                "(.pth), or set model.pretrained=false model.weights_path=none"
+                f"{model.weights_path}: no such file (model.weights_path); pass the backbone's ImageNet state dict "
+                "(torchvision .pth; timm .pth or .safetensors for HRNet), or set model.pretrained=false model.weights_path=none"
             )
         return
     if not model.pretrained:
         return
-    backbones = [model.backbone]
+    from uda.models.multiscale import FPNS, HRNETS
+
+    if model.backbone in HRNETS and os.environ.get("LOCAL_RANK", "0") == "0":
+        check_timm_weights(model.backbone)
+    backbones = [] if model.backbone in HRNETS else [FPNS.get(model.backbone, model.backbone)]
     if cfg.photometric is not None and cfg.photometric.pose_backbone not in backbones:
         backbones.append(cfg.photometric.pose_backbone)
     for backbone in backbones:
@@ -636,6 +640,18 @@ def check_imagenet_weights(cfg: ExperimentConfig) -> None:
                 f"there (from {url}; or set TORCH_HOME), pass model.weights_path=/path/{path.name}, or train "
                 "without them with model.pretrained=false"
             ) from None
+
+
+def check_timm_weights(backbone: str) -> None:
+    """Fetch the timm ImageNet weights of an HRNet backbone into the Hugging Face cache now (the model built
+    later reads them from there), or stop with the fix."""
+    from uda.models.backbone import PretrainedWeightsError
+    from uda.models.multiscale import HRNetBackbone
+
+    try:
+        HRNetBackbone(backbone, pretrained=True)
+    except PretrainedWeightsError as exc:
+        raise PreflightError(str(exc)) from None
 
 
 def debug_enabled(debug: bool = False) -> bool:

@@ -240,8 +240,15 @@ def task_channels(tasks: tuple[str, ...], num_classes: int) -> dict[str, int]:
 
 
 def to_predictions(outputs: Mapping[str, Mapping[int, Tensor]], scale: int, space: OutputSpace) -> dict:
-    """Network outputs at one scale -> predictions in sample units: logits, metres, unit normals, edge prob."""
-    return {t: TASK_DEFS[t].predict(per[scale].float(), space) for t, per in outputs.items()}
+    """Network outputs at one scale -> predictions in sample units: logits, metres, unit normals, edge prob.
+    Tasks without an output at that scale (MTI-Net's auxiliary tasks have no final prediction) are left out."""
+    return {t: TASK_DEFS[t].predict(per[scale].float(), space) for t, per in outputs.items() if scale in per}
+
+
+def evaluated_tasks(cfg) -> tuple[str, ...]:
+    """The tasks of an ExperimentConfig that are evaluated: all but those predicted in the front end only
+    (model.aux_tasks)."""
+    return tuple(t for t in cfg.tasks if t not in cfg.model.aux_tasks)
 
 
 def output_space(cfg, num_classes: int) -> OutputSpace:

@@ -11,6 +11,7 @@ import torch
 from uda.data.loader import eval_loader
 from uda.evaluate import evaluate, protocol, write_report
 from uda.runlog import validation_progress
+from uda.tasks import evaluated_tasks
 from uda.visualize import save_prediction_images
 
 
@@ -18,6 +19,7 @@ def validate_run(trainer, final: bool = False) -> dict[str, Any]:
     """Evaluate on the validation split (the target's in UDA) and write metrics, report, curves and images."""
     acc, cfg = trainer.accelerator, trainer.cfg
     results, protocols, images = {}, {}, []
+    evaluated = evaluated_tasks(cfg)
     model = acc.unwrap_model(trainer.model)
     if acc.num_processes > 1:
         # After a training step each process holds its own BatchNorm statistics (DDP broadcasts rank 0's
@@ -35,7 +37,7 @@ def validate_run(trainer, final: bool = False) -> dict[str, Any]:
         dataset = trainer.data.dataset(
             data,
             data.val_split,
-            trainer.tasks,
+            evaluated,
             train=False,
             domain=domain,
             labels_native=eval_cfg.label_resolution,
@@ -46,7 +48,7 @@ def validate_run(trainer, final: bool = False) -> dict[str, Any]:
         def write_images(batch, preds, prefix=prefix):
             if acc.is_main_process:
                 paths = save_prediction_images(
-                    trainer.out / "images", prefix, batch, preds, trainer.tasks, trainer.label_set
+                    trainer.out / "images", prefix, batch, preds, evaluated, trainer.label_set
                 )
                 images.extend(str(p.relative_to(trainer.out)) for p in paths)
 
@@ -57,7 +59,7 @@ def validate_run(trainer, final: bool = False) -> dict[str, Any]:
         results[name] = evaluate(
             model,
             validation_progress(loader, f"validate {name}", total, acc.is_main_process),
-            trainer.tasks,
+            evaluated,
             eval_cfg,
             trainer.space,
             reduce=lambda s: acc.reduce(s, "sum"),

@@ -240,13 +240,13 @@ def run(args: argparse.Namespace) -> dict:
     from uda.data.streams import RunData
     from uda.evaluate import evaluate, find_checkpoint, load_trained_model, protocol, write_report
     from uda.hardware import make_accelerator
-    from uda.tasks import output_space
+    from uda.tasks import evaluated_tasks, output_space
     from uda.visualize import save_prediction_images
 
     find_checkpoint(args.run)  # a missing run or checkpoint fails before the data is looked at
     cfg, model, ckpt = load_trained_model(args.run)
     data, eval_cfg, domain, flagged = resolve(cfg, args)
-    tasks = tuple(cfg.tasks)
+    tasks = evaluated_tasks(cfg)  # front-end-only tasks (model.aux_tasks) have no final prediction
     dataset = RunData(cfg, [[], []]).dataset(
         data, data.val_split, tasks, train=False, domain=domain, labels_native=eval_cfg.label_resolution
     )

@@ -74,6 +74,10 @@ class HRNetBackbone(nn.Module):
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    def last_layer(self) -> list[nn.Parameter]:
+        """The weight of the last convolution of the last stage (the multi-resolution fusion)."""
+        return [[m for m in self.net.stage4.modules() if isinstance(m, nn.Conv2d)][-1].weight]
+
     def forward(self, image: Tensor) -> list[Tensor]:
         """image [B,3,H,W] in [0,1] -> four maps at strides 4, 8, 16, 32."""
         return self.net((image - self.mean) / self.std)
@@ -90,6 +94,10 @@ class FPNBackbone(nn.Module):
         self.encoder = ResNetEncoder(FPNS[name], pretrained, weights_path, dilated=False)
         self.fpn = FeaturePyramidNetwork(self.encoder.channels[1:], FPN_CHANNELS)
         self.channels = [FPN_CHANNELS] * 4
+
+    def last_layer(self) -> list[nn.Parameter]:
+        """The weights of the FPN's output convolutions (each map's last layer, shared by every task)."""
+        return [block[0].weight for block in self.fpn.layer_blocks]
 
     def forward(self, image: Tensor) -> list[Tensor]:
         """image [B,3,H,W] in [0,1] -> four maps at strides 4, 8, 16, 32 (256 channels)."""
@@ -145,8 +153,8 @@ class MultiScaleModel(nn.Module):
         from uda.models.multitask import _head_bias, _sigmoid_head
 
         self.tasks = tuple(tasks)
-        self.backbone = build_backbone(cfg)
-        fused = sum(self.backbone.channels)
+        self.encoder = build_backbone(cfg)  # named as the ResNet models' (STLModel reads it)
+        fused = sum(self.encoder.channels)
         width = fused // 4
         self.width = width
         self.features = nn.ModuleDict({t: task_features(fused, width) for t in self.tasks})
@@ -160,7 +168,7 @@ class MultiScaleModel(nn.Module):
 
     def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
         """image [B,3,H,W] in [0,1] -> {task: {0: [B,C,H,W]}} (+ {2: [B,C,H/4,W/4]} with an exchange block)."""
-        fused = upsample_concat(self.backbone(image))
+        fused = upsample_concat(self.encoder(image))
         x = {t: self.features[t](fused) for t in self.tasks}
         out: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
         if self.intermediate:
@@ -175,8 +183,8 @@ class MultiScaleModel(nn.Module):
         """{"backbone": backbone parameters, "decoder": heads and the exchange block}."""
         from uda.models.multitask import _split_params
 
-        return _split_params(self, [self.backbone])
+        return _split_params(self, [self.encoder])
 
     def shared_layer(self, task: str) -> list[nn.Parameter]:
-        """The last layer every task shares: the weight of the backbone's last convolution."""
-        return [[m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)][-1].weight]
+        """The last layer every task shares (the backbone's last convolution), e.g. for GradNorm."""
+        return self.encoder.last_layer()
