@@ -287,11 +287,15 @@ class CrossStitchExchange(ExchangeBlock):
         return dict(zip(self.tasks, self.unit([features[t] for t in self.tasks])))
 
 
+from uda.models.affinity import CTAL, PAPPropagation  # noqa: E402 - they subclass ExchangeBlock above
+
 EXCHANGE_BLOCKS: dict[str, type[ExchangeBlock]] = {
     "none": IdentityExchange,
     "mteb": MTEB,
     "padnet": PADNetDistillation,
     "cross-stitch": CrossStitchExchange,
+    "pap": PAPPropagation,
+    "ctal": CTAL,
 }
 
 
