@@ -74,7 +74,7 @@ def test_outputs_at_every_scale(trained):
     assert isinstance(model, MTINet) and intermediate_scales(cfg) == SCALES
     assert _shapes(outputs) == _expected(TASKS, TASKS)
     # Eq. 1 at every scale on that scale's backbone width (18, 36, 72, 144).
-    for s, c in zip(SCALES, model.backbone.channels):
+    for s, c in zip(SCALES, model.encoder.channels):
         block = model.distill[str(s)]
         assert isinstance(block, PADNetDistillation) and block.channels == c
     assert sorted(model.fpm) == ["3", "4", "5"]  # propagated from 1/32, 1/16, 1/8 to the next finer scale
@@ -85,10 +85,10 @@ def test_gradients_reach_every_parameter(trained):
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    for part in ("backbone", "task_layers", "initial_head", "distill", "fpm", "features", "head"):
+    for part in ("encoder", "task_layers", "initial_head", "distill", "fpm", "features", "head"):
         assert any(p.grad.abs().sum() > 0 for p in getattr(model, part).parameters()), part
     groups = model.param_groups()
-    assert {id(p) for p in groups["backbone"]} == {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in groups["backbone"]} == {id(p) for p in model.encoder.parameters()}
     assert len(groups["backbone"]) + len(groups["decoder"]) == len(list(model.parameters()))
     (shared,) = model.shared_layer("depth")
     assert any(shared is p for p in groups["backbone"])
@@ -165,7 +165,7 @@ def test_fpn_backbone():
     torch.manual_seed(0)
     tasks = {"semseg": 5, "depth": 1}
     model = build_model(dataclasses.replace(_cfg(), backbone="fpn-resnet18"), tasks)
-    assert model.backbone.channels == [256] * 4
+    assert model.encoder.channels == [256] * 4
     with torch.no_grad():
         outputs = model(_batch(4)["image"])
     assert _shapes(outputs) == _expected(tasks, tasks)
@@ -178,7 +178,10 @@ def test_ctal_ms():
     cfg = dataclasses.replace(_cfg(), arch="ctal-ms")
     tasks = {"semseg": 5, "depth": 1}  # two tasks: the HW x HW affinities at stride 4 are the slow part
     model = build_model(cfg, tasks)
-    assert all(isinstance(model.distill[str(s)], EXCHANGE_BLOCKS["ctal"]) for s in SCALES)
+    # As the released MEMANet: MTI-Net's front end and FPM, no per-scale distillation, one CTAL block on the
+    # aggregated task features (67 channels on HRNetV2-W18-small: a quarter of 18 + 36 + 72 + 144).
+    assert len(model.distill) == 0 and sorted(model.fpm) == ["3", "4", "5"]
+    assert isinstance(model.aggregated, EXCHANGE_BLOCKS["ctal"]) and model.aggregated.channels == 67
     outputs, total, _ = _step(model, cfg, seed=5, tasks=tasks)
     assert _shapes(outputs) == _expected(tasks, tasks) and torch.isfinite(total)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

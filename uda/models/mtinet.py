@@ -9,7 +9,7 @@ What the paper fixes (§2.3-2.5, §3):
   features, then a prediction layer: the initial prediction at that scale (deep supervision);
 - per scale, multi-modal distillation across tasks, Eq. 1:
   F^o_k = F^i_k + sum_{l != k} sigma(W_{k,l} F^i_l) * (W'_{k,l} F^i_l) (the registered "padnet" exchange block,
-  3x3 convs without bias); arch "ctal-ms" puts the registered "ctal" block (CTAL) there instead;
+  3x3 convs without bias);
 - a feature propagation module (FPM) from each scale to the next finer one, on the task features of the coarser
   scale (Fig. 2): harmonisation (concatenate the N task features, a learnable non-linear f = two basic residual
   blocks that reduce channels aggressively + a 1x1 conv back to N*C, split into N chunks of C, softmax over the
@@ -20,6 +20,11 @@ What the paper fixes (§2.3-2.5, §3):
 - feature aggregation: the distilled features of all scales upsampled to the finest scale and concatenated per
   task, then decoded per task into the final prediction;
 - auxiliary tasks are predicted in the front end only, at every scale (the "(N)", "(N+E)" rows of Tab. 4).
+
+Arch "ctal-ms" is CTAL's multi-scale variant as the authors' released code builds it (EMA-Net, MEMANet; the seed
+holds only CTAL's appendix): MTI-Net's front end (per-scale initial predictions, FPM) without the per-scale
+distillation, the scales aggregated per task, then one CTAL block (the registered "ctal" exchange block) across
+the main tasks on the aggregated task features at stride 4, then the prediction.
 
 What was chosen where the paper is silent:
 - task-specific layers: torchvision `BasicBlock`s giving C_s channels (the backbone's channels at scale s); the
@@ -61,7 +66,9 @@ from uda.models.decoder import output_head
 from uda.models.multiscale import BACKBONE_SCALES, build_backbone, task_features, upsample_concat, upsample_to
 
 # Exchange block (distillation at every scale) of each architecture built here.
-DISTILLATION_OF_ARCH = {"mti-net": "padnet", "ctal-ms": "ctal"}
+# Exchange block at every scale (distillation) and on the aggregated features, per architecture built here.
+DISTILLATION_OF_ARCH = {"mti-net": "padnet", "ctal-ms": None}
+AGGREGATED_EXCHANGE_OF_ARCH = {"mti-net": None, "ctal-ms": "ctal"}
 HARMONISATION_REDUCTION = 4  # f reduces the N*C concatenated channels to N*C/4 (authors' code)
 SE_REDUCTION = 16  # squeeze-and-excitation ratio r (Hu et al.; authors' code)
 _PROBE_SIZE = 8  # spatial size of the construction-time probe of the exchange blocks
@@ -154,7 +161,7 @@ def _freeze_unused(block: nn.Module, tasks: Sequence[str], main: Sequence[str], 
 
 
 class MTINet(nn.Module):
-    """MTI-Net on a multi-scale backbone; arch "ctal-ms": CTAL in place of the distillation at every scale.
+    """MTI-Net on a multi-scale backbone; arch "ctal-ms": CTAL once on the aggregated features, no distillation.
 
     forward(image [B,3,H,W] in [0,1]) -> {task: {s: [B,C_task,H/2^s,W/2^s] for s in 2..5}} for every task, plus
     {0: [B,C_task,H,W]} for the main tasks (those not in cfg.aux_tasks).
@@ -167,11 +174,8 @@ class MTINet(nn.Module):
 
         if cfg.arch not in DISTILLATION_OF_ARCH:
             raise ValueError(f"MTINet builds model.arch {' or '.join(DISTILLATION_OF_ARCH)}, not {cfg.arch}")
-        kind = DISTILLATION_OF_ARCH[cfg.arch]
-        if kind not in EXCHANGE_BLOCKS:
-            raise ValueError(
-                f"model.arch={cfg.arch} needs the {kind!r} exchange block, which is not registered"
-            )
+        kind = DISTILLATION_OF_ARCH[cfg.arch] or "none"
+        aggregated = AGGREGATED_EXCHANGE_OF_ARCH[cfg.arch] or "none"
         self.tasks = tuple(tasks)
         unknown = [t for t in cfg.aux_tasks if t not in self.tasks]
         if unknown:
@@ -184,8 +188,8 @@ class MTINet(nn.Module):
                 "tasks have no final prediction"
             )
         self.fpm_enabled = cfg.fpm
-        self.backbone = build_backbone(cfg)
-        channels = dict(zip(BACKBONE_SCALES, self.backbone.channels))
+        self.encoder = build_backbone(cfg)
+        channels = dict(zip(BACKBONE_SCALES, self.encoder.channels))
         self.scales = tuple(sorted(BACKBONE_SCALES, reverse=True))  # coarse to fine
         coarsest = self.scales[0]
 
@@ -202,17 +206,19 @@ class MTINet(nn.Module):
             inputs = c + (channels[s + 1] if cfg.fpm and s != coarsest else 0)
             self.task_layers[str(s)] = nn.ModuleDict({t: residual_blocks(inputs, c) for t in self.tasks})
             self.initial_head[str(s)] = nn.ModuleDict({t: head(t, c) for t in self.tasks})
-            self.distill[str(s)] = block.from_config(self.tasks, c, cfg, s)
-            _freeze_unused(self.distill[str(s)], self.tasks, self.main_tasks, c)
+            if kind != "none":
+                self.distill[str(s)] = block.from_config(self.tasks, c, cfg, s)
+                _freeze_unused(self.distill[str(s)], self.tasks, self.main_tasks, c)
             if cfg.fpm and s != self.scales[-1]:
                 self.fpm[str(s)] = FeaturePropagation(self.tasks, c)
         fused = sum(channels.values())
         self.features = nn.ModuleDict({t: task_features(fused, fused // 4) for t in self.main_tasks})
+        self.aggregated = EXCHANGE_BLOCKS[aggregated].from_config(self.main_tasks, fused // 4, cfg, 2)
         self.head = nn.ModuleDict({t: head(t, fused // 4) for t in self.main_tasks})
 
     def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
         """image [B,3,H,W] in [0,1] -> {task: {scale: prediction}} (see the class docstring)."""
-        maps = dict(zip(BACKBONE_SCALES, self.backbone(image)))
+        maps = dict(zip(BACKBONE_SCALES, self.encoder(image)))
         out: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
         distilled: dict[int, dict[str, Tensor]] = {}
         propagated: dict[str, Tensor] | None = None
@@ -228,19 +234,23 @@ class MTINet(nn.Module):
             x = {t: self.task_layers[str(s)][t](inputs[t]) for t in self.tasks}
             for t in self.tasks:
                 out[t][s] = self.initial_head[str(s)][t](x[t])
-            distilled[s] = self.distill[str(s)](x)
+            distilled[s] = self.distill[str(s)](x) if str(s) in self.distill else x
             propagated = self.fpm[str(s)](x) if str(s) in self.fpm else None
+        features = {
+            t: self.features[t](upsample_concat([distilled[s][t] for s in sorted(self.scales)]))
+            for t in self.main_tasks
+        }
+        features = self.aggregated(features)
         for t in self.main_tasks:
-            fused = upsample_concat([distilled[s][t] for s in sorted(self.scales)])
-            out[t][0] = upsample_to(self.head[t](self.features[t](fused)), image.shape[-2:])
+            out[t][0] = upsample_to(self.head[t](features[t]), image.shape[-2:])
         return out
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """{"backbone": backbone parameters, "decoder": task layers, FPMs, distillation and heads}."""
         from uda.models.multitask import _split_params
 
-        return _split_params(self, [self.backbone])
+        return _split_params(self, [self.encoder])
 
     def shared_layer(self, task: str) -> list[nn.Parameter]:
-        """The last layer every task shares: the weight of the backbone's last convolution."""
-        return [[m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)][-1].weight]
+        """The last layer every task shares (the backbone's last convolution), e.g. for GradNorm."""
+        return self.encoder.last_layer()
