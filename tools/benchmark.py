@@ -85,6 +85,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from uda.cli import TASK_SETS  # noqa: E402
+from uda.commands.model_stats import count_macs  # noqa: E402
 from uda.config import Backbone, ModelConfig  # noqa: E402
 from uda.hardware import proc_status_mib  # noqa: E402
 from uda.losses import MultiTaskLoss, default_task_weights  # noqa: E402
@@ -217,28 +218,6 @@ def synthetic_batch(tasks, batch: int, size: tuple[int, int], classes: int, devi
     if "edges" in tasks:
         out["edges"] = (torch.rand(batch, 1, h, w, device=device) > 0.9).float()
     return out
-
-
-def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """Flops of softmax(Q K^T) V for [B,H,Nq,D] queries and [B,H,Nk,D] keys / [B,H,Nk,Dv] values."""
-    b, h, nq, d = query_shape
-    nk, dv = key_shape[-2], value_shape[-1]
-    return 2 * b * h * nq * nk * (d + dv)
-
-
-def count_macs(forward) -> float:
-    """Multiply-adds of one call of `forward` (no grad): FlopCounterMode's flops / 2. Its registry lacks the CPU
-    flash-attention kernel that scaled_dot_product_attention takes on CPU, so that one is added here."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mapping = {}
-    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_attention is not None:
-        mapping[cpu_attention] = _attention_flops
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with torch.no_grad(), counter:
-        forward()
-    return counter.get_total_flops() / 2
 
 
 def n_params(*modules) -> int:
