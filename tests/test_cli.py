@@ -56,6 +56,22 @@ def test_missing_data_root(tmp_path, capsys, no_training):
     assert not out.exists()
 
 
+def test_model_that_does_not_fit_the_backbone(roots, tmp_path, capsys, no_training):
+    """Found while building the config (exit 2), before the data is looked at: arch and backbone, aux tasks."""
+    out = tmp_path / "run"
+    line = one_line_exit(capsys, ["--data-root", roots, "--out", out, "--model", "mti-net"], code=2)
+    assert line.startswith(
+        "error: model.arch=mti-net works across the scales of a multi-scale backbone; set "
+    ), line
+    argv = ["--data-root", roots, "--out", out, "--model", "mti-net", "model.backbone=hrnetv2-w18-small"]
+    line = one_line_exit(capsys, [*argv, "model.aux_tasks=normals"], code=2)
+    assert (
+        line
+        == "error: model.aux_tasks ['normals'] are not tasks of this run ('semseg', 'depth'); remove them"
+    )
+    assert not out.exists()
+
+
 def test_dataset_folder_without_its_layout(roots, tmp_path, capsys, no_training):
     out = tmp_path / "run"
     line = one_line_exit(capsys, ["--data-root", roots, "--out", out])

@@ -218,6 +218,21 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
     return parser
 
 
+def check_model(cfg: ExperimentConfig) -> None:
+    """The architecture fits the backbone and its options (model.arch, model.backbone, model.aux_tasks, ...)."""
+    from uda.models.multitask import check_model_config
+
+    try:
+        check_model_config(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    unknown = [t for t in cfg.model.aux_tasks if t not in cfg.tasks]
+    if unknown:
+        raise ConfigError(
+            f"model.aux_tasks {unknown} are not tasks of this run {tuple(cfg.tasks)}; remove them"
+        )
+
+
 def check_label_sets(cfg: ExperimentConfig) -> None:
     """Unknown label set names are configuration errors (caught before anything is built)."""
     from uda.data.labels import get_label_set
@@ -295,6 +310,7 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
         cfg = with_consistency(cfg, args.consistency)
     cfg = apply_overrides(cfg, option_overrides(args, cfg.target is not None) + list(args.overrides))
     check_label_sets(cfg)
+    check_model(cfg)
     if args.toy:
         datasets = [d.dataset for d in (cfg.data, cfg.target) if d is not None]
         ensure_toy_data(Path(root), datasets, sequences=cfg.photometric is not None)

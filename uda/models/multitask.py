@@ -320,31 +320,50 @@ ACROSS_SCALES = ("mti-net", "ctal-ms")
 def _build_multiscale(tasks: Mapping[str, int], cfg: ModelConfig) -> nn.Module:
     from uda.models.multiscale import MultiScaleModel
 
-    if cfg.decoder == "deeplab":
-        raise ValueError(
-            f"model.decoder=deeplab is a head for dilated ResNets; model.backbone={cfg.backbone} takes the HRNet "
-            "head (upsample + concatenate every scale, 3x3 conv, 1x1 prediction); set model.decoder=3ways"
-        )
     if cfg.arch == "stl":
         return STLModel(tasks, cfg, network=lambda one, c: MultiScaleModel(one, c, "none"))
     if cfg.arch in MULTISCALE_EXCHANGE:
         return MultiScaleModel(tasks, cfg, MULTISCALE_EXCHANGE[cfg.arch])
-    if cfg.arch in ACROSS_SCALES:
-        from uda.models.mtinet import MTINet
+    from uda.models.mtinet import MTINet
 
-        return MTINet(tasks, cfg)
-    raise ValueError(
-        f"model.arch={cfg.arch} needs a dilated ResNet backbone (resnet18/34/50/101), not model.backbone="
-        f"{cfg.backbone}; on a multi-scale backbone choose one of stl, {', '.join(MULTISCALE_EXCHANGE)}, "
-        f"{', '.join(ACROSS_SCALES)}"
-    )
+    return MTINet(tasks, cfg)
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raise ValueError (naming the keys and the fix) unless cfg.arch can be built on cfg.backbone with its
+    options. Multi-scale backbones take the HRNet head whatever cfg.decoder says (the recipes of the paper's
+    tables set the DeepLab head for stl/mtl on the dilated ResNets)."""
+    from uda.models.multiscale import MULTISCALE_BACKBONES, is_multiscale
+
+    known = (*ARCHS, *ACROSS_SCALES)
+    if cfg.arch not in known:
+        raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {', '.join(known)}")
+    if cfg.aux_tasks and cfg.arch not in ACROSS_SCALES:
+        raise ValueError(
+            f"model.aux_tasks (tasks predicted in the front end only) applies to model.arch "
+            f"{' or '.join(ACROSS_SCALES)}, not {cfg.arch}; remove it"
+        )
+    if is_multiscale(cfg.backbone):
+        if cfg.arch != "stl" and cfg.arch not in MULTISCALE_EXCHANGE and cfg.arch not in ACROSS_SCALES:
+            raise ValueError(
+                f"model.arch={cfg.arch} needs a dilated ResNet backbone (resnet18/34/50/101), not model.backbone="
+                f"{cfg.backbone}; on a multi-scale backbone choose one of stl, {', '.join(MULTISCALE_EXCHANGE)}, "
+                f"{', '.join(ACROSS_SCALES)}"
+            )
+        return
+    if cfg.arch in ACROSS_SCALES:
+        raise ValueError(
+            f"model.arch={cfg.arch} works across the scales of a multi-scale backbone; set model.backbone to one "
+            f"of {', '.join(MULTISCALE_BACKBONES)}"
+        )
+    check_decoder(cfg)
 
 
 def intermediate_scales(cfg: ModelConfig) -> tuple[int, ...]:
     """Scales of the intermediate predictions (taken before the exchange block) a model of cfg emits."""
     from uda.models.multiscale import BACKBONE_SCALES, FEATURE_SCALE, is_multiscale
 
-    check_decoder(cfg)
+    check_model_config(cfg)
     if is_multiscale(cfg.backbone):
         if cfg.arch in ACROSS_SCALES:
             return BACKBONE_SCALES  # every scale's initial prediction
@@ -362,20 +381,8 @@ def build_model(cfg: ModelConfig, tasks: Mapping[str, int]) -> nn.Module:
     """The network of cfg.arch for `tasks` (task -> output channels) on cfg.backbone."""
     from uda.models.multiscale import is_multiscale
 
-    if cfg.arch not in (*ARCHS, *ACROSS_SCALES):
-        raise ValueError(
-            f"unknown model.arch {cfg.arch!r}; choose one of {', '.join((*ARCHS, *ACROSS_SCALES))}"
-        )
-    check_decoder(cfg)
-    if is_multiscale(cfg.backbone):
-        model = _build_multiscale(tasks, cfg)
-    elif cfg.arch in ACROSS_SCALES:
-        raise ValueError(
-            f"model.arch={cfg.arch} works across the scales of a multi-scale backbone; set model.backbone to one "
-            "of hrnetv2-w18-small, hrnetv2-w18, hrnetv2-w48, fpn-resnet18, fpn-resnet50"
-        )
-    else:
-        model = ARCHS[cfg.arch](tasks, cfg)
+    check_model_config(cfg)
+    model = _build_multiscale(tasks, cfg) if is_multiscale(cfg.backbone) else ARCHS[cfg.arch](tasks, cfg)
     if cfg.checkpointing:
         # Encoder blocks, decoder stages (3-ways, DeepLab, PAD-Net) and xTAM: the memory of a step's activations.
         enable_checkpointing(model, (BasicBlock, Bottleneck, ConvBlock, ASPP, XTAM, *_timm_blocks(cfg)))
