@@ -131,16 +131,12 @@ def test_aux_tasks_are_front_end_only():
     outputs, total, logs = _step(model, cfg, seed=2)
     assert _shapes(outputs) == _expected(TASKS, ("semseg", "depth"))
     assert "loss/normals/s0" not in logs and all(f"loss/normals/s{s}" in logs for s in SCALES)
-    # Normals still feed the distillation of the main tasks (Eq. 1, l over every task); the block's parameters
-    # that serve only the dropped normals outputs are frozen, every trainable one gets a gradient.
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen and all(n.startswith("distill.") and "_to_normals." in n for n in frozen)
-    assert all(
-        model.distill["2"].gates[f"normals_to_{t}"].feature.weight.requires_grad for t in ("semseg", "depth")
-    )
-    assert all(
-        p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
-    )
+    # Normals still feed the distillation of the main tasks (Eq. 1, l over every task) but receive none: no gate
+    # into normals exists, and every parameter gets a finite gradient.
+    gates = model.distill["2"].gates
+    assert {f"normals_to_{t}" for t in ("semseg", "depth")} <= set(gates)
+    assert not any(name.endswith("_to_normals") for name in gates)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("aux", [("edges",), tuple(TASKS)])

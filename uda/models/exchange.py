@@ -228,22 +228,26 @@ class MTEB(ExchangeBlock):
 
 
 class PADNetDistillation(ExchangeBlock):
-    """PAD-Net multi-modal distillation: out_t = f_t + sum_{a != t} F_f(f_a) * sigmoid(F_m(f_a)) (C -> C)."""
+    """PAD-Net multi-modal distillation: out_t = f_t + sum_{a != t} F_f(f_a) * sigmoid(F_m(f_a)) (C -> C).
 
-    def __init__(self, tasks: Sequence[str], channels: int):
+    `targets` (default: every task) are the tasks distilled into; the others only send messages and come out
+    unchanged (MTI-Net's auxiliary tasks, which have no final prediction)."""
+
+    def __init__(self, tasks: Sequence[str], channels: int, targets: Sequence[str] | None = None):
         super().__init__(tasks, channels)
         self._check_pairs()
+        self.targets = self.tasks if targets is None else tuple(t for t in self.tasks if t in targets)
         self.gates = nn.ModuleDict(
-            {_pair(a, t): SpatialGate(channels, channels) for t in self.tasks for a in self.tasks if a != t}
+            {_pair(a, t): SpatialGate(channels, channels) for t in self.targets for a in self.tasks if a != t}
         )
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """{task: [B,C,H,W]} -> distilled {task: [B,C,H,W]}."""
-        out = {}
-        for t in self.tasks:
+        out = dict(features)
+        for t in self.targets:
             messages = [self.gates[_pair(a, t)](features[a]) for a in self.tasks if a != t]
             out[t] = features[t] + torch.stack(messages).sum(0)
-        return out
+        return {t: out[t] for t in self.tasks}
 
 
 class CrossStitchUnit(nn.Module):

@@ -47,10 +47,9 @@ What was chosen where the paper is silent:
   prediction, bilinear to the input size. The paper's "two convolutional layers" for HRNet; it is used on FPN
   too (the paper decodes FPN as Panoptic FPN);
 - auxiliary tasks (model.aux_tasks) take part in the FPM and in the distillation as sources only (Eq. 1 for
-  k in the main tasks, l over every task), as the authors' code: the exchange block is built over every task and
-  its outputs for auxiliary tasks are dropped; its parameters that serve only those outputs (found by a probe at
-  construction) are frozen (requires_grad False), so that no trainable parameter goes without a gradient
-  (DistributedDataParallel) and the optimiser skips them. Auxiliary tasks have no scale-0 prediction.
+  k in the main tasks, l over every task), as the authors' code: the distillation has no gates into them
+  (`PADNetDistillation(targets=main tasks)`), so every parameter serves a prediction. Auxiliary tasks have no
+  scale-0 prediction.
 """
 
 from __future__ import annotations
@@ -66,12 +65,11 @@ from uda.models.decoder import output_head
 from uda.models.multiscale import BACKBONE_SCALES, build_backbone, task_features, upsample_concat, upsample_to
 
 # Exchange block (distillation at every scale) of each architecture built here.
-# Exchange block at every scale (distillation) and on the aggregated features, per architecture built here.
-DISTILLATION_OF_ARCH = {"mti-net": "padnet", "ctal-ms": None}
+# Whether each architecture built here distils (Eq. 1) at every scale, and its block on the aggregated features.
+DISTILLATION_OF_ARCH = {"mti-net": True, "ctal-ms": False}
 AGGREGATED_EXCHANGE_OF_ARCH = {"mti-net": None, "ctal-ms": "ctal"}
 HARMONISATION_REDUCTION = 4  # f reduces the N*C concatenated channels to N*C/4 (authors' code)
 SE_REDUCTION = 16  # squeeze-and-excitation ratio r (Hu et al.; authors' code)
-_PROBE_SIZE = 8  # spatial size of the construction-time probe of the exchange blocks
 
 
 def residual_blocks(in_channels: int, channels: int, blocks: int = 2) -> nn.Sequential:
@@ -139,27 +137,6 @@ class FeaturePropagation(nn.Module):
         return {t: features[t] + self.se[t](shared) for t in self.tasks}
 
 
-def _freeze_unused(block: nn.Module, tasks: Sequence[str], main: Sequence[str], channels: int) -> None:
-    """Freeze the parameters of an exchange block that no main task's output depends on (they serve only the
-    dropped auxiliary outputs). A structural probe: one forward in eval mode on constant features, no RNG."""
-    params = [p for p in block.parameters() if p.requires_grad]
-    if not params or len(main) == len(tasks):
-        return
-    training = block.training
-    block.eval()
-    try:
-        with torch.enable_grad():
-            probe = {t: torch.ones(1, channels, _PROBE_SIZE, _PROBE_SIZE) for t in tasks}
-            out = block(probe)
-            total = torch.stack([out[t].sum() for t in main]).sum()
-            grads = torch.autograd.grad(total, params, allow_unused=True)
-    finally:
-        block.train(training)
-    for p, g in zip(params, grads):
-        if g is None:
-            p.requires_grad_(False)
-
-
 class MTINet(nn.Module):
     """MTI-Net on a multi-scale backbone; arch "ctal-ms": CTAL once on the aggregated features, no distillation.
 
@@ -169,12 +146,12 @@ class MTINet(nn.Module):
 
     def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig):
         super().__init__()
-        from uda.models.exchange import EXCHANGE_BLOCKS
+        from uda.models.exchange import EXCHANGE_BLOCKS, PADNetDistillation
         from uda.models.multitask import _head_bias, _sigmoid_head
 
         if cfg.arch not in DISTILLATION_OF_ARCH:
             raise ValueError(f"MTINet builds model.arch {' or '.join(DISTILLATION_OF_ARCH)}, not {cfg.arch}")
-        kind = DISTILLATION_OF_ARCH[cfg.arch] or "none"
+        distill = DISTILLATION_OF_ARCH[cfg.arch]
         aggregated = AGGREGATED_EXCHANGE_OF_ARCH[cfg.arch] or "none"
         self.tasks = tuple(tasks)
         unknown = [t for t in cfg.aux_tasks if t not in self.tasks]
@@ -200,15 +177,13 @@ class MTINet(nn.Module):
         self.initial_head = nn.ModuleDict()
         self.distill = nn.ModuleDict()
         self.fpm = nn.ModuleDict()
-        block = EXCHANGE_BLOCKS[kind]
         for s in self.scales:
             c = channels[s]
             inputs = c + (channels[s + 1] if cfg.fpm and s != coarsest else 0)
             self.task_layers[str(s)] = nn.ModuleDict({t: residual_blocks(inputs, c) for t in self.tasks})
             self.initial_head[str(s)] = nn.ModuleDict({t: head(t, c) for t in self.tasks})
-            if kind != "none":
-                self.distill[str(s)] = block.from_config(self.tasks, c, cfg, s)
-                _freeze_unused(self.distill[str(s)], self.tasks, self.main_tasks, c)
+            if distill:  # auxiliary tasks send messages (Eq. 1, l over every task) but receive none
+                self.distill[str(s)] = PADNetDistillation(self.tasks, c, targets=self.main_tasks)
             if cfg.fpm and s != self.scales[-1]:
                 self.fpm[str(s)] = FeaturePropagation(self.tasks, c)
         fused = sum(channels.values())
