@@ -11,12 +11,14 @@ import os
 import re
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from uda.config import (
+    Arch,
     ConfigError,
     ConsistencyConfig,
     DataConfig,
@@ -29,20 +31,7 @@ from uda.config import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_ROOT = REPO_ROOT / "datasets" / "toy"
-MODELS = (
-    "stl",
-    "mtl",
-    "padnet",
-    "3ways-padnet",
-    "mteb",
-    "cross-stitch",
-    "pap-net",
-    "ctal",
-    "mti-net",
-    "ctal-ms",
-    "xtasc-unet",
-    "xtasc-stl",
-)
+MODELS = typing.get_args(Arch)  # --model choices: every architecture
 
 # The toy schedule: small backbone, small images, a few hundred steps on 2 CPU cores.
 TOY_OVERRIDES = [
