@@ -844,17 +844,23 @@ def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{name}/{k}": v for name, metrics in results.items() for k, v in metrics.items()}
 
 
-def close(a: float, b: float) -> bool:
-    return (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=1e-15)
+def close(a: float, b: float, rel: float = 1e-12) -> bool:
+    return (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, rel=rel, abs=1e-15)
 
 
-# One launch set covers the supervised terms, learnt task weights and a joint objective network (consistency).
+# One launch set covers the supervised terms, learnt task weights and a joint objective network (consistency);
+# another a multi-scale model (timm HRNet backbone, deep supervision at four scales, FPM). `rel`: the tolerance of
+# the float sums. The ResNet model's per-image outputs are bitwise equal whether an image is evaluated in a batch
+# of 5 or a shard of 3 or 2; HRNet's convolutions pick batch-size dependent kernels, ~1e-9 apart.
 @pytest.mark.parametrize(
-    "objectives",
-    [["--consistency", "consistency", "loss.weighting=uncertainty"]],
-    ids=["consistency+uncertainty"],
+    "objectives, rel",
+    [
+        (["--consistency", "consistency", "loss.weighting=uncertainty"], 1e-12),
+        (["--model", "mti-net", "model.backbone=hrnetv2-w18-small"], 1e-7),
+    ],
+    ids=["consistency+uncertainty", "mti-net-hrnet"],
 )
-def test_two_processes_train_resume_and_evaluate_like_one(objectives, toy_root, tmp_path, monkeypatch):
+def test_two_processes_train_resume_and_evaluate_like_one(objectives, rel, toy_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = [
         "recipes/synthia.py",
@@ -913,12 +919,12 @@ def test_two_processes_train_resume_and_evaluate_like_one(objectives, toy_root, 
             if key.endswith(("confusion", "count", "images", "hist")):
                 assert np.array_equal(a, b), key
             else:
-                assert np.allclose(a, b, rtol=1e-12, atol=0), key
+                assert np.allclose(a, b, rtol=rel, atol=0), key
     flat1, flat2 = (flatten(e["results"]) for e in (one, two))
-    assert flat1.keys() == flat2.keys() and all(close(flat1[k], flat2[k]) for k in flat1)
+    assert flat1.keys() == flat2.keys() and all(close(flat1[k], flat2[k], rel) for k in flat1)
     # The resumed 2-process run's own final validation of that checkpoint reported the same numbers.
     final = flatten(json.loads((out / "metrics.json").read_text())["results"])
-    assert final.keys() == flat2.keys() and all(close(final[k], flat2[k]) for k in final)
+    assert final.keys() == flat2.keys() and all(close(final[k], flat2[k], rel) for k in final)
 
 
 def test_sync_batchnorm_option(toy_root, tmp_path):
