@@ -23,6 +23,7 @@ from uda.config import (
     ConsistencyConfig,
     DataConfig,
     ExperimentConfig,
+    LabelContextConfig,
     apply_overrides,
     keys_help,
     load_config,
@@ -359,7 +360,8 @@ def model_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
     """Per-architecture defaults (before the user's overrides): 3-ways PAD-Net distils at decoder scale 2, where
     the authors' PadnetPlus places its block (mTEB sits at scale 1); PAP-Net and CTAL, whose affinities are N x N
     in the tokens, propagate at decoder scale 3 (1/8 of the input) on the 3-ways decoder; MTI-Net and CTAL-MS
-    supervise every scale's initial prediction with the final loss weight (sum, MTI-Net §3)."""
+    supervise every scale's initial prediction with the final loss weight (sum, MTI-Net §3), as ATRC + FPM does;
+    the ATRC archs supervise their auxiliary label-context predictions (label_context section)."""
     arch = cfg.model.arch
     if arch == "3ways-padnet":
         return replace(cfg, model=replace(cfg.model, exchange_scales=(2,)))
@@ -367,6 +369,10 @@ def model_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
         return replace(cfg, model=replace(cfg.model, exchange_scales=(3,)))
     if arch in ("mti-net", "ctal-ms"):
         return replace(cfg, loss=replace(cfg.loss, intermediate="sum"))
+    if arch == "atrc-fpm":
+        return replace(cfg, loss=replace(cfg.loss, intermediate="sum"), label_context=LabelContextConfig())
+    if arch == "atrc":
+        return replace(cfg, label_context=LabelContextConfig())
     return cfg
 
 

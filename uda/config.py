@@ -26,6 +26,8 @@ Arch = Literal[
     "ctal",
     "mti-net",
     "ctal-ms",
+    "atrc",
+    "atrc-fpm",
     "xtasc-unet",
     "xtasc-stl",
 ]
@@ -85,6 +87,15 @@ class ModelConfig:
     # Activation checkpointing of the encoder blocks, decoder stages and exchange attention: their activations
     # are recomputed in the backward pass (less memory for large inputs, about a third more compute).
     checkpointing: bool = False
+    # ATRC (atrc, atrc-fpm): the context of every CP block, one of global, local, tlabel, slabel, none (the
+    # fixed-context baselines of ATRC's Table 1), or a JSON file {"<target>": {"<source>": "<context>"}} (a
+    # searched architecture). Label spaces of the auxiliary predictions: depth in atrc_depth_bins log-scale bins
+    # (range: label_context.depth_range); normals: the centroids of normal_clusters (a JSON file written by
+    # uda-normal-clusters) or, without one, atrc_normal_clusters Fibonacci-sphere directions.
+    atrc_contexts: str = "global"
+    atrc_depth_bins: int = 40
+    normal_clusters: str | None = None
+    atrc_normal_clusters: int = 40
 
 
 @dataclass
@@ -274,6 +285,26 @@ class ConsistencyConfig:
 
 
 @dataclass
+class LabelContextConfig:
+    """ATRC's auxiliary label-context supervision: cross-entropy of each task's auxiliary prediction (outputs
+    [task]["aux"]) against its discretised labels (semseg classes, log-scale depth bins, nearest normal
+    centroid, edge / no edge), attributed to the task (its task weight applies, as the authors' code adds the
+    aux losses to each task's loss). Set by default for the ATRC architectures."""
+
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ()
+    NEEDS_TARGET: ClassVar[bool] = False
+
+    weight: float = 1.0  # factor on every aux cross-entropy (the authors' code: 1)
+    # Log-scale depth bins between these depths (metres); beyond them the end bins. 0.5-80 m spans the driving
+    # datasets up to the evaluation cap (eval.max_depth 80); NYUD-v2 (<= 10 m) may set (0.5, 10.0).
+    depth_range: tuple[float, float] = (0.5, 80.0)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.depth_range[0] < self.depth_range[1]:
+            raise ConfigError(f"label_context.depth_range={self.depth_range}: must be 0 < min < max")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run: tasks, model, data, objective, optimisation, evaluation."""
 
@@ -287,6 +318,7 @@ class ExperimentConfig:
     adapt: AdaptConfig | None = None  # None = no adversarial adaptation
     photometric: PhotometricConfig | None = None  # None = depth (if any) is supervised
     consistency: ConsistencyConfig | None = None  # None = no cross-task consistency
+    label_context: LabelContextConfig | None = None  # ATRC's aux label supervision (set for atrc archs)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -307,6 +339,7 @@ OBJECTIVE_SECTIONS: dict[str, type] = {
     "adapt": AdaptConfig,
     "photometric": PhotometricConfig,
     "consistency": ConsistencyConfig,
+    "label_context": LabelContextConfig,
 }
 
 

@@ -26,6 +26,10 @@ holds only CTAL's appendix): MTI-Net's front end (per-scale initial predictions,
 distillation, the scales aggregated per task, then one CTAL block (the registered "ctal" exchange block) across
 the main tasks on the aggregated task features at stride 4, then the prediction.
 
+Arch "atrc-fpm" is ATRC + FPM (Bruggemann et al. 2021, Tables 2-4): the same front end without per-scale
+distillation, the ATRC module (uda.models.atrc) on the aggregated task features of the main tasks, its auxiliary
+heads on the detached concatenated backbone maps (stride 4); their logits leave as outputs[task]["aux"].
+
 What was chosen where the paper is silent:
 - task-specific layers: torchvision `BasicBlock`s giving C_s channels (the backbone's channels at scale s); the
   first has a 1x1 conv + BN projection shortcut when its input width differs (the FPM's propagated features add
@@ -66,8 +70,9 @@ from uda.models.multiscale import BACKBONE_SCALES, build_backbone, task_features
 
 # Exchange block (distillation at every scale) of each architecture built here.
 # Whether each architecture built here distils (Eq. 1) at every scale, and its block on the aggregated features.
-DISTILLATION_OF_ARCH = {"mti-net": True, "ctal-ms": False}
-AGGREGATED_EXCHANGE_OF_ARCH = {"mti-net": None, "ctal-ms": "ctal"}
+DISTILLATION_OF_ARCH = {"mti-net": True, "ctal-ms": False, "atrc-fpm": False}
+# "atrc": the ATRC module (uda.models.atrc.ATRCHead, with its auxiliary heads on the detached backbone input).
+AGGREGATED_EXCHANGE_OF_ARCH = {"mti-net": None, "ctal-ms": "ctal", "atrc-fpm": "atrc"}
 HARMONISATION_REDUCTION = 4  # f reduces the N*C concatenated channels to N*C/4 (authors' code)
 SE_REDUCTION = 16  # squeeze-and-excitation ratio r (Hu et al.; authors' code)
 
@@ -138,7 +143,8 @@ class FeaturePropagation(nn.Module):
 
 
 class MTINet(nn.Module):
-    """MTI-Net on a multi-scale backbone; arch "ctal-ms": CTAL once on the aggregated features, no distillation.
+    """MTI-Net on a multi-scale backbone; arch "ctal-ms": CTAL once on the aggregated features, no distillation;
+    arch "atrc-fpm": the ATRC module there instead (plus {"aux": logits} for the tasks a label context needs).
 
     forward(image [B,3,H,W] in [0,1]) -> {task: {s: [B,C_task,H/2^s,W/2^s] for s in 2..5}} for every task, plus
     {0: [B,C_task,H,W]} for the main tasks (those not in cfg.aux_tasks).
@@ -188,6 +194,12 @@ class MTINet(nn.Module):
                 self.fpm[str(s)] = FeaturePropagation(self.tasks, c)
         fused = sum(channels.values())
         self.features = nn.ModuleDict({t: task_features(fused, fused // 4) for t in self.main_tasks})
+        self.atrc = None
+        if aggregated == "atrc":
+            from uda.models.atrc import ATRCHead
+
+            self.atrc = ATRCHead(self.main_tasks, fused // 4, fused, cfg, tasks.get("semseg"))
+            aggregated = "none"
         self.aggregated = EXCHANGE_BLOCKS[aggregated].from_config(self.main_tasks, fused // 4, cfg, 2)
         self.head = nn.ModuleDict({t: head(t, fused // 4) for t in self.main_tasks})
 
@@ -216,6 +228,12 @@ class MTINet(nn.Module):
             for t in self.main_tasks
         }
         features = self.aggregated(features)
+        if self.atrc is not None:
+            from uda.models.atrc import AUX_KEY
+
+            features, aux = self.atrc(features, upsample_concat([maps[s] for s in BACKBONE_SCALES]))
+            for t, a in aux.items():
+                out[t][AUX_KEY] = a
         for t in self.main_tasks:
             out[t][0] = upsample_to(self.head[t](features[t]), image.shape[-2:])
         return out

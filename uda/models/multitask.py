@@ -314,7 +314,9 @@ MULTISCALE_EXCHANGE = {
     "pap-net": "pap",
     "ctal": "ctal",
 }
-ACROSS_SCALES = ("mti-net", "ctal-ms")
+ACROSS_SCALES = ("mti-net", "ctal-ms", "atrc-fpm")
+# Architectures with their own head on a multi-scale backbone (no exchange block of MultiScaleModel).
+MULTISCALE_ONLY = ("atrc",)
 
 
 def _build_multiscale(tasks: Mapping[str, int], cfg: ModelConfig) -> nn.Module:
@@ -324,6 +326,10 @@ def _build_multiscale(tasks: Mapping[str, int], cfg: ModelConfig) -> nn.Module:
         return STLModel(tasks, cfg, network=lambda one, c: MultiScaleModel(one, c, "none"))
     if cfg.arch in MULTISCALE_EXCHANGE:
         return MultiScaleModel(tasks, cfg, MULTISCALE_EXCHANGE[cfg.arch])
+    if cfg.arch == "atrc":
+        from uda.models.atrc import ATRCModel
+
+        return ATRCModel(tasks, cfg)
     from uda.models.mtinet import MTINet
 
     return MTINet(tasks, cfg)
@@ -335,7 +341,7 @@ def check_model_config(cfg: ModelConfig) -> None:
     tables set the DeepLab head for stl/mtl on the dilated ResNets)."""
     from uda.models.multiscale import MULTISCALE_BACKBONES, is_multiscale
 
-    known = (*ARCHS, *ACROSS_SCALES)
+    known = (*ARCHS, *ACROSS_SCALES, *MULTISCALE_ONLY)
     if cfg.arch not in known:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {', '.join(known)}")
     if cfg.aux_tasks and cfg.arch not in ACROSS_SCALES:
@@ -344,14 +350,14 @@ def check_model_config(cfg: ModelConfig) -> None:
             f"{' or '.join(ACROSS_SCALES)}, not {cfg.arch}; remove it"
         )
     if is_multiscale(cfg.backbone):
-        if cfg.arch != "stl" and cfg.arch not in MULTISCALE_EXCHANGE and cfg.arch not in ACROSS_SCALES:
+        multiscale = (*MULTISCALE_EXCHANGE, *ACROSS_SCALES, *MULTISCALE_ONLY)
+        if cfg.arch != "stl" and cfg.arch not in multiscale:
             raise ValueError(
                 f"model.arch={cfg.arch} needs a dilated ResNet backbone (resnet18/34/50/101), not model.backbone="
-                f"{cfg.backbone}; on a multi-scale backbone choose one of stl, {', '.join(MULTISCALE_EXCHANGE)}, "
-                f"{', '.join(ACROSS_SCALES)}"
+                f"{cfg.backbone}; on a multi-scale backbone choose one of stl, {', '.join(multiscale)}"
             )
         return
-    if cfg.arch in ACROSS_SCALES:
+    if cfg.arch in ACROSS_SCALES or cfg.arch in MULTISCALE_ONLY:
         raise ValueError(
             f"model.arch={cfg.arch} works across the scales of a multi-scale backbone; set model.backbone to one "
             f"of {', '.join(MULTISCALE_BACKBONES)}"
@@ -367,6 +373,7 @@ def intermediate_scales(cfg: ModelConfig) -> tuple[int, ...]:
     if is_multiscale(cfg.backbone):
         if cfg.arch in ACROSS_SCALES:
             return BACKBONE_SCALES  # every scale's initial prediction
+        # atrc: no prediction before the ATRC module (the authors' code has none)
         return () if MULTISCALE_EXCHANGE.get(cfg.arch, "none") == "none" else (FEATURE_SCALE,)
     if cfg.decoder == "deeplab":
         return ()  # the DeepLab head has no decoder stage to take an intermediate prediction from
