@@ -55,6 +55,21 @@ def test_shapes_and_gradients(arch):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_fpn_task_features_are_panoptic_fpn():
+    """FPN backbones decode as Panoptic FPN's semantic branch (MTI-Net's FPN rows): 1, 1, 2, 3 conv stages from
+    strides 4, 8, 16, 32 to stride 4, summed, 128 channels; HRNet keeps the concatenation head."""
+    from uda.models.multiscale import ConcatHead, PanopticFPNHead
+
+    model = build_model(_cfg(arch="mtl", backbone="fpn-resnet18"), SMALL)
+    head = model.features["semseg"]
+    assert isinstance(head, PanopticFPNHead) and head.width == 128
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in branch.modules()) for branch in head.branches]
+    assert convs == [1, 1, 2, 3]
+    maps = model.encoder(torch.rand(1, 3, 64, 128))
+    assert head(maps).shape == (1, 128, 16, 32)
+    assert isinstance(build_model(_cfg(arch="mtl"), SMALL).features["semseg"], ConcatHead)
+
+
 def test_stl_is_one_network_per_task():
     model = build_model(_cfg(arch="stl"), SMALL)
     out = model(torch.rand(1, 3, 64, 128))

@@ -8,6 +8,8 @@ concatenated; per task a 3x3 conv + BN + ReLU reduces them to a quarter of the c
 none, PAD-Net/MTI-Net distillation, mTEB, PAP, CTAL, cross-stitch units); a 1x1 conv predicts, and the
 prediction is upsampled bilinearly to the input size. With that head the parameter counts of ATRC's Table 1
 come out (single task 16.09 M, multi-task 4.52 M, PAD-Net C 5.50 M on HRNetV2-W18-small, four NYUD-v2 tasks).
+On the FPN backbones the task features come from Panoptic FPN's semantic branch instead (128 channels), as
+MTI-Net decodes its FPN rows (`task_head`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,53 @@ def task_features(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+class ConcatHead(nn.Module):
+    """The HRNet decoding of the literature (HRNetV2; MTI-Net, ATRC): every map upsampled bilinearly to the
+    first's size (stride 4) and concatenated, then 3x3 conv + BN + ReLU to a quarter of the channels."""
+
+    def __init__(self, channels: Sequence[int]):
+        super().__init__()
+        self.width = sum(channels) // 4
+        self.conv = task_features(sum(channels), self.width)
+
+    def forward(self, maps: Sequence[Tensor]) -> Tensor:
+        """Four maps (strides 4..32) -> [B, width, H/4, W/4]."""
+        return self.conv(upsample_concat(maps))
+
+
+class PanopticFPNHead(nn.Module):
+    """The semantic branch of Panoptic FPN (Kirillov et al. 2019), how MTI-Net decodes its FPN backbones: per
+    map, stages of 3x3 conv + GroupNorm(32) + ReLU (+ bilinear x2 upsampling) until stride 4 (one stage at
+    stride 4 and 8, two at 16, three at 32), summed; 128 channels."""
+
+    def __init__(self, channels: Sequence[int], width: int = 128):
+        super().__init__()
+        self.width = width
+        branches = []
+        for k, c in enumerate(channels):
+            stages, inputs = [], c
+            for _ in range(max(1, k)):
+                stages += [nn.Conv2d(inputs, width, 3, padding=1, bias=False), nn.GroupNorm(32, width)]
+                stages += [nn.ReLU(inplace=True)]
+                if k > 0:
+                    stages.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                inputs = width
+            branches.append(nn.Sequential(*stages))
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, maps: Sequence[Tensor]) -> Tensor:
+        """Four maps (strides 4..32) -> [B, width, H/4, W/4] (the sum of the branches)."""
+        size = maps[0].shape[-2:]
+        out = [branch(m) for branch, m in zip(self.branches, maps)]
+        return torch.stack([o if o.shape[-2:] == size else upsample_to(o, size) for o in out]).sum(0)
+
+
+def task_head(backbone: str, channels: Sequence[int]) -> ConcatHead | PanopticFPNHead:
+    """The per-task decoding of the four maps of `backbone` into stride-4 task features (`.width` channels):
+    Panoptic FPN's semantic branch on FPN backbones, the HRNet concatenation head otherwise."""
+    return PanopticFPNHead(channels) if backbone in FPNS else ConcatHead(channels)
+
+
 def upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinear upsampling of a prediction to the input size."""
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
@@ -141,8 +190,8 @@ def upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
 class MultiScaleModel(nn.Module):
     """Shared multi-scale backbone, the HRNet head per task, one exchange block on the task features.
 
-    backbone maps -> upsample to stride 4 + concat (sum of channels) -> per task 3x3 conv+BN+ReLU to a quarter of
-    them -> exchange block (kind `exchange`) -> 1x1 conv -> bilinear to the input size (scale 0). When there is
+    backbone maps -> per task `task_head` (HRNet: upsample to stride 4 + concat, 3x3 conv+BN+ReLU to a quarter
+    of the channels; FPN: Panoptic FPN's semantic branch, 128 channels) -> exchange block (kind `exchange`) -> 1x1 conv -> bilinear to the input size (scale 0). When there is
     an exchange block, a 1x1 conv on the task features before it gives the intermediate prediction at scale 2
     (stride 4), deeply supervised as PAD-Net's initial predictions.
     """
@@ -154,10 +203,8 @@ class MultiScaleModel(nn.Module):
 
         self.tasks = tuple(tasks)
         self.encoder = build_backbone(cfg)  # named as the ResNet models' (STLModel reads it)
-        fused = sum(self.encoder.channels)
-        width = fused // 4
-        self.width = width
-        self.features = nn.ModuleDict({t: task_features(fused, width) for t in self.tasks})
+        self.features = nn.ModuleDict({t: task_head(cfg.backbone, self.encoder.channels) for t in self.tasks})
+        width = self.width = self.features[self.tasks[0]].width
         self.exchange = EXCHANGE_BLOCKS[exchange].from_config(self.tasks, width, cfg, FEATURE_SCALE)
         self.intermediate = exchange != "none"
         heads = lambda: nn.ModuleDict(  # noqa: E731
@@ -168,8 +215,8 @@ class MultiScaleModel(nn.Module):
 
     def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
         """image [B,3,H,W] in [0,1] -> {task: {0: [B,C,H,W]}} (+ {2: [B,C,H/4,W/4]} with an exchange block)."""
-        fused = upsample_concat(self.encoder(image))
-        x = {t: self.features[t](fused) for t in self.tasks}
+        maps = self.encoder(image)
+        x = {t: self.features[t](maps) for t in self.tasks}
         out: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
         if self.intermediate:
             for t in self.tasks:
