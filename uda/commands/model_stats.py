@@ -15,6 +15,11 @@ rows with our parameter counts come out 1-2 % below the paper's multiply-adds (t
 backbone counts 2 % less); 480 x 640 gives +26 %, 448 x 576 +6 %, and 448 x 544 (2.4 % more pixels than
 425 x 560) lands within 1 % by that offset.
 
+Variant rows (e.g. atrc-local = arch atrc with model.atrc_contexts=local) are ATRC's fixed-context baselines;
+plain "atrc" takes the default context (global). "atrc-searched" (ATRC's searched architecture) is n/a: it needs
+the context search's JSON file. The ATRC rows count 4.73 M (global, local) and 5.06 M (T-label, S-label: their
+auxiliary heads) as the paper.
+
 An arch that cannot be built on the backbone (e.g. 3ways-padnet needs a dilated ResNet) is listed as skipped
 with the reason; one whose code is not in this version (an ImportError or an unknown exchange block) as
 "n/a (not available)". Usage errors print one line `error: ...` and exit 2; an unexpected failure while
@@ -50,8 +55,20 @@ REFERENCES: dict[str, dict[str, Any]] = {
             "cross-stitch": (4.52, 17.59),
             "pap-net": (4.54, 53.04),
             "padnet": (5.50, 32.42),
+            # ATRC's fixed-context baselines (every CP block the same context) and the searched ATRC
+            "atrc-global": (4.73, 21.43),
+            "atrc-local": (4.73, 22.19),
+            "atrc-tlabel": (5.06, 25.91),
+            "atrc-slabel": (5.06, 25.91),
+            "atrc-searched": (5.06, 25.76),
         },
     }
+}
+
+# Rows that are an arch with model keys set: name -> (arch, ModelConfig overrides); None = not buildable here.
+VARIANTS: dict[str, tuple[str, dict[str, Any]] | None] = {
+    **{f"atrc-{c}": ("atrc", {"atrc_contexts": c}) for c in ("global", "local", "tlabel", "slabel")},
+    "atrc-searched": None,  # needs the context-type search's JSON (model.atrc_contexts=<file>), not built here
 }
 
 
@@ -108,7 +125,8 @@ def model_stats(
     size: tuple[int, int] | None,
 ) -> dict[str, Any]:
     """One row: status "ok" with the parameter counts (and GMACs of one image of `size`, unless None),
-    "skipped" (not buildable on the backbone), "n/a" (not in this version) or "error", with the reason."""
+    "skipped" (not buildable on the backbone), "n/a" (not in this version) or "error", with the reason.
+    `arch` may name a VARIANTS row (an arch with model keys set)."""
     import torch
 
     from uda.config import ModelConfig
@@ -116,7 +134,12 @@ def model_stats(
     from uda.tasks import task_channels
 
     row: dict[str, Any] = {"arch": arch}
-    cfg = ModelConfig(arch=arch, backbone=backbone, pretrained=False)
+    overrides: dict[str, Any] = {}
+    if arch in VARIANTS:
+        if VARIANTS[arch] is None:
+            return row | {"status": "n/a", "reason": "not available (needs the context search's JSON file)"}
+        arch, overrides = VARIANTS[arch]
+    cfg = ModelConfig(arch=arch, backbone=backbone, pretrained=False, **overrides)
     try:
         model = build_model(cfg, task_channels(tasks, classes))
     except (ImportError, KeyError) as exc:
@@ -216,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="A",
-        help=f"models (default: every arch that builds on the backbone); among {', '.join(ARCHS)}",
+        help=f"models (default: every arch that builds on the backbone, plus the reference's variant rows); "
+        f"among {', '.join(ARCHS)}; variants {', '.join(VARIANTS)}",
     )
     p.add_argument(
         "--backbone",
@@ -255,9 +279,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """Parse and check the command line (UsageError naming the valid choices)."""
     args = build_parser().parse_args(argv)
     if args.archs is not None:
-        unknown = [a for a in args.archs if a not in ARCHS]
+        unknown = [a for a in args.archs if a not in ARCHS and a not in VARIANTS]
         if unknown:
-            raise UsageError(f"unknown arch {', '.join(unknown)}; choose among {', '.join(ARCHS)}")
+            raise UsageError(
+                f"unknown arch {', '.join(unknown)}; choose among {', '.join(ARCHS)} or the variants "
+                f"{', '.join(VARIANTS)}"
+            )
         args.archs = list(dict.fromkeys(args.archs))
     if args.backbone not in BACKBONES:
         raise UsageError(f"unknown backbone {args.backbone}; choose one of {', '.join(BACKBONES)}")
@@ -280,9 +307,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every requested arch's row (with the reference columns where asked), with a progress bar on stderr."""
     from tqdm import tqdm
 
-    archs = args.archs or list(ARCHS)
     size = None if args.no_macs else tuple(args.size)
     reference = REFERENCES[args.reference] if args.reference else None
+    variants = [v for v in VARIANTS if reference is not None and v in reference["rows"]]
+    archs = args.archs or [*ARCHS, *variants]
     rows = []
     progress = tqdm(archs, desc="models", unit="arch", file=sys.stderr, leave=False)
     for arch in progress:

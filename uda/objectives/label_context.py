@@ -1,0 +1,81 @@
+"""ATRC's label-context supervision: each task's auxiliary prediction against its discretised labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from uda.config import LabelContextConfig
+from uda.models.atrc import AUX_KEY, IGNORE, depth_bins, normal_centroids, normal_labels
+from uda.objectives.base import Objective, ObjectiveError, RunContext, Step, Terms
+
+AUX_TASKS = ("semseg", "depth", "normals", "edges")
+
+
+def resize_nearest(label: Tensor, size: Sequence[int]) -> Tensor:
+    """Labels [B,H,W] or [B,C,H,W] resized by nearest neighbour to `size` (h, w), same rank and dtype."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    x = label if label.dim() == 4 else label.unsqueeze(1)
+    out = F.interpolate(x.float(), size=tuple(size), mode="nearest").to(label.dtype)
+    return out if label.dim() == 4 else out.squeeze(1)
+
+
+class LabelContext(Objective):
+    """Cross-entropy of outputs[task]["aux"] (logits [B,R,h,w]) against the task's labels discretised into its
+    label regions at the aux resolution (labels resized by nearest neighbour first):
+    semseg its class ids; depth log-scale bins between label_context.depth_range (model.atrc_depth_bins);
+    normals the nearest centroid (model.normal_clusters, or the Fibonacci-sphere default); edges 0 / 1.
+    Invalid pixels are ignored (semseg 255, depth 0, normals 0). Each term is attributed to its task (the task
+    weighting applies), times label_context.weight; logged as loss/<task>/aux. Tasks without an aux output
+    (no label context needs them) contribute nothing.
+    """
+
+    section = "label_context"
+
+    def __init__(self, run: RunContext, cfg: LabelContextConfig) -> None:
+        super().__init__(run, cfg)
+        model = run.cfg.model
+        if model.arch not in ("atrc", "atrc-fpm"):
+            raise ObjectiveError(
+                f"label_context supervises the auxiliary predictions of model.arch atrc or atrc-fpm, not "
+                f"{model.arch}; remove the label_context section"
+            )
+        self.bins = model.atrc_depth_bins
+        self.centroids = normal_centroids(model) if "normals" in run.tasks else None
+
+    def labels(self, task: str, label: Tensor, size: Sequence[int]) -> Tensor:
+        """A task's labels -> region ids [B,h,w] (long, 255 = ignored) at the aux resolution `size`."""
+        label = resize_nearest(label, size)
+        if task == "semseg":
+            return label.long()
+        if task == "depth":
+            lo, hi = self.cfg.depth_range
+            return depth_bins(label[:, 0], self.bins, lo, hi)
+        if task == "normals":
+            return normal_labels(label, self.centroids)
+        if task == "edges":
+            return (label[:, 0] > 0.5).long()
+        raise ObjectiveError(f"no auxiliary label space for task {task!r}")
+
+    def loss(self, step: Step) -> Terms | None:
+        outputs, batch = step.outputs["source"], step.batch["source"]
+        terms: dict[str, list[Tensor]] = {}
+        logs: dict[str, Tensor] = {}
+        for task, per in outputs.items():
+            if AUX_KEY not in per or task not in batch:
+                continue
+            logits = per[AUX_KEY]
+            target = self.labels(task, batch[task], logits.shape[-2:])
+            if bool((target != IGNORE).any()):
+                ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+            else:
+                ce = logits.sum() * 0.0  # keeps the output in the graph
+            terms[task] = [self.cfg.weight * ce]
+            logs[f"loss/{task}/aux"] = ce.detach()
+        return Terms(tasks=terms, logs=logs) if terms else None
+
+
+__all__ = ["LabelContext", "resize_nearest"]
