@@ -201,7 +201,7 @@ def test_label_context_objective_equals_hand_ce_and_trains():
     losses = []
     for _ in range(5):
         loss = sum(v[0] for v in objective.loss(step).tasks.values())
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -246,15 +246,18 @@ def test_atrc_archs_train(arch, toy_root, tmp_path, fresh_accelerator):
     from uda.cli import model_defaults
     from uda.engine import Trainer
 
-    cfg = tiny_config(
-        toy_root, tmp_path / arch, arch=arch, tasks=("semseg", "depth", "normals"), iterations=2
+    tasks = ("semseg", "normals")
+    cfg = tiny_config(toy_root, tmp_path / arch, arch=arch, tasks=tasks, iterations=2, deterministic=False)
+    cfg = replace(
+        cfg,
+        model=replace(cfg.model, backbone="hrnetv2-w18-small", atrc_contexts="slabel"),
+        data=replace(cfg.data, size=(32, 64)),  # HRNet takes multiples of 32
     )
-    cfg = replace(cfg, model=replace(cfg.model, backbone="hrnetv2-w18-small", atrc_contexts="slabel"))
     cfg = model_defaults(cfg)
     assert cfg.label_context is not None
     trainer = Trainer(cfg)
     trainer.fit()
     assert len(trainer.loss_log) == 2
     for row in trainer.loss_log:
-        for t in ("semseg", "depth", "normals"):
+        for t in tasks:
             assert np.isfinite(row[f"loss/{t}/s0"]) and np.isfinite(row[f"loss/{t}/aux"]), row
