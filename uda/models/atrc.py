@@ -408,26 +408,29 @@ class ATRCModel(nn.Module):
     def __init__(self, tasks: Mapping[str, int], cfg):
         super().__init__()
         from uda.models.decoder import output_head
-        from uda.models.multiscale import build_backbone, task_features
-        from uda.models.multitask import _head_bias, _sigmoid_head
+        from uda.models.multiscale import build_backbone, task_head
+        from uda.models.multitask import _head_bias, _head_scale, _sigmoid_head
 
         self.tasks = tuple(tasks)
         self.encoder = build_backbone(cfg)
         fused = sum(self.encoder.channels)
-        width = fused // 4
-        self.features = nn.ModuleDict({t: task_features(fused, width) for t in self.tasks})
+        self.features = nn.ModuleDict({t: task_head(cfg.backbone, self.encoder.channels) for t in self.tasks})
+        width = self.features[self.tasks[0]].width
         self.atrc = ATRCHead(self.tasks, width, fused, cfg, tasks.get("semseg"))
         self.head = nn.ModuleDict(
-            {t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg)) for t, n in tasks.items()}
+            {
+                t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg), _head_scale(t, cfg))
+                for t, n in tasks.items()
+            }
         )
 
     def forward(self, image: Tensor) -> dict[str, dict]:
         """image [B,3,H,W] in [0,1] -> {task: {0: prediction, ["aux": aux logits]}}."""
         from uda.models.multiscale import upsample_concat, upsample_to
 
-        fused = upsample_concat(self.encoder(image))
-        x = {t: self.features[t](fused) for t in self.tasks}
-        x, aux = self.atrc(x, fused)
+        maps = self.encoder(image)
+        x = {t: self.features[t](maps) for t in self.tasks}
+        x, aux = self.atrc(x, upsample_concat(maps))
         out: dict[str, dict] = {t: {0: upsample_to(self.head[t](x[t]), image.shape[-2:])} for t in self.tasks}
         for t, a in aux.items():
             out[t][AUX_KEY] = a

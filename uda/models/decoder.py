@@ -26,16 +26,36 @@ class ConvBlock(nn.Sequential):
         super().__init__(nn.ReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, 3), nn.ELU(inplace=True))
 
 
-def output_head(in_channels: int, out_channels: int, sigmoid: bool, bias: float | None = None) -> nn.Module:
+class ScaledConv(nn.Conv2d):
+    """A 1x1 conv whose output is multiplied by a fixed `scale`: a raw head whose targets are far from unit size
+    (inverse normalised depth, tens to hundreds) on unit-size features moves its output `scale` times further per
+    Adam step (Adam's steps do not grow with the gradient)."""
+
+    def __init__(self, in_channels: int, out_channels: int, scale: float):
+        super().__init__(in_channels, out_channels, 1)
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def output_head(
+    in_channels: int, out_channels: int, sigmoid: bool, bias: float | None = None, scale: float | None = None
+) -> nn.Module:
     """Side output: 1x1 conv (raw output), or 3x3 reflection-padded conv + sigmoid (disparity).
 
-    `bias` sets the initial output of a raw head (e.g. a plausible inverse depth instead of 0 = infinitely far).
+    `bias` sets the initial output of a raw head (e.g. a plausible inverse depth instead of 0 = infinitely far);
+    `scale` multiplies a raw head's output by a constant (`ScaledConv`).
     """
     if sigmoid:
         return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, 3), nn.Sigmoid())
-    conv = nn.Conv2d(in_channels, out_channels, 1)
+    conv = (
+        nn.Conv2d(in_channels, out_channels, 1)
+        if scale is None
+        else ScaledConv(in_channels, out_channels, scale)
+    )
     if bias is not None:
-        nn.init.constant_(conv.bias, bias)
+        nn.init.constant_(conv.bias, bias / (scale or 1.0))
     return conv
 
 

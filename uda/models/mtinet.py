@@ -46,10 +46,10 @@ What was chosen where the paper is silent:
 - propagation: bilinear upsampling (align_corners=False) of the refined features to the finer backbone map's
   size (x2), then concatenation after the backbone features; with model.fpm=false nothing is propagated and each
   scale's task layers see its backbone map only;
-- aggregation head: the HRNet head of this package's multi-scale models (ATRC's controlled setting): bilinear
-  upsampling to stride 4 + concatenation (sum of C_s channels), 3x3 conv + BN + ReLU to a quarter of them, 1x1
-  prediction, bilinear to the input size. The paper's "two convolutional layers" for HRNet; it is used on FPN
-  too (the paper decodes FPN as Panoptic FPN);
+- aggregation head: `task_head`, the decoding of this package's multi-scale models: on HRNet bilinear
+  upsampling to stride 4 + concatenation (sum of C_s channels), 3x3 conv + BN + ReLU to a quarter of them (the
+  paper's "two convolutional layers" with the 1x1 prediction); on FPN Panoptic FPN's semantic branch, as the
+  paper; then the 1x1 prediction, bilinear to the input size;
 - auxiliary tasks (model.aux_tasks) take part in the FPM and in the distillation as sources only (Eq. 1 for
   k in the main tasks, l over every task), as the authors' code: the distillation has no gates into them
   (`PADNetDistillation(targets=main tasks)`), so every parameter serves a prediction. Auxiliary tasks have no
@@ -66,7 +66,7 @@ from torchvision.models.resnet import BasicBlock
 
 from uda.config import ModelConfig
 from uda.models.decoder import output_head
-from uda.models.multiscale import BACKBONE_SCALES, build_backbone, task_features, upsample_concat, upsample_to
+from uda.models.multiscale import BACKBONE_SCALES, build_backbone, task_head, upsample_concat, upsample_to
 
 # Exchange block (distillation at every scale) of each architecture built here.
 # Whether each architecture built here distils (Eq. 1) at every scale, and its block on the aggregated features.
@@ -153,7 +153,7 @@ class MTINet(nn.Module):
     def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig):
         super().__init__()
         from uda.models.exchange import EXCHANGE_BLOCKS, PADNetDistillation
-        from uda.models.multitask import _head_bias, _sigmoid_head
+        from uda.models.multitask import _head_bias, _head_scale, _sigmoid_head
 
         if cfg.arch not in DISTILLATION_OF_ARCH:
             raise ValueError(f"MTINet builds model.arch {' or '.join(DISTILLATION_OF_ARCH)}, not {cfg.arch}")
@@ -177,7 +177,9 @@ class MTINet(nn.Module):
         coarsest = self.scales[0]
 
         def head(t: str, width: int) -> nn.Module:
-            return output_head(width, tasks[t], _sigmoid_head(t, cfg), _head_bias(t, cfg))
+            return output_head(
+                width, tasks[t], _sigmoid_head(t, cfg), _head_bias(t, cfg), _head_scale(t, cfg)
+            )
 
         self.task_layers = nn.ModuleDict()
         self.initial_head = nn.ModuleDict()
@@ -193,15 +195,17 @@ class MTINet(nn.Module):
             if cfg.fpm and s != self.scales[-1]:
                 self.fpm[str(s)] = FeaturePropagation(self.tasks, c)
         fused = sum(channels.values())
-        self.features = nn.ModuleDict({t: task_features(fused, fused // 4) for t in self.main_tasks})
+        per_scale = [channels[s] for s in BACKBONE_SCALES]  # fine to coarse, as the backbone's maps
+        self.features = nn.ModuleDict({t: task_head(cfg.backbone, per_scale) for t in self.main_tasks})
+        width = next(iter(self.features.values())).width
         self.atrc = None
         if aggregated == "atrc":
             from uda.models.atrc import ATRCHead
 
-            self.atrc = ATRCHead(self.main_tasks, fused // 4, fused, cfg, tasks.get("semseg"))
+            self.atrc = ATRCHead(self.main_tasks, width, fused, cfg, tasks.get("semseg"))
             aggregated = "none"
-        self.aggregated = EXCHANGE_BLOCKS[aggregated].from_config(self.main_tasks, fused // 4, cfg, 2)
-        self.head = nn.ModuleDict({t: head(t, fused // 4) for t in self.main_tasks})
+        self.aggregated = EXCHANGE_BLOCKS[aggregated].from_config(self.main_tasks, width, cfg, 2)
+        self.head = nn.ModuleDict({t: head(t, width) for t in self.main_tasks})
 
     def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
         """image [B,3,H,W] in [0,1] -> {task: {scale: prediction}} (see the class docstring)."""
@@ -223,10 +227,7 @@ class MTINet(nn.Module):
                 out[t][s] = self.initial_head[str(s)][t](x[t])
             distilled[s] = self.distill[str(s)](x) if str(s) in self.distill else x
             propagated = self.fpm[str(s)](x) if str(s) in self.fpm else None
-        features = {
-            t: self.features[t](upsample_concat([distilled[s][t] for s in sorted(self.scales)]))
-            for t in self.main_tasks
-        }
+        features = {t: self.features[t]([distilled[s][t] for s in BACKBONE_SCALES]) for t in self.main_tasks}
         features = self.aggregated(features)
         if self.atrc is not None:
             from uda.models.atrc import AUX_KEY

@@ -199,7 +199,7 @@ class MultiScaleModel(nn.Module):
     def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, exchange: str = "none"):
         super().__init__()
         from uda.models.exchange import EXCHANGE_BLOCKS
-        from uda.models.multitask import _head_bias, _sigmoid_head
+        from uda.models.multitask import _head_bias, _head_scale, _sigmoid_head
 
         self.tasks = tuple(tasks)
         self.encoder = build_backbone(cfg)  # named as the ResNet models' (STLModel reads it)
@@ -208,7 +208,10 @@ class MultiScaleModel(nn.Module):
         self.exchange = EXCHANGE_BLOCKS[exchange].from_config(self.tasks, width, cfg, FEATURE_SCALE)
         self.intermediate = exchange != "none"
         heads = lambda: nn.ModuleDict(  # noqa: E731
-            {t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg)) for t, n in tasks.items()}
+            {
+                t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg), _head_scale(t, cfg))
+                for t, n in tasks.items()
+            }
         )
         self.head = heads()
         self.initial_head = heads() if self.intermediate else nn.ModuleDict()

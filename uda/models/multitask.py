@@ -61,6 +61,14 @@ def _head_bias(task: str, cfg: ModelConfig) -> float | None:
     return cfg.depth_init if task == "depth" and cfg.depth_output == "inverse" else None
 
 
+def _head_scale(task: str, cfg: ModelConfig) -> float | None:
+    """Output scale of the raw inverse-depth heads of the multi-scale models: cfg.depth_init, the size of the
+    targets (d_far/d, tens to hundreds), as their BN+ReLU task features are of unit size; the dilated-ResNet
+    models keep unscaled heads (their decoders' ELU features grow to the targets' size; their tables were
+    measured so)."""
+    return cfg.depth_init if _head_bias(task, cfg) is not None else None
+
+
 def _split_params(model: nn.Module, backbones: list[nn.Module]) -> dict[str, list[nn.Parameter]]:
     """{"backbone": parameters of `backbones`, "decoder": every other parameter of `model`}."""
     backbone = [p for m in backbones for p in m.parameters()]
