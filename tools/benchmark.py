@@ -1,6 +1,6 @@
 """Speed, memory and size of the models and of the training pieces, each configuration in its own process.
 
-    python tools/benchmark.py [--benches step exchange adapt selfsup data]
+    python tools/benchmark.py [--benches step exchange adapt selfsup data context]
                               [--archs stl mtl 3ways-padnet mteb padnet] [--tasks SD SDN] [--backbone resnet101] [--decoder 3ways|deeplab]
                               [--size 512 1024] [--batch-size 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
                               [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--fused] [--checkpointing] [--baseline]
@@ -9,7 +9,7 @@
     python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
     python tools/benchmark.py --params [--backbone resnet101] [--tasks SD] [--json out.json]
 
-Benches (default: all five; `--check` alone runs `step` only):
+Benches (default: all six; `--check` alone runs `step` only):
   step      the supervised training step of each arch x task set: forward, MultiTaskLoss with the paper's task
             weights, backward, Adam step, on random inputs and labels. Also counts the parameters and the
             multiply-adds of one forward (torch.utils.flop_counter; GMACs = flops / 2; convolutions, matrix
@@ -23,6 +23,8 @@ Benches (default: all five; `--check` alone runs `step` only):
   selfsup   the self-supervised depth step (uda.objectives.Photometric: PoseNet + photometric loss over the
             sigmoid-disparity outputs at scales 0-3, two source frames), plus the supervised loss of the other
             tasks; forward, backward, one Adam step for model and pose net. Task sets without depth are skipped.
+  context   ATRC's local context pooling block (9x9 window) on 67-channel stride-4 task features of 256x256 and
+            512x512 inputs, forward + backward: its memory grows linearly with the pixels (4x from one to the other).
   data      the training loader on the toy SYNTHIA data (`--data-root`/synthia; generated into a temporary
             folder when missing) with 0, 1 and 2 workers: time per batch and samples per second.
 
@@ -106,7 +108,8 @@ PARAM_MODELS = [
     ("3ways-padnet", "3ways"),
     ("padnet", "3ways"),
 ]
-BENCHES = ("step", "exchange", "adapt", "selfsup", "data")
+BENCHES = ("step", "exchange", "adapt", "selfsup", "data", "context")
+CONTEXT_SIDES = (256, 512)  # the context bench: square inputs, task features at stride 4
 DEFAULT_ARCHS = ["stl", "mtl", "3ways-padnet", "mteb", "padnet"]
 DATA_WORKERS = (0, 1, 2)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -359,6 +362,29 @@ def bench_exchange(spec: dict, device: torch.device) -> dict:
     return row
 
 
+def bench_context(spec: dict, device: torch.device) -> dict:
+    """One ATRC context pooling block (`spec["context"]`: local, global, tlabel, slabel) on the stride-4 task
+    features of a `spec["size"]` input (67 channels, HRNetV2-W18-small's), forward + backward."""
+    from uda.models.atrc import build_context
+
+    h, w = (math.ceil(n / 4) for n in spec["size"])
+    channels, regions = 67, 40
+    block = build_context(spec["context"], channels, channels // 2).to(device).train()
+    target, source = (
+        torch.randn(spec["batch"], channels, h, w, device=device, requires_grad=True) for _ in range(2)
+    )
+    aux = torch.softmax(torch.randn(spec["batch"], regions, h * w, device=device), dim=-1)
+
+    def step() -> None:
+        block(target, source, aux, aux).square().mean().backward()
+        block.zero_grad(set_to_none=True)
+        target.grad = source.grad = None
+
+    row = timed(step, spec, device)
+    row.update(features=[spec["batch"], channels, h, w], params=n_params(block))
+    return row
+
+
 def bench_adapt(spec: dict, device: torch.device) -> dict:
     """Model update (supervised source loss + adversarial target term), then the discriminator update."""
     from accelerate import Accelerator
@@ -513,6 +539,7 @@ BENCH_FUNCTIONS = {
     "adapt": bench_adapt,
     "selfsup": bench_selfsup,
     "data": bench_data,
+    "context": bench_context,
 }
 
 
@@ -653,6 +680,15 @@ def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
                             "flops": not args.no_flops and variant == PLAIN,
                         }
                     )
+        elif bench == "context":
+            # ATRC's local context at stride 4 of 256x256 and 512x512 inputs: memory linear in the pixels.
+            for side in CONTEXT_SIDES:
+                specs.append(
+                    common
+                    | PLAIN
+                    | {"bench": "context", "arch": "atrc-local", "tasks": "SD", "context": "local"}
+                    | {"size": [side, side], "flops": False}
+                )
         elif bench in ("adapt", "selfsup"):
             for tasks in args.tasks:
                 if bench == "selfsup" and "depth" not in TASK_SETS[tasks]:
@@ -714,7 +750,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         label = r["options"]
-        if r["bench"] == "exchange" and "features" in r:
+        if r["bench"] in ("exchange", "context") and "features" in r:
             label = f"{r['options']} " + "x".join(map(str, r["features"][1:]))
         start = f"{r['bench']:<8} {r['arch']:<13} {r['tasks']:<5} {label:<22}"
         if "error" in r:
