@@ -221,6 +221,21 @@ def check_model(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"model.aux_tasks {unknown} are not tasks of this run {tuple(cfg.tasks)}; remove them"
         )
+    if cfg.model.arch in ("atrc", "atrc-fpm"):
+        from uda.models.atrc import SEARCH, resolve_contexts
+
+        main = [t for t in cfg.tasks if t not in cfg.model.aux_tasks]
+        if cfg.model.atrc_contexts == SEARCH:
+            if cfg.context_search is None:
+                raise ConfigError(
+                    f"model.atrc_contexts={SEARCH} needs the context_search section (entropy regulariser and "
+                    "freezing): run recipes/atrc_search.py"
+                )
+        else:
+            try:
+                resolve_contexts(cfg.model.atrc_contexts, main)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 def check_label_sets(cfg: ExperimentConfig) -> None:
@@ -279,9 +294,13 @@ def finalise(cfg: ExperimentConfig, args: argparse.Namespace, recipe: str) -> Ex
     """Apply the shared options (toy, data root, model, seed, out) and the user's overrides."""
     root = args.data_root
     if args.toy:
+        from uda.models.multiscale import is_multiscale
+
         root = root or TOY_ROOT  # generated below, once the config is known to be valid
+        # A recipe built on a multi-scale backbone (e.g. atrc_search) keeps it, without ImageNet weights.
+        keep = [f"model.backbone={cfg.model.backbone}"] if is_multiscale(cfg.model.backbone) else []
         cfg = apply_overrides(
-            cfg, TOY_OVERRIDES + (["adapt.disc_channels=16"] if cfg.adapt is not None else [])
+            cfg, TOY_OVERRIDES + keep + (["adapt.disc_channels=16"] if cfg.adapt is not None else [])
         )
         cfg = replace(cfg, data=replace(cfg.data, size=TOY_SIZE, num_workers=1))
         if cfg.target is not None:

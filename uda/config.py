@@ -93,6 +93,9 @@ class ModelConfig:
     # (range: label_context.depth_range); normals: the centroids of normal_clusters (a JSON file written by
     # uda-normal-clusters) or, without one, atrc_normal_clusters Fibonacci-sphere directions.
     atrc_contexts: str = "global"
+    # model.atrc_contexts=search (ATRC's context-type search, recipes/atrc_search.py): the Gumbel-softmax
+    # temperature lambda of Eq. 7 mixing each block's five candidates in training (the seed gives no value).
+    atrc_search_temperature: float = 1.0
     atrc_depth_bins: int = 40
     normal_clusters: str | None = None
     atrc_normal_clusters: int = 40
@@ -305,6 +308,27 @@ class LabelContextConfig:
 
 
 @dataclass
+class ContextSearchConfig:
+    """ATRC's context-type search (§3.3) with model.atrc_contexts=search: the entropy regulariser
+    w(step) * mean H(p_alpha) over the blocks still searching, w linear from weight_start (negative: towards
+    uniform p_alpha) at step 0 to weight_end (positive: towards one context) at the last step; after every
+    step each searching block with H(p_alpha) < threshold nats (uniform over 5: ln 5 = 1.61) is fixed at its
+    argmax. The chosen {target: {source: context}} is written to <run>/atrc_contexts.json at every checkpoint
+    (argmax for the blocks still searching). The seed gives none of these values."""
+
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ()
+    NEEDS_TARGET: ClassVar[bool] = False
+
+    weight_start: float = -0.1
+    weight_end: float = 0.1
+    threshold: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ConfigError(f"context_search.threshold={self.threshold}: must be >= 0 (nats)")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run: tasks, model, data, objective, optimisation, evaluation."""
 
@@ -319,6 +343,7 @@ class ExperimentConfig:
     photometric: PhotometricConfig | None = None  # None = depth (if any) is supervised
     consistency: ConsistencyConfig | None = None  # None = no cross-task consistency
     label_context: LabelContextConfig | None = None  # ATRC's aux label supervision (set for atrc archs)
+    context_search: ContextSearchConfig | None = None  # ATRC's context-type search (recipes/atrc_search.py)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -340,6 +365,7 @@ OBJECTIVE_SECTIONS: dict[str, type] = {
     "photometric": PhotometricConfig,
     "consistency": ConsistencyConfig,
     "label_context": LabelContextConfig,
+    "context_search": ContextSearchConfig,
 }
 
 

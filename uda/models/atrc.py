@@ -33,6 +33,19 @@ Choices where the code differs or is silent:
 - the spatial softmax of A runs at the feature resolution (stride 4); the code upsamples A to the input size
   for its loss only, and here the aux loss resizes the labels (nearest) to A's resolution instead;
 - the global context is computed in float32 (sums over every pixel; clamped denominator 1e-12 as the code).
+
+Context-type search (ATRC §3.3; model.atrc_contexts=search, recipes/atrc_search.py): every CP block holds the
+five candidates and architecture logits alpha [targets, sources, 5] (p_alpha = softmax(alpha), zeros = uniform at
+initialisation). In training the block returns the convex combination of its candidates' outputs ("none" = zeros)
+with Gumbel-softmax weights, Eq. 7, softmax((alpha + G) / lambda), G ~ Gumbel(0, 1), lambda =
+model.atrc_search_temperature (default 1.0; the seed gives no value); in evaluation the noise-free
+softmax(alpha / lambda). alpha sits in the model's "decoder" parameter group: single-level optimisation, updated
+in the same backward pass as the weights at optim.lr_decoder (and its schedule). A block whose choice is fixed
+(`frozen`, a persistent buffer [targets, sources], -1 = still searching, else the index in CONTEXTS; saved with
+the model in every checkpoint) uses only that context. Every task has an auxiliary head (label contexts are
+candidates of every block). The entropy regulariser and the freezing are the `context_search` objective's
+(uda.objectives.context_search); the fusion of a target takes every source (d channels each, zeros for "none"),
+so the searched architecture is retrained from scratch from its JSON (`chosen_contexts`, `write_contexts`).
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CONTEXTS = ("global", "local", "tlabel", "slabel", "none")
+SEARCH = "search"  # model.atrc_contexts=search: the supernet of the context-type search
 LOCAL_WINDOW = 9  # the local context's neighbourhood (9x9)
 DROPOUT = 0.05  # Dropout2d after the bottleneck (authors' code)
 EDGE_REGIONS = 2  # edges' auxiliary label space: edge / no edge
@@ -216,15 +230,44 @@ def label_tasks(tasks: Sequence[str], contexts: Mapping[str, Mapping[str, str]])
     return tuple(t for t in tasks if t in need)
 
 
+def gumbel_softmax_weights(logits: Tensor, temperature: float, noise: bool = True) -> Tensor:
+    """ATRC Eq. 7: softmax((logits + G) / temperature) over the last dimension, G ~ Gumbel(0, 1) (noise=False:
+    G = 0). Computed in float32; the weights of each row sum to one and tend to one-hot as temperature -> 0."""
+    if temperature <= 0:
+        raise ValueError(f"the Gumbel-softmax temperature must be > 0, got {temperature}")
+    x = logits.float()
+    if noise:
+        u = torch.rand_like(x).clamp_min(torch.finfo(x.dtype).tiny)
+        x = x - torch.log(-torch.log(u))
+    return torch.softmax(x / temperature, dim=-1)
+
+
+def context_entropy(logits: Tensor) -> Tensor:
+    """H(p_alpha) in nats over the last dimension, p_alpha = softmax(logits) (float32)."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 class ATRCModule(nn.Module):
     """CP blocks for every (target, source) pair, fused per target (see the module docstring).
 
     forward({task: F [B,C,H,W]}, {task: A_hat [B,R,L]}) -> {task: refined [B,C,H,W]}.
+    contexts=None: the search supernet (every block holds the five candidates, mixed by architecture weights).
     """
 
-    def __init__(self, tasks: Sequence[str], contexts: Mapping[str, Mapping[str, str]], channels: int):
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        contexts: Mapping[str, Mapping[str, str]] | None,
+        channels: int,
+        temperature: float = 1.0,
+    ):
         super().__init__()
         self.tasks = tuple(tasks)
+        if contexts is None:
+            self._build_search(channels, temperature)
+            return
+        self.search = False
         self.contexts = {t: {s: contexts[t][s] for s in self.tasks} for t in self.tasks}
         inter = channels // 2
         self.cp = nn.ModuleDict()
@@ -243,8 +286,91 @@ class ATRCModule(nn.Module):
                 conv_bn(width, channels, nn.ReLU(inplace=True)), nn.Dropout2d(DROPOUT)
             )
 
+    def _build_search(self, channels: int, temperature: float) -> None:
+        """The supernet: five candidates per block, alpha logits, the frozen-choice buffer."""
+        if temperature <= 0:
+            raise ValueError(f"model.atrc_search_temperature={temperature}: must be > 0")
+        self.search = True
+        self.temperature = float(temperature)
+        self.contexts = None
+        inter = channels // 2
+        n = len(self.tasks)
+        self.cp = nn.ModuleDict()
+        self.fuse = nn.ModuleDict()
+        self.bottleneck = nn.ModuleDict()
+        for t in self.tasks:
+            self.cp[t] = nn.ModuleDict({s: CPBlock(channels, inter, CONTEXTS) for s in self.tasks})
+            fuse = conv_bn(inter * n, channels, None)
+            nn.init.zeros_(fuse[1].weight)
+            nn.init.zeros_(fuse[1].bias)
+            self.fuse[t] = fuse
+            self.bottleneck[t] = nn.Sequential(
+                conv_bn(2 * channels, channels, nn.ReLU(inplace=True)), nn.Dropout2d(DROPOUT)
+            )
+        self.alpha = nn.Parameter(torch.zeros(n, n, len(CONTEXTS)))  # [target, source, context]
+        self.register_buffer("frozen", torch.full((n, n), -1, dtype=torch.long))  # persistent
+
+    # ------------------------------------------------------------------ search state
+
+    def block_entropy(self) -> Tensor:
+        """H(p_alpha) [targets, sources] in nats (with gradient to alpha)."""
+        return context_entropy(self.alpha)
+
+    @torch.no_grad()
+    def freeze(self, threshold: float) -> list[tuple[str, str, str]]:
+        """Fix every searching block whose H(p_alpha) < threshold at its argmax; the (target, source, context)
+        frozen now."""
+        searching = self.frozen < 0
+        low = searching & (self.block_entropy() < threshold)
+        choice = self.alpha.argmax(-1)
+        self.frozen.copy_(torch.where(low, choice, self.frozen))
+        idx = low.nonzero().tolist()
+        return [(self.tasks[i], self.tasks[j], CONTEXTS[int(choice[i, j])]) for i, j in idx]
+
+    @torch.no_grad()
+    def chosen_contexts(self) -> dict[str, dict[str, str]]:
+        """{target: {source: context}}: the frozen choice, else the argmax of alpha."""
+        choice = torch.where(self.frozen >= 0, self.frozen, self.alpha.argmax(-1)).tolist()
+        return {
+            t: {s: CONTEXTS[choice[i][j]] for j, s in enumerate(self.tasks)} for i, t in enumerate(self.tasks)
+        }
+
+    def _search_term(
+        self, features: Mapping[str, Tensor], probs: Mapping[str, Tensor], task: str, weights: Tensor, frozen
+    ) -> Tensor:
+        """The fused CP term of target `task` in the supernet: per source the frozen context, or the mixture of
+        the candidates with `weights` [S,5] of this target; with several processes (DDP) the parameters a frozen
+        block leaves unused enter the graph with weight 0 (every parameter gets a gradient)."""
+        i = self.tasks.index(task)
+        ddp = self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+        outs = []
+        for j, s in enumerate(self.tasks):
+            block = self.cp[task][s]
+            args = (features[task], features[s], probs.get(task), probs.get(s))
+            chosen = frozen[i][j]
+            if chosen >= 0:
+                out = block(*args, context=CONTEXTS[chosen])
+                if ddp:
+                    unused = [
+                        p for c, m in block.contexts.items() if c != CONTEXTS[chosen] for p in m.parameters()
+                    ]
+                    out = out + sum((p.sum() for p in unused), self.alpha[i, j].sum()) * 0.0
+            else:
+                w = weights[j].to(features[task].dtype)
+                parts = [w[k] * block(*args, context=c) for k, c in enumerate(CONTEXTS) if c != "none"]
+                out = parts[0]
+                for part in parts[1:]:
+                    out = out + part
+            outs.append(out)
+        return self.fuse[task](torch.cat(outs, dim=1))
+
     def fused(self, features: Mapping[str, Tensor], probs: Mapping[str, Tensor], task: str) -> Tensor | None:
         """The fused CP term of target `task` [B,C,H,W] (None when it has no source)."""
+        if self.search:
+            weights = gumbel_softmax_weights(self.alpha, self.temperature, noise=self.training)
+            return self._search_term(
+                features, probs, task, weights[self.tasks.index(task)], self.frozen.tolist()
+            )
         if task not in self.fuse:
             return None
         outs = [
@@ -256,8 +382,14 @@ class ATRCModule(nn.Module):
     def forward(self, features: Mapping[str, Tensor], probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """{task: F_T} and the spatial softmaxes of the aux predictions -> {task: refined features}."""
         out = {}
-        for t in self.tasks:
-            term = self.fused(features, probs, t)
+        if self.search:  # one Gumbel sample and one read of the frozen choices per forward
+            weights = gumbel_softmax_weights(self.alpha, self.temperature, noise=self.training)
+            frozen = self.frozen.tolist()
+        for i, t in enumerate(self.tasks):
+            if self.search:
+                term = self._search_term(features, probs, t, weights[i], frozen)
+            else:
+                term = self.fused(features, probs, t)
             x = features[t] if term is None else torch.cat([features[t], term], dim=1)
             out[t] = self.bottleneck[t](x)
         return out
@@ -280,14 +412,14 @@ class ATRCHead(nn.Module):
     def __init__(self, tasks: Sequence[str], channels: int, in_channels: int, cfg, num_classes: int | None):
         super().__init__()
         self.tasks = tuple(tasks)
-        contexts = resolve_contexts(cfg.atrc_contexts, self.tasks)
-        self.module = ATRCModule(self.tasks, contexts, channels)
-        self.aux = nn.ModuleDict(
-            {
-                t: aux_head(in_channels, aux_regions(t, cfg, num_classes))
-                for t in label_tasks(self.tasks, contexts)
-            }
-        )
+        if cfg.atrc_contexts == SEARCH:  # the supernet: label contexts are candidates of every block
+            self.module = ATRCModule(self.tasks, None, channels, cfg.atrc_search_temperature)
+            need = self.tasks
+        else:
+            contexts = resolve_contexts(cfg.atrc_contexts, self.tasks)
+            self.module = ATRCModule(self.tasks, contexts, channels)
+            need = label_tasks(self.tasks, contexts)
+        self.aux = nn.ModuleDict({t: aux_head(in_channels, aux_regions(t, cfg, num_classes)) for t in need})
 
     def forward(
         self, features: Mapping[str, Tensor], fused: Tensor
@@ -310,6 +442,10 @@ def resolve_contexts(spec: str, tasks: Sequence[str]) -> dict[str, dict[str, str
         return {t: {s: spec for s in tasks} for t in tasks}
     path = Path(spec)
     where = f"model.atrc_contexts={spec}"
+    if spec == SEARCH:
+        raise ValueError(
+            f"{where} is the search supernet (ATRCModule(tasks, None, ...)), not a fixed architecture"
+        )
     if not path.is_file():
         raise ValueError(f"{where}: neither a context ({', '.join(CONTEXTS)}) nor an existing JSON file")
     try:
@@ -445,3 +581,17 @@ class ATRCModel(nn.Module):
     def shared_layer(self, task: str) -> list[nn.Parameter]:
         """The last layer every task shares (the backbone's last convolution), e.g. for GradNorm."""
         return self.encoder.last_layer()
+
+
+def search_modules(model: nn.Module) -> list[ATRCModule]:
+    """The ATRC modules of `model` in search mode (model.atrc_contexts=search)."""
+    return [m for m in model.modules() if isinstance(m, ATRCModule) and m.search]
+
+
+def write_contexts(contexts: Mapping[str, Mapping[str, str]], path: str | Path) -> Path:
+    """Write {target: {source: context}} as the JSON model.atrc_contexts=<path> reads, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({t: dict(per) for t, per in contexts.items()}, indent=2) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,6 +1,7 @@
 """Training objectives the loop composes: supervised task losses, adversarial alignment, photometric
-self-supervised depth, cross-task consistency, ATRC's label-context supervision. Each is one module with its config section; adding one is a
-new module, its section in `uda.config` and a line in `OBJECTIVES`."""
+self-supervised depth, cross-task consistency, ATRC's label-context supervision and context-type search. Each
+is one module with its config section; adding one is a new module, its section in `uda.config` and a line in
+`OBJECTIVES`."""
 
 from __future__ import annotations
 
@@ -17,12 +18,20 @@ from uda.objectives.base import (
     attach_prepared_joint,
 )
 from uda.objectives.consistency import Consistency
+from uda.objectives.context_search import ContextSearch
 from uda.objectives.label_context import LabelContext
 from uda.objectives.photometric import Photometric
 from uda.objectives.supervised import Supervised
 
 # Composition order: networks are built (seeded initialisation) and loss terms summed in this order.
-OBJECTIVES: tuple[type[Objective], ...] = (Supervised, LabelContext, Photometric, Adversarial, Consistency)
+OBJECTIVES: tuple[type[Objective], ...] = (
+    Supervised,
+    LabelContext,
+    ContextSearch,
+    Photometric,
+    Adversarial,
+    Consistency,
+)
 
 
 def build_objectives(run: RunContext) -> list[Objective]:
@@ -41,6 +50,7 @@ __all__ = [
     "OBJECTIVES",
     "Adversarial",
     "Consistency",
+    "ContextSearch",
     "LabelContext",
     "Objective",
     "ObjectiveError",
