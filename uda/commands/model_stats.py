@@ -103,17 +103,10 @@ def count_macs(forward) -> float:
 
 
 def count_params(model) -> dict[str, int]:
-    """{"params", "backbone", "rest"}: all parameters, those of the encoder(s), and the others."""
+    """{"params", "backbone", "rest"}: all parameters, those of the encoder(s) (every model's
+    param_groups()["backbone"]), and the others."""
     total = sum(p.numel() for p in model.parameters())
-    try:
-        backbone = sum(p.numel() for p in model.param_groups()["backbone"])
-    except (AttributeError, KeyError):
-        # Models without (a working) param_groups: parameters under a module named encoder or backbone.
-        backbone = sum(
-            p.numel()
-            for name, p in model.named_parameters()
-            if {"encoder", "backbone"} & set(name.split("."))
-        )
+    backbone = sum(p.numel() for p in model.param_groups()["backbone"])
     return {"params": total, "backbone": backbone, "rest": total - backbone}
 
 
