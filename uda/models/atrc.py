@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from uda.models.multiscale import SharedBackboneModel
+
 CONTEXTS = ("global", "local", "tlabel", "slabel", "none")
 SEARCH = "search"  # model.atrc_contexts=search: the supernet of the context-type search
 LOCAL_WINDOW = 9  # the local context's neighbourhood (9x9)
@@ -533,7 +535,7 @@ def normal_labels(normals: Tensor, centroids: Tensor) -> Tensor:
 AUX_KEY = "aux"  # outputs[task]["aux"]: the auxiliary logits [B,R,h,w] of a task a label context needs
 
 
-class ATRCModel(nn.Module):
+class ATRCModel(SharedBackboneModel):
     """ATRC on a multi-scale backbone (arch "atrc"): the HRNet head of `MultiScaleModel` (backbone maps upsampled
     to stride 4 and concatenated, per task a 3x3 conv-BN-ReLU to a quarter of the channels), the ATRC module on
     those task features, a 1x1 prediction, bilinear to the input size. No pre-module (intermediate) prediction,
@@ -571,16 +573,6 @@ class ATRCModel(nn.Module):
         for t, a in aux.items():
             out[t][AUX_KEY] = a
         return out
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """{"backbone": backbone parameters, "decoder": task heads, ATRC module, aux heads}."""
-        from uda.models.multitask import _split_params
-
-        return _split_params(self, [self.encoder])
-
-    def shared_layer(self, task: str) -> list[nn.Parameter]:
-        """The last layer every task shares (the backbone's last convolution), e.g. for GradNorm."""
-        return self.encoder.last_layer()
 
 
 def search_modules(model: nn.Module) -> list[ATRCModule]:

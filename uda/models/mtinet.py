@@ -66,7 +66,14 @@ from torchvision.models.resnet import BasicBlock
 
 from uda.config import ModelConfig
 from uda.models.decoder import output_head
-from uda.models.multiscale import BACKBONE_SCALES, build_backbone, task_head, upsample_concat, upsample_to
+from uda.models.multiscale import (
+    BACKBONE_SCALES,
+    SharedBackboneModel,
+    build_backbone,
+    task_head,
+    upsample_concat,
+    upsample_to,
+)
 
 # Exchange block (distillation at every scale) of each architecture built here.
 # Whether each architecture built here distils (Eq. 1) at every scale, and its block on the aggregated features.
@@ -142,7 +149,7 @@ class FeaturePropagation(nn.Module):
         return {t: features[t] + self.se[t](shared) for t in self.tasks}
 
 
-class MTINet(nn.Module):
+class MTINet(SharedBackboneModel):
     """MTI-Net on a multi-scale backbone; arch "ctal-ms": CTAL once on the aggregated features, no distillation;
     arch "atrc-fpm": the ATRC module there instead (plus {"aux": logits} for the tasks a label context needs).
 
@@ -238,13 +245,3 @@ class MTINet(nn.Module):
         for t in self.main_tasks:
             out[t][0] = upsample_to(self.head[t](features[t]), image.shape[-2:])
         return out
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """{"backbone": backbone parameters, "decoder": task layers, FPMs, distillation and heads}."""
-        from uda.models.multitask import _split_params
-
-        return _split_params(self, [self.encoder])
-
-    def shared_layer(self, task: str) -> list[nn.Parameter]:
-        """The last layer every task shares (the backbone's last convolution), e.g. for GradNorm."""
-        return self.encoder.last_layer()

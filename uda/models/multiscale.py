@@ -187,7 +187,24 @@ def upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class MultiScaleModel(nn.Module):
+class SharedBackboneModel(nn.Module):
+    """Base of the models on one shared multi-scale backbone (`self.encoder`): its parameter groups and the
+    last layer every task shares."""
+
+    encoder: nn.Module
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": backbone parameters, "decoder": every other parameter (heads, exchange, ...)}."""
+        from uda.models.multitask import _split_params
+
+        return _split_params(self, [self.encoder])
+
+    def shared_layer(self, task: str) -> list[nn.Parameter]:
+        """The last layer every task shares (the backbone's last convolution), e.g. for GradNorm."""
+        return self.encoder.last_layer()
+
+
+class MultiScaleModel(SharedBackboneModel):
     """Shared multi-scale backbone, the HRNet head per task, one exchange block on the task features.
 
     backbone maps -> per task `task_head` (HRNet: upsample to stride 4 + concat, 3x3 conv+BN+ReLU to a quarter
@@ -228,13 +245,3 @@ class MultiScaleModel(nn.Module):
         for t in self.tasks:
             out[t][0] = upsample_to(self.head[t](x[t]), image.shape[-2:])
         return out
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """{"backbone": backbone parameters, "decoder": heads and the exchange block}."""
-        from uda.models.multitask import _split_params
-
-        return _split_params(self, [self.encoder])
-
-    def shared_layer(self, task: str) -> list[nn.Parameter]:
-        """The last layer every task shares (the backbone's last convolution), e.g. for GradNorm."""
-        return self.encoder.last_layer()
