@@ -131,6 +131,8 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        for objective in self.objectives:
+            objective.bind(acc.unwrap_model(self.model))
         # Networks with their own optimiser first, then those trained with the model: accelerate's files keep
         # their names (model_1.safetensors = the discriminators of an adaptation run), and the checkpoint also
         # holds them under the networks' own (discriminators.safetensors, posenet.safetensors, ...).
@@ -276,7 +278,7 @@ class Trainer:
                     for net in (self.model, *(net for net, _ in self.joint_networks())):
                         no_sync.enter_context(acc.no_sync(net))
                 with acc.autocast():
-                    steps.append(Step(self.step, batch, self.forward_domains(batch), acc))
+                    steps.append(Step(self.step, batch, self.forward_domains(batch), acc, self.model))
                     loss, micro_logs = self.compose(steps[-1])
                 acc.backward(loss / n if n > 1 else loss)
             for k, v in {"loss/total": loss, **micro_logs}.items():

@@ -1,8 +1,8 @@
 """The objective interface: what the training loop composes.
 
 An objective is built from its config section and the run's context. It owns its networks, optimisers and
-state; the loop prepares its networks through accelerate, saves and restores everything with the
-checkpoint, and at each step asks every objective for its loss terms (`loss`) and, after the model's
+state; the loop hands it the model once (`bind`), prepares its networks through accelerate, saves and
+restores everything with the checkpoint, and at each step asks every objective for its loss terms (`loss`) and, after the model's
 optimiser step, lets it run its own update (`update`). The loop knows no objective by name.
 
 Networks come in two kinds:
@@ -66,6 +66,9 @@ class Step:
     batch: Mapping[str, Mapping[str, Any]]  # "source" and, when a target stream exists, "target"
     outputs: dict[str, Outputs]  # domain -> outputs of the model update's forward
     accelerator: Accelerator
+    model: nn.Module | None = (
+        None  # the prepared model, for an objective's own forward passes (e.g. on mixed images)
+    )
 
     @staticmethod
     def merge(steps: list[Step]) -> Step:
@@ -88,6 +91,7 @@ class Step:
                 ]
             ),
             first.accelerator,
+            first.model,
         )
 
 
@@ -128,6 +132,11 @@ class Objective:
         self.cfg = cfg
 
     # ------------------------------------------------------------------ what it needs and owns
+
+    def bind(self, model: nn.Module) -> None:
+        """Called once by the loop with the model (unwrapped, on its device) after it is built and prepared and
+        before the objective's own networks are prepared: an objective that acts on the model's modules (ATRC's
+        search) or builds networks from it (an EMA teacher) takes them here."""
 
     def needs(self, domain: int) -> StreamNeeds | None:
         """What it needs from domain `domain`'s training stream (0 source, 1 target); None = not used."""

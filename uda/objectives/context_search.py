@@ -2,8 +2,8 @@
 distributions p_alpha of the CP blocks, and the freezing of the blocks that have chosen.
 
 The model (arch atrc / atrc-fpm with model.atrc_contexts=search) holds alpha and the frozen choices
-(uda.models.atrc, ATRCModule in search mode); this objective reaches it through the step's accelerator, which
-holds the prepared networks (the model is prepared first), so the loop knows nothing of the search.
+(uda.models.atrc, ATRCModule in search mode); the loop hands this objective the model (`bind`), so it knows
+nothing of the search.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
 
 from uda.config import ContextSearchConfig
 from uda.models.atrc import SEARCH, ATRCModule, search_modules, write_contexts
@@ -49,22 +49,20 @@ class ContextSearch(Objective):
             )
         self.iterations = run.cfg.train.iterations
         self.path = Path(run.cfg.out) / CONTEXTS_FILE
-        self.accelerator: Accelerator | None = None
         self.module: ATRCModule | None = None
 
-    def _module(self, accelerator: Accelerator) -> ATRCModule:
-        """The model's search module (found once among the accelerator's prepared networks)."""
-        if self.module is None or accelerator is not self.accelerator:
-            found = [
-                m
-                for net in getattr(accelerator, "_models", [])
-                for m in search_modules(accelerator.unwrap_model(net))
-            ]
-            if len(found) != 1:
-                raise ObjectiveError(
-                    f"context_search found {len(found)} ATRC search modules among the prepared networks, expected 1"
-                )
-            self.accelerator, self.module = accelerator, found[0]
+    def bind(self, model: torch.nn.Module) -> None:
+        found = search_modules(model)
+        if len(found) != 1:
+            raise ObjectiveError(
+                f"context_search found {len(found)} ATRC search modules in the model, expected 1; "
+                f"set model.atrc_contexts={SEARCH}"
+            )
+        self.module = found[0]
+
+    def _module(self) -> ATRCModule:
+        if self.module is None:
+            raise ObjectiveError("context_search used before the loop bound it to the model (Objective.bind)")
         return self.module
 
     def weight(self, step: int) -> float:
@@ -72,7 +70,7 @@ class ContextSearch(Objective):
         return entropy_weight(step, self.iterations, self.cfg.weight_start, self.cfg.weight_end)
 
     def loss(self, step: Step) -> Terms | None:
-        module = self._module(step.accelerator)
+        module = self._module()
         searching = module.frozen < 0
         frozen = (~searching).sum().float()
         if not bool(searching.any()):
@@ -87,7 +85,7 @@ class ContextSearch(Objective):
         return Terms(total=w * entropy, logs=logs)
 
     def update(self, step: Step) -> dict[str, torch.Tensor]:
-        module = self._module(step.accelerator)
+        module = self._module()
         module.freeze(self.cfg.threshold)
         return {"context_search/frozen": (module.frozen >= 0).sum().float()}
 
@@ -97,7 +95,7 @@ class ContextSearch(Objective):
         if self.module is None:
             return {}
         contexts = self.module.chosen_contexts()
-        if self.accelerator is None or self.accelerator.is_main_process:
+        if PartialState().is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_contexts(contexts, self.path)
         return {"contexts": contexts}
