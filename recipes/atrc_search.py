@@ -1,7 +1,7 @@
 """ATRC's context-type search (Bruggemann et al. 2021, §3.3), supervised on NYUDv2 (40 classes, 576x448).
 
-    accelerate launch recipes/atrc_search.py [--toy] [--tasks SD|SDN|SDNE] [--model atrc|atrc-fpm]
-                                            [--data-root D] [--out O] [key=value ...]
+    accelerate launch recipes/atrc_search.py [--toy] [--dataset nyudv2|synthia] [--tasks SD|SDN|SDNE]
+                                            [--model atrc|atrc-fpm] [--data-root D] [--out O] [key=value ...]
 
 The supernet (model.atrc_contexts=search on HRNetV2-W18-small): every CP block mixes its five candidate contexts
 (global, local, tlabel, slabel, none) with Gumbel-softmax weights of its architecture logits alpha (temperature
@@ -16,7 +16,8 @@ the chosen architecture is written to <run>/atrc_contexts.json; retrain it from 
 
 Shared options (see --help): --seed S, --batch-size N, --mixed-precision auto|no|fp16|bf16, --resume,
 --config FILE (rebuild a run from its config.json), --print-config, --debug. --toy keeps HRNetV2-W18-small
-(without ImageNet weights). Default task set: SDNE; default model: atrc (also atrc-fpm). NYUDv2 depths are
+(without ImageNet weights). Default task set: SDNE; default model: atrc (also atrc-fpm). --dataset synthia
+searches on SYNTHIA (16 classes, 512x1024; recipes/synthia.py retrains the result). NYUDv2 depths are
 below 10 m: label_context.depth_range=0.5,10 fits its depth label context better than the default 0.5-80 m.
 """
 
@@ -32,20 +33,30 @@ from uda.models.atrc import SEARCH  # noqa: E402
 
 RECIPE = "atrc_search"
 ARCHS = ("atrc", "atrc-fpm")
+# --dataset: (label set, working size) of the supervised recipe the search runs on.
+DATASETS = {"nyudv2": ("nyudv2_40", (448, 576)), "synthia": ("synthia16", (512, 1024))}
 
 
 def build(args):
     """The search config: the NYUDv2 supervised recipe with the ATRC supernet and the context_search section."""
     if args.model is not None and args.model not in ARCHS:
         raise ConfigError(f"--model {args.model}: the context-type search is ATRC's; choose atrc or atrc-fpm")
-    cfg = cli.supervised_config("nyudv2", "nyudv2_40", (448, 576), "SDNE")(args)
+    label_set, size = DATASETS[args.dataset]
+    cfg = cli.supervised_config(args.dataset, label_set, size, "SDNE")(args)
     model = replace(cfg.model, backbone="hrnetv2-w18-small", atrc_contexts=SEARCH)
     return replace(cfg, model=model, context_search=ContextSearchConfig())
 
 
 def main(argv=None):
     """Run the search (the chosen architecture: <run folder>/atrc_contexts.json)."""
-    return cli.main(build, cli.base_parser(__doc__, default_model="atrc"), RECIPE, argv)
+    parser = cli.base_parser(__doc__, default_model="atrc")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="nyudv2",
+        help="the supervised data the search runs on (default: nyudv2)",
+    )
+    return cli.main(build, parser, RECIPE, argv)
 
 
 if __name__ == "__main__":
