@@ -18,7 +18,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-TASKS = ("semseg", "depth", "normals", "edges")
+TASKS = ("semseg", "depth", "normals", "edges", "parts", "saliency")
 
 _EXPORTS = {
     "uda.models.multitask": ("build_model",),

@@ -54,6 +54,9 @@ TASK_SETS = {
     "SD": ("semseg", "depth"),
     "SDN": ("semseg", "depth", "normals"),
     "SDNE": ("semseg", "depth", "normals", "edges"),
+    # PASCAL-Context (MTI-Net / ATRC): P human parts, A sAliency (S is semseg).
+    "SPA": ("semseg", "parts", "saliency"),
+    "SPANE": ("semseg", "parts", "saliency", "normals", "edges"),
 }
 
 
@@ -157,7 +160,8 @@ def base_parser(description: str, default_model: str = "mteb") -> argparse.Argum
         "--tasks",
         choices=sorted(TASK_SETS),
         default=None,
-        help="task set: S-D (SD), S-D-N (SDN), S-D-N-E (SDNE); default: the recipe's",
+        help="task set: S-D (SD), S-D-N (SDN), S-D-N-E (SDNE); PASCAL-Context: semseg, parts, saliency (SPA), and "
+        "normals, edges (SPANE); default: the recipe's",
     )
     parser.add_argument(
         "--batch-size",
@@ -469,6 +473,10 @@ def results_table(results: dict[str, dict[str, float]]) -> str:
         "normals/mean",
         "normals/median",
         "edges/f1",
+        "edges/odsf",
+        "parts/miou",
+        "saliency/maxf",
+        "saliency/miou",
     ]
     lines = []
     for split, metrics in results.items():

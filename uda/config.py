@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-Task = Literal["semseg", "depth", "normals", "edges"]
+Task = Literal["semseg", "depth", "normals", "edges", "parts", "saliency"]
 Arch = Literal[
     "stl",
     "mtl",
@@ -105,7 +105,7 @@ class ModelConfig:
 class DataConfig:
     """One dataset as used by a run: which files, which label set, which working size and augmentation."""
 
-    dataset: Literal["synthia", "cityscapes", "vkitti2", "nyudv2"] = "synthia"
+    dataset: Literal["synthia", "cityscapes", "vkitti2", "nyudv2", "pascal_context"] = "synthia"
     root: str | None = None  # dataset folder; None = datasets/<dataset>
     label_set: str = "cityscapes16"
     train_split: str = "train"
@@ -124,6 +124,14 @@ class DataConfig:
     # VKITTI2 sky (depth PNG 65535): "far" = supervised as 655.35 m, as the authors (the < 80 m evaluation
     # cap removes it); "none" = 0, no measurement. Other datasets have no sky code and only accept "far".
     sky_depth: Literal["far", "none"] = "far"
+    # How a sample reaches `size`: "resize" (resize_to or size, times the random scale, then crop), or "pad"
+    # (PASCAL-Context as ATRC: the image keeps its own size times the random scale, is cropped where larger
+    # and padded, centred, where smaller; evaluation pads to size without resizing).
+    fit: Literal["resize", "pad"] = "resize"
+    # Discrete random scales replacing scale_range when given (MTI-Net's NYUDv2 augmentation: 1,1.2,1.5).
+    scale_choices: tuple[float, ...] = ()
+    # Where the training window sits in the scaled image: random, or centred (MTI-Net's zoom about the centre).
+    crop: Literal["random", "center"] = "random"
 
     def __post_init__(self) -> None:
         if self.resize_to is not None and min(self.resize_to) < 1:
@@ -220,6 +228,11 @@ class EvalConfig:
     max_depth: float = 80.0
     per_image: bool = True
     subset_classes: tuple[int, ...] = ()  # e.g. the 13 of 16 classes for mIoU*
+    # Edges: "f1" at a fixed threshold, or "odsf" (the boundary benchmark of the MTI-Net / ATRC tables) with the
+    # matching tolerance edge_max_dist as a fraction of the image diagonal (PASCAL-Context 0.0075, NYUDv2
+    # 0.011; None = the metric's default).
+    edge_metric: Literal["f1", "odsf"] = "f1"
+    edge_max_dist: float | None = None
 
 
 @dataclass

@@ -32,7 +32,37 @@ def protocol(
         "depth_cap_m": [eval_cfg.min_depth, eval_cfg.max_depth],
         "median_scaling": eval_cfg.median_scaling,
         "aggregation": "per-image mean" if eval_cfg.per_image else "per-pixel over the split",
+        "edge_metric": eval_cfg.edge_metric,
+        "edge_max_dist": eval_cfg.edge_max_dist,
     }
+
+
+def build_metrics(
+    tasks: Sequence[str], eval_cfg: EvalConfig, space: OutputSpace, device: torch.device | str = "cpu"
+) -> MultiTaskMetrics:
+    """The streaming metrics of `tasks` under the protocol of eval_cfg (class count from `space`, the human-part
+    classes of uda.tasks.num_parts(), the edge metric and its tolerance)."""
+    import inspect
+
+    from uda.tasks import num_parts
+
+    kwargs: dict[str, Any] = {
+        "num_classes": space.num_classes,
+        "min_depth": eval_cfg.min_depth,
+        "max_depth": eval_cfg.max_depth,
+        "median_scaling": eval_cfg.median_scaling,
+        "per_image": eval_cfg.per_image,
+        "device": torch.device(device),
+    }
+    # TODO(issue 16): pass these directly once uda.metrics has them everywhere (parts / saliency metrics, odsF).
+    accepted = inspect.signature(MultiTaskMetrics).parameters
+    optional = {"num_parts": num_parts(), "edge_metric": eval_cfg.edge_metric}
+    if eval_cfg.edge_max_dist is not None:
+        optional["edge_max_dist"] = eval_cfg.edge_max_dist
+    kwargs.update({k: v for k, v in optional.items() if k in accepted})
+    if eval_cfg.edge_metric != "f1" and "edge_metric" not in accepted:
+        raise ValueError(f"eval.edge_metric={eval_cfg.edge_metric}: this uda.metrics has no such edge metric")
+    return MultiTaskMetrics(tasks, **kwargs)
 
 
 @torch.no_grad()
@@ -57,15 +87,7 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    metrics = MultiTaskMetrics(
-        tasks,
-        num_classes=space.num_classes,
-        min_depth=eval_cfg.min_depth,
-        max_depth=eval_cfg.max_depth,
-        median_scaling=eval_cfg.median_scaling,
-        per_image=eval_cfg.per_image,
-        device=torch.device(device),
-    )
+    metrics = build_metrics(tasks, eval_cfg, space, device)
     # With median scaling, absolute (unscaled) depth errors are reported too (depth_unscaled/*), and so are
     # those of a constant prediction under the same protocol (depth_constant/*): the floor to beat.
     unscaled = constant = None

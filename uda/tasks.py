@@ -24,7 +24,9 @@ from uda.losses.tasks import (
     depth_loss,
     edges_loss,
     normals_loss,
+    parts_loss,
     resize_to,
+    saliency_loss,
     semseg_loss,
 )
 
@@ -231,16 +233,74 @@ class Edges(TaskDef):
         return edges_loss(transferred.float(), label)
 
 
-TASK_DEFS: dict[str, TaskDef] = {t.name: t for t in (Segmentation(), Depth(), Normals(), Edges())}
+# The human-part label set of PASCAL-Context (PASCAL-Part persons grouped as in ASTMT / MTI-Net / ATRC):
+# background, head, torso, upper arms, lower arms (with hands), upper legs, lower legs (with feet).
+PARTS_LABEL_SET = "human_parts7"
+
+
+def num_parts() -> int:
+    """Part classes of the `parts` task, background included (7: the literature's PASCAL-Context protocol)."""
+    from uda.data.labels import get_label_set
+
+    return get_label_set(PARTS_LABEL_SET).num_classes
+
+
+class Parts(Segmentation):
+    """Human-part segmentation (PASCAL-Context): labels int64 [H,W], part ids of PARTS_LABEL_SET (0 =
+    background), 255 = ignore (padding, and images without annotated people). The head has num_parts()
+    channels whatever the run's semantic classes; everything else is segmentation's (logits, entropy map
+    for a discriminator, softmax for a transfer network)."""
+
+    name = "parts"
+    losses = {"ce": lambda pred, label, space: parts_loss(pred, label)}
+
+    def channels(self, num_classes: int) -> int:
+        return num_parts()
+
+    def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
+        return parts_loss(transferred.float(), label)
+
+
+class Saliency(TaskDef):
+    """Salient-object segmentation (PASCAL-Context's distilled saliency): labels float32 [1,H,W] in {0,1},
+    255 = ignore (padding); one logit; prediction and transfer/discriminator representation: the
+    probability sigmoid(logit)."""
+
+    name = "saliency"
+    losses = {"balanced_bce": lambda pred, label, space: saliency_loss(pred, label)}
+
+    def channels(self, num_classes: int) -> int:
+        return 1
+
+    def predict(self, output: Tensor, space: OutputSpace) -> Tensor:
+        return torch.sigmoid(output)
+
+    domain_map = predict
+    transfer_input = predict
+
+    def consistency_loss(self, transferred: Tensor, direct: Tensor, space: OutputSpace) -> Tensor:
+        target = torch.sigmoid(direct.detach().float())
+        transferred = resize_to(transferred.float(), target.shape[-2:])
+        return F.binary_cross_entropy_with_logits(transferred, target)
+
+    def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
+        return saliency_loss(transferred.float(), label)
+
+
+TASK_DEFS: dict[str, TaskDef] = {
+    t.name: t for t in (Segmentation(), Depth(), Normals(), Edges(), Parts(), Saliency())
+}
 
 
 def task_channels(tasks: tuple[str, ...], num_classes: int) -> dict[str, int]:
-    """Output channels per task: the class count (semseg), 1 (depth), 3 (normals), 1 (edges)."""
+    """Output channels per task: the class count (semseg), 1 (depth), 3 (normals), 1 (edges), the part
+    classes of PARTS_LABEL_SET (parts, 7), 1 (saliency)."""
     return {t: TASK_DEFS[t].channels(num_classes) for t in tasks}
 
 
 def to_predictions(outputs: Mapping[str, Mapping[int, Tensor]], scale: int, space: OutputSpace) -> dict:
-    """Network outputs at one scale -> predictions in sample units: logits, metres, unit normals, edge prob.
+    """Network outputs at one scale -> predictions in sample units: logits (semseg, parts), metres, unit normals,
+    edge and saliency probabilities.
     Tasks without an output at that scale (MTI-Net's auxiliary tasks have no final prediction) are left out."""
     return {t: TASK_DEFS[t].predict(per[scale].float(), space) for t, per in outputs.items() if scale in per}
 

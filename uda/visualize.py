@@ -84,10 +84,30 @@ def edges_rgb(edges: torch.Tensor) -> np.ndarray:
     return image_rgb(edges.detach().float().clamp(0, 1).expand(3, -1, -1))
 
 
+def saliency_rgb(saliency: torch.Tensor) -> np.ndarray:
+    """Saliency probability or label [1,H,W] in [0,1] -> grey RGB; ignored pixels (255) are dark blue."""
+    s = saliency.detach().float()
+    rgb = edges_rgb(torch.where(s > 1, torch.zeros_like(s), s))
+    rgb[(s[0] > 1).cpu().numpy()] = (0, 0, 96)
+    return rgb
+
+
+def parts_rgb(parts: torch.Tensor) -> np.ndarray:
+    """Human-part ids [H,W] -> the colours of the human_parts7 label set (ignore 255 is black)."""
+    from uda.data.labels import get_label_set
+    from uda.tasks import PARTS_LABEL_SET
+
+    return get_label_set(PARTS_LABEL_SET).colorize(parts.detach().cpu().numpy().astype(np.int64))
+
+
 def task_rgb(task: str, value: torch.Tensor, label_set=None, depth_scale: float | None = None) -> np.ndarray:
     """One task map (ground truth or prediction already converted: labels, metres, unit normals, probabilities)."""
     if task == "semseg":
         return label_set.colorize(value.detach().cpu().numpy().astype(np.int64))
+    if task == "parts":
+        return parts_rgb(value)
+    if task == "saliency":
+        return saliency_rgb(value)
     if task == "depth":
         return depth_rgb(value, scale=depth_scale)
     if task == "normals":
@@ -113,14 +133,16 @@ def prediction_panel(
     """One sample as a grid: the input on top, then per task the ground truth (left) and prediction (right); under
     segmentation a legend of the classes shown, under depth a colour bar in metres (both maps share it).
 
-    Maps are per sample: semseg [H,W] class ids, depth [1,H,W] metres, normals [3,H,W], edges [1,H,W].
+    Maps are per sample: semseg and parts [H,W] class ids, depth [1,H,W] metres, normals [3,H,W], edges and
+    saliency [1,H,W].
     """
     size = tuple(image.shape[-2:])
     scale = depth_scale(targets.get("depth", predictions.get("depth"))) if "depth" in tasks else None
 
     def tile(task: str, value: torch.Tensor, name: str) -> np.ndarray:
-        value = _to_hw(value[None] if task == "semseg" else value, size, nearest=True)
-        return _label(task_rgb(task, value[0] if task == "semseg" else value, label_set, scale), name)
+        ids = task in ("semseg", "parts")  # [H,W] class-id maps
+        value = _to_hw(value[None] if ids else value, size, nearest=True)
+        return _label(task_rgb(task, value[0] if ids else value, label_set, scale), name)
 
     rgb = image_rgb(image)
     rows = [np.concatenate([_label(rgb, "input"), np.zeros_like(rgb)], axis=1)]
@@ -147,14 +169,17 @@ def save_prediction_images(
 ) -> list[Path]:
     """Write one panel PNG per sample (at most max_images) and return the paths.
 
-    `predictions` are batched in sample units (semseg logits [B,C,H,W], metres, unit normals, edge prob).
+    `predictions` are batched in sample units (semseg and parts logits [B,C,H,W], metres, unit normals, edge and
+    saliency probabilities).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(min(max_images, batch["image"].shape[0])):
         targets = {t: batch[t][i] for t in tasks if t in batch}
-        preds = {t: predictions[t][i].argmax(0) if t == "semseg" else predictions[t][i] for t in tasks}
+        preds = {
+            t: predictions[t][i].argmax(0) if t in ("semseg", "parts") else predictions[t][i] for t in tasks
+        }
         panel = prediction_panel(batch["image"][i], targets, preds, tasks, label_set)
         path = folder / f"{prefix}_{i}.png"
         cv2.imwrite(str(path), panel[..., ::-1])

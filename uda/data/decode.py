@@ -378,3 +378,160 @@ def nyudv2_edges(path: str | Path) -> np.ndarray:
 def nyudv2_intrinsics(width: int, height: int) -> np.ndarray:
     """NYUDv2 K for an image of width x height (standard Kinect intrinsics at 640x480, scaled)."""
     return intrinsics(*NYUDV2_INTRINSICS, width / NYUDV2_FULL_SIZE[0], height / NYUDV2_FULL_SIZE[1])
+
+
+def nyudv2_normal_holes(normals: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """Normals [3,H,W] with 0 (unknown) wherever depth [H,W] has no measurement (0): the ground-truth normals
+    of the multi-task NYUDv2 data are filled in over the Kinect's holes, where they are no measurement."""
+    return np.where(depth[None] > 0, normals, np.float32(0.0)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PASCAL-Context, multi-task layout (ASTMT / MTI-Net / ATRC "PASCALContext" folder)
+# ---------------------------------------------------------------------------------------------------------
+
+PASCAL_PERSON = 15  # the person class of PASCAL VOC / PASCAL-Part (class_ind of human_parts/*.mat objects)
+
+
+def _loadmat(path: Path, what: str) -> dict:
+    """A MATLAB file as scipy.io.loadmat returns it; missing, truncated or foreign files raise DataError."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing {what} file (partial dataset?); re-extract the dataset")
+    from scipy.io import loadmat  # scipy comes with scikit-learn; imported here to keep decode light
+
+    try:
+        return loadmat(str(path))
+    except Exception as e:  # noqa: BLE001 - scipy raises ValueError, TypeError, OSError, MatReadError, ...
+        reason = " ".join(str(e).split())[:100] or type(e).__name__
+        raise DataError(f"{path}: unreadable .mat {what} ({reason}); re-extract the file") from None
+
+
+def pascal_label_map(path: str | Path) -> np.ndarray:
+    """The PASCAL-Context 459-class label map int32 [H,W] ('LabelMap' of pascal-context/trainval/<id>.mat)."""
+    path = Path(path)
+    mat = _loadmat(path, "context label")
+    label = mat.get("LabelMap")
+    if not isinstance(label, np.ndarray) or label.ndim != 2 or not np.issubdtype(label.dtype, np.number):
+        raise DataError(
+            f"{path}: no 2-D 'LabelMap' in the .mat file; use pascal-context/trainval of the dataset"
+        )
+    return label.astype(np.int32)
+
+
+# Neighbour bit weights of a 3x3 window for the thinning look-up tables (p1 = right, then counter-clockwise).
+_THIN_WEIGHTS = np.array([[8, 4, 2], [16, 0, 1], [32, 64, 128]], np.int32)
+
+
+def _thin_luts() -> tuple[np.ndarray, np.ndarray]:
+    """The two sub-iteration tables of the thinning of Guo & Hall (1989, algorithm A1, as skimage.morphology.thin):
+    an index is a neighbourhood code, True means "delete the centre pixel"."""
+    first, second = np.zeros(256, bool), np.zeros(256, bool)
+    for code in range(256):
+        p = [(code >> k) & 1 == 1 for k in range(8)]  # p[0] = p1 (right) ... p[7] = p8 (bottom right)
+        crossings = sum(not p[2 * k] and (p[2 * k + 1] or p[(2 * k + 2) % 8]) for k in range(4))
+        if crossings != 1:
+            continue
+        n1 = sum(p[2 * k] or p[2 * k + 1] for k in range(4))
+        n2 = sum(p[2 * k + 1] or p[(2 * k + 2) % 8] for k in range(4))
+        if not 2 <= min(n1, n2) <= 3:
+            continue
+        first[code] = not ((p[1] or p[2] or not p[7]) and p[0])
+        second[code] = not ((p[5] or p[6] or not p[3]) and p[4])
+    return first, second
+
+
+_THIN_LUTS = _thin_luts()
+
+
+def thin(mask: np.ndarray) -> np.ndarray:
+    """Thin a binary mask [H,W] to one-pixel-wide curves (the skeletonisation the multi-task literature applies
+    to PASCAL-Context boundaries, skimage.morphology.thin): repeat both sub-iterations until nothing changes."""
+    skel = np.ascontiguousarray(mask, dtype=bool).copy()
+    while True:
+        before = int(skel.sum())
+        for lut in _THIN_LUTS:
+            padded = np.pad(skel, 1).astype(np.int32)
+            h, w = skel.shape
+            code = sum(
+                _THIN_WEIGHTS[dy, dx] * padded[dy : dy + h, dx : dx + w]
+                for dy in range(3)
+                for dx in range(3)
+                if (dy, dx) != (1, 1)
+            )
+            skel &= ~lut[code]
+        if int(skel.sum()) == before:
+            return skel
+
+
+def pascal_edges(label_map: np.ndarray) -> np.ndarray:
+    """PASCAL-Context boundaries float32 [H,W] in {0,1} from the 459-class LabelMap, as ASTMT / MTI-Net / ATRC:
+    pixels where the 4-neighbour Laplacian (OpenCV, reflected border) of the label ids is non-zero, thinned."""
+    lap = cv2.Laplacian(label_map.astype(np.float64), cv2.CV_64F)
+    return thin(np.abs(lap) > 0).astype(np.float32)
+
+
+def pascal_semseg(path: str | Path) -> np.ndarray:
+    """PASCAL-Context 21-class ids uint8 [H,W] (0 background, 1..20 VOC, 255 void) of semseg/*/<id>.png."""
+    return read_label8(path, "segmentation")
+
+
+def pascal_human_parts(path: str | Path, groups: dict[str, int]) -> np.ndarray | None:
+    """Human-part ids uint8 [H,W] from human_parts/<id>.mat (PASCAL-Part 'anno'): the parts of every person
+    (class 15) with part annotations, each part name mapped through `groups` (e.g. 'luarm' -> 3), 0 elsewhere.
+    None when the image has no person with parts (the reader then ignores the whole map, as the literature)."""
+    path = Path(path)
+    mat = _loadmat(path, "human parts")
+    try:
+        objects = mat["anno"][0][0][1][0]
+        target = None
+        for obj in objects:
+            if int(np.asarray(obj[1]).ravel()[0]) != PASCAL_PERSON or len(obj[3]) == 0:
+                continue
+            if target is None:
+                target = np.zeros(np.asarray(obj[2]).shape, np.uint8)
+            for part in obj[3][0]:
+                name = str(np.asarray(part[0]).ravel()[0])
+                if name not in groups:
+                    raise DataError(
+                        f"{path}: unknown part name {name!r}; add it to uda/catalogue/pascal_context/part_groups.json"
+                    )
+                target[np.asarray(part[1]).astype(bool)] = groups[name]
+        return target
+    except DataError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise DataError(
+            f"{path}: not a PASCAL-Part annotation ({type(e).__name__}: {e}); use human_parts of the dataset"
+        ) from None
+
+
+def pascal_normals(path: str | Path, label_map: np.ndarray, valid_ids: np.ndarray) -> np.ndarray:
+    """Distilled normals float32 [3,H,W] from normals_distill/<id>.png (2x/255 - 1 per channel, channels as
+    stored R, G, B -> x, y, z; scaled to unit length), kept only on pixels whose LabelMap class is in
+    valid_ids (the classes the NYUDv2 normal estimator knows, as the literature), 0 elsewhere."""
+    path = Path(path)
+    image = read_raw(path, "normals")
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise DataError(
+            f"{path}: normals PNG must be 8-bit RGB, got {image.dtype} {image.shape}; re-extract the file"
+        )
+    if image.shape[:2] != label_map.shape:
+        raise DataError(
+            f"{path}: size {image.shape[1]}x{image.shape[0]} differs from the LabelMap's "
+            f"({label_map.shape[1]}x{label_map.shape[0]}); use files of the same resolution"
+        )
+    n = image[:, :, 2::-1].astype(np.float32).transpose(2, 0, 1) * (2.0 / 255.0) - 1.0
+    norm = np.linalg.norm(n, axis=0, keepdims=True)
+    keep = np.isin(label_map, valid_ids)[None] & (norm > 0.5)
+    return np.where(keep, n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
+
+
+def pascal_saliency(path: str | Path) -> np.ndarray:
+    """Distilled saliency float32 [H,W] in {0,1} from sal_distill/<id>.png: 1 where png / 255 > 0.5."""
+    path = Path(path)
+    image = read_raw(path, "saliency")
+    if image.dtype != np.uint8:
+        raise DataError(f"{path}: saliency PNG must be 8-bit, got {image.dtype}; re-extract the file")
+    if image.ndim == 3:
+        image = image[:, :, 0]
+    return (image > 127).astype(np.float32)

@@ -23,13 +23,14 @@ if TYPE_CHECKING:
 # purpose: the command-line tools import this module to build their --help before importing torch.
 CATALOGUE_DIR = Path(__file__).resolve().parents[1] / "catalogue"
 IGNORE_INDEX = 255
-DATASETS = ("synthia", "cityscapes", "vkitti2", "nyudv2")
+DATASETS = ("synthia", "cityscapes", "vkitti2", "nyudv2", "pascal_context")
 # The label set a dataset's ground truth is read in when none is named.
 DEFAULT_LABEL_SETS = {
     "synthia": "synthia16",
     "cityscapes": "cityscapes16",
     "vkitti2": "vkitti2_14",
     "nyudv2": "nyudv2_40",
+    "pascal_context": "pascal_context21",
 }
 LABEL_SETS: tuple[str, ...] = tuple(sorted(p.stem for p in (CATALOGUE_DIR / "labelsets").glob("*.json")))
 
@@ -200,3 +201,12 @@ def get_class_map(dataset: str, label_set: str) -> ClassMap:
     for k, v in mapping.items():
         lut[k - offset] = v
     return ClassMap(dataset, labels, table, mapping, lut, known, offset)
+
+
+@cache
+def pascal_part_groups() -> dict[str, int]:
+    """PASCAL-Part person part names -> human_parts7 ids (uda/catalogue/pascal_context/part_groups.json)."""
+    return {
+        str(k): int(v)
+        for k, v in _read_json(CATALOGUE_DIR / "pascal_context" / "part_groups.json")["groups"].items()
+    }

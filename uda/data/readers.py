@@ -1,7 +1,10 @@
-"""Dataset readers (torch Datasets) for SYNTHIA RAND_CITYSCAPES, Cityscapes, Virtual KITTI 2 and NYUDv2.
+"""Dataset readers (torch Datasets) for SYNTHIA RAND_CITYSCAPES, Cityscapes, Virtual KITTI 2, NYUDv2 and the
+multi-task PASCAL-Context.
 
 Each item is the sample dict of DESIGN.md: `image`, `K`, `domain`, `meta`, plus only the requested tasks
-(`semseg`, `depth`, `normals`, `edges`) and `frames` when neighbouring frames are requested. File formats are
+(`semseg`, `depth`, `normals`, `edges`; PASCAL-Context also `parts` int64 [H,W] (human_parts7 ids, 255 =
+ignore) and `saliency` float32 [1,H,W] in {0,1} (255 = ignore)) and `frames` when neighbouring frames are
+requested. File formats are
 decoded by uda.data.decode; this module knows the folder layouts and split files.
 
 Splits: `<dataset root>/splits/<split>.txt` if present (the toy data writes its own), else the official
@@ -11,6 +14,7 @@ uda/catalogue/<name>/splits/ (SYNTHIA, VKITTI2). Split "all" is train + val.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +27,15 @@ from torch.utils.data import Dataset
 from uda import TASKS
 from uda.data import decode
 from uda.data.decode import DataError
-from uda.data.labels import CATALOGUE_DIR, DEFAULT_LABEL_SETS, ClassMap, get_class_map, get_id_table
+from uda.data.labels import (
+    CATALOGUE_DIR,
+    DEFAULT_LABEL_SETS,
+    IGNORE_INDEX,
+    ClassMap,
+    get_class_map,
+    get_id_table,
+    pascal_part_groups,
+)
 from uda.data.splits import read_split_file
 from uda.geometry import normals_from_depth
 
@@ -43,6 +55,7 @@ class DenseDataset(Dataset):
 
     name: ClassVar[str]
     supports_frames: ClassVar[bool] = False
+    supported_tasks: ClassVar[tuple[str, ...]] = ("semseg", "depth", "normals", "edges")
     image_folder: ClassVar[str]  # glob of the folder(s) whose absence means the dataset is not there at all
 
     def __init__(
@@ -58,6 +71,12 @@ class DenseDataset(Dataset):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown} for {self.name}; valid tasks: {', '.join(TASKS)}")
+        unsupported = [t for t in tasks if t not in self.supported_tasks]
+        if unsupported:
+            raise DataError(
+                f"{self.name} has no ground truth for {', '.join(unsupported)}; choose among its tasks "
+                f"{', '.join(self.supported_tasks)} (--tasks)"
+            )
         self.tasks = tuple(dict.fromkeys(tasks))
         self.frames = tuple(int(f) for f in frames)
         if self.frames and not self.supports_frames:
@@ -161,6 +180,14 @@ class DenseDataset(Dataset):
         """Edges [H,W] in {0,1} and their file; by default the boundaries of the label map in train ids."""
         return decode.semantic_edges(train_ids), None
 
+    def parts(self, split: str, id: str, shape: tuple[int, int]) -> tuple[np.ndarray, Path]:
+        """Human-part ids uint8 [H,W] (255 = ignore) and their file."""
+        raise NotImplementedError
+
+    def saliency(self, split: str, id: str) -> tuple[np.ndarray, Path]:
+        """Saliency float32 [H,W] in {0,1} and its file."""
+        raise NotImplementedError
+
     # NYUDv2 reads normals and edges from files; the others derive them from depth and labels.
     needs_depth_for_normals: ClassVar[bool] = True
     needs_labels_for_edges: ClassVar[bool] = True
@@ -212,6 +239,14 @@ class DenseDataset(Dataset):
             if path is not None:
                 decode.check_same_size(path, edges.shape, image.shape, image_path)
             sample["edges"] = torch.from_numpy(edges)[None]
+        if "parts" in tasks:
+            parts, path = self.parts(split, id, (h, w))
+            decode.check_same_size(path, parts.shape, image.shape, image_path)
+            sample["parts"] = torch.from_numpy(parts.astype(np.int64))
+        if "saliency" in tasks:
+            sal, path = self.saliency(split, id)
+            decode.check_same_size(path, sal.shape, image.shape, image_path)
+            sample["saliency"] = torch.from_numpy(sal)[None]
         if self.frames:
             sample["frames"] = {}
             for k in self.frames:
@@ -451,11 +486,13 @@ class VKitti2Dataset(DenseDataset):
 
 
 class NYUDv2Dataset(DenseDataset):
-    """NYUDv2 with 40 classes, Kinect depth (.npy, metres), and ground-truth normals and edges as PNGs."""
+    """NYUDv2 with 40 (or 13) classes, Kinect depth (.npy, metres; 0 = no measurement), and ground-truth normals
+    and edges as PNGs. Normals are 0 (unknown) wherever depth has a hole: the multi-task data fills them in
+    there, where they are no measurement (so normals read the depth file too)."""
 
     name = "nyudv2"
     image_folder = "images"
-    needs_depth_for_normals = False
+    needs_depth_for_normals = True
     needs_labels_for_edges = False
 
     def _official_split(self, split: str) -> list[str]:
@@ -466,7 +503,8 @@ class NYUDv2Dataset(DenseDataset):
 
     def _required_folders(self) -> list[tuple[str, str]]:
         folders = {"semseg": "segmentation", "depth": "depth", "normals": "normals", "edges": "edge"}
-        return [(folders[t], t) for t in self.tasks]
+        need = [(folders[t], t) for t in self.tasks]
+        return need + ([("depth", "depth (holes of the normals)")] if "normals" in self.tasks else [])
 
     def image_path(self, split: str, id: str) -> Path:
         png = self.root / "images" / f"{id}.png"
@@ -488,11 +526,129 @@ class NYUDv2Dataset(DenseDataset):
         self, split: str, id: str, depth: np.ndarray | None, K: np.ndarray
     ) -> tuple[np.ndarray, Path | None]:
         path = self.root / "normals" / f"{id}.png"
-        return decode.nyudv2_normals(path), path
+        normals = decode.nyudv2_normals(path)
+        if depth is not None and depth.shape == normals.shape[1:]:
+            normals = decode.nyudv2_normal_holes(normals, depth)
+        return normals, path
 
     def edges(self, split: str, id: str, train_ids: np.ndarray | None) -> tuple[np.ndarray, Path | None]:
         path = self.root / "edge" / f"{id}.png"
         return decode.nyudv2_edges(path), path
+
+
+# -------------------------------------------------------------------------------------------------------------
+# PASCAL-Context, multi-task (ASTMT / MTI-Net / ATRC "PASCALContext"): JPEGImages/, semseg/pascal-context/,
+# human_parts/, sal_distill/, normals_distill/, pascal-context/trainval/, json/, ImageSets/Context/
+# -------------------------------------------------------------------------------------------------------------
+
+
+class PASCALContextDataset(DenseDataset):
+    """PASCAL-Context for dense multi-task learning (4,998 train / 5,105 val images of at most 500x500).
+
+    semseg: 21 classes (background + VOC) from semseg/VOC12/<id>.png if present, else semseg/pascal-context/;
+    parts: PASCAL-Part persons from human_parts/<id>.mat grouped into human_parts7 (background, head, torso,
+    upper/lower arms, upper/lower legs); images without an annotated person are ignored whole (255), as the
+    literature; saliency: sal_distill/<id>.png > 0.5; normals: normals_distill/<id>.png, 2x/255 - 1, kept only on
+    the PASCAL-Context classes that also are NYUDv2 classes (json/context_classes.json, json/nyu_classes.json:
+    the names in both but "unknown", plus tvmonitor); edges: the thinned Laplacian of the 459-class LabelMap of
+    pascal-context/trainval/<id>.mat. No depth. K is nominal (focal length = the longer side, centred): the
+    photos have no calibration, and K only matters to geometric objectives.
+    """
+
+    name = "pascal_context"
+    image_folder = "JPEGImages"
+    supported_tasks = ("semseg", "parts", "saliency", "normals", "edges")
+    needs_depth_for_normals = False
+    needs_labels_for_edges = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._label_map_cache: tuple[str, np.ndarray] | None = None
+        self._normal_classes: np.ndarray | None = None
+        super().__init__(*args, **kwargs)
+
+    def _official_split(self, split: str) -> list[str]:
+        path = self.root / "ImageSets" / "Context" / f"{split}.txt"
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no split {split!r} for PASCAL-Context (expected ImageSets/Context/train.txt, val.txt)"
+            )
+        return read_split_file(path)
+
+    def _required_folders(self) -> list[tuple[str, str]]:
+        folders = {
+            "parts": [("human_parts", "human parts")],
+            "saliency": [("sal_distill", "saliency")],
+            "normals": [("normals_distill", "normals"), ("pascal-context/trainval", "context labels")],
+            "edges": [("pascal-context/trainval", "context labels")],
+        }
+        need = [f for t in self.tasks for f in folders.get(t, [])]
+        if "semseg" in self.tasks and not (self.root / "semseg" / "VOC12").is_dir():
+            need.append(("semseg/pascal-context", "segmentation"))
+        return list(dict.fromkeys(need))
+
+    def image_path(self, split: str, id: str) -> Path:
+        return self.root / "JPEGImages" / f"{id}.jpg"
+
+    def label_ids(self, split: str, id: str) -> tuple[np.ndarray, Path]:
+        voc = self.root / "semseg" / "VOC12" / f"{id}.png"
+        path = voc if voc.is_file() else self.root / "semseg" / "pascal-context" / f"{id}.png"
+        return decode.pascal_semseg(path), path
+
+    def intrinsics(self, split: str, id: str, width: int, height: int) -> np.ndarray:
+        f = float(max(width, height))
+        return decode.intrinsics(f, f, (width - 1) / 2.0, (height - 1) / 2.0)
+
+    def label_map(self, id: str) -> tuple[np.ndarray, Path]:
+        """The 459-class LabelMap of a sample (cached for the one sample being loaded) and its file."""
+        path = self.root / "pascal-context" / "trainval" / f"{id}.mat"
+        if self._label_map_cache is None or self._label_map_cache[0] != id:
+            self._label_map_cache = (id, decode.pascal_label_map(path))
+        return self._label_map_cache[1], path
+
+    def normal_classes(self) -> np.ndarray:
+        """Context class ids whose distilled normals are used: the names of json/context_classes.json that are
+        in json/nyu_classes.json too (but "unknown"), plus tvmonitor."""
+        if self._normal_classes is None:
+            tables = []
+            for name in ("context_classes", "nyu_classes"):
+                path = self.root / "json" / f"{name}.json"
+                try:
+                    tables.append(json.loads(path.read_text()))
+                except (OSError, ValueError) as e:
+                    reason = " ".join(str(getattr(e, "strerror", None) or e).split())[:80]
+                    raise DataError(
+                        f"{path}: cannot read the class table the normals need ({reason}); copy "
+                        "data/db_info/{context,nyu}_classes.json of the MTI-Net / ATRC code there, see "
+                        "datasets/pascal_context/README.md"
+                    ) from None
+            context, nyu = tables
+            ids = [int(context[n]) for n in nyu if n in context and n != "unknown"]
+            if "tvmonitor" in context:
+                ids.append(int(context["tvmonitor"]))
+            self._normal_classes = np.array(sorted(set(ids)), np.int32)
+        return self._normal_classes
+
+    def normals(
+        self, split: str, id: str, depth: np.ndarray | None, K: np.ndarray
+    ) -> tuple[np.ndarray, Path | None]:
+        label_map, _ = self.label_map(id)
+        path = self.root / "normals_distill" / f"{id}.png"
+        return decode.pascal_normals(path, label_map, self.normal_classes()), path
+
+    def edges(self, split: str, id: str, train_ids: np.ndarray | None) -> tuple[np.ndarray, Path | None]:
+        label_map, path = self.label_map(id)
+        return decode.pascal_edges(label_map), path
+
+    def parts(self, split: str, id: str, shape: tuple[int, int]) -> tuple[np.ndarray, Path]:
+        path = self.root / "human_parts" / f"{id}.mat"
+        parts = decode.pascal_human_parts(path, pascal_part_groups())
+        if parts is None:  # no annotated person: the whole map is ignored (the literature's AddIgnoreRegions)
+            parts = np.full(shape, IGNORE_INDEX, np.uint8)
+        return parts, path
+
+    def saliency(self, split: str, id: str) -> tuple[np.ndarray, Path]:
+        path = self.root / "sal_distill" / f"{id}.png"
+        return decode.pascal_saliency(path), path
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -502,6 +658,7 @@ DATASET_CLASSES: dict[str, type[DenseDataset]] = {
     "cityscapes": CityscapesDataset,
     "vkitti2": VKitti2Dataset,
     "nyudv2": NYUDv2Dataset,
+    "pascal_context": PASCALContextDataset,
 }
 
 
@@ -517,7 +674,7 @@ def read_label_file(dataset: str, path: str | Path, colors_txt: str | Path | Non
         else:
             colors = {tuple(int(v) for v in c): i for c, i in zip(table.colors, table.ids)}
         return decode.vkitti2_label(path, colors)
-    if dataset in ("cityscapes", "nyudv2"):
+    if dataset in ("cityscapes", "nyudv2", "pascal_context"):
         return decode.read_label8(path)
     raise ValueError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASET_CLASSES)}")
 

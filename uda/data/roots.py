@@ -17,6 +17,7 @@ DATASET_LAYOUT = {
     "cityscapes": "leftImg8bit",
     "vkitti2": "Scene*",
     "nyudv2": "images",
+    "pascal_context": "JPEGImages",
 }
 
 

@@ -47,11 +47,20 @@ class RunData:
         working size, or at their native resolution when labels_native / eval.label_resolution)."""
         if train:
             transform = TrainTransform(
-                data.size, data.scale_range, data.hflip, data.color_jitter, resize_to=data.resize_to
+                data.size,
+                data.scale_range,
+                data.hflip,
+                data.color_jitter,
+                resize_to=data.resize_to,
+                scale_choices=data.scale_choices,
+                fit=data.fit,
+                crop=data.crop,
             )
         else:
             native = self.cfg.eval.label_resolution if labels_native is None else labels_native
-            transform = EvalTransform(data.size, keep_label_resolution=native, resize_to=data.resize_to)
+            transform = EvalTransform(
+                data.size, keep_label_resolution=native, resize_to=data.resize_to, fit=data.fit
+            )
         return build_dataset(
             data.dataset,
             split,

@@ -32,7 +32,18 @@ from uda.geometry import crop_intrinsics, hflip_intrinsics, resize_intrinsics
 IGNORE_INDEX = 255
 
 # Label-like maps: resized by nearest neighbour, padded with their "unknown" value.
-_LABEL_FILL: dict[str, float] = {"semseg": IGNORE_INDEX, "depth": 0.0, "normals": 0.0, "edges": 0.0}
+# parts and saliency pad with 255 (ignored by their losses and metrics), as ATRC's PadImage; edges with 0, the
+# DESIGN convention (no ignore value for edges).
+_LABEL_FILL: dict[str, float] = {
+    "semseg": IGNORE_INDEX,
+    "depth": 0.0,
+    "normals": 0.0,
+    "edges": 0.0,
+    "parts": IGNORE_INDEX,
+    "saliency": float(IGNORE_INDEX),
+}
+FITS = ("resize", "pad")
+CROPS = ("random", "center")
 _IMAGE_FILL = 0.0
 
 Sample = dict[str, Any]
@@ -144,9 +155,27 @@ def _check_hw(hw: tuple[int, int] | None, name: str) -> tuple[int, int] | None:
     return int(hw[0]), int(hw[1])
 
 
+def _window(scaled: int, size: int, crop: str) -> int:
+    """Offset of a `size` window along an axis of length `scaled`: random or centred where the image is larger,
+    centred (negative: padding, the extra pixel after) where it is smaller, as ATRC's PadImage."""
+    if scaled < size:
+        return -((size - scaled) // 2)
+    if crop == "center":
+        return (scaled - size) // 2
+    return int(torch.randint(0, scaled - size + 1, ()).item())
+
+
 class TrainTransform:
     """Resize (to resize_to if given), random scale, crop (padding if needed), horizontal flip and colour
-    jitter for training samples."""
+    jitter for training samples.
+
+    fit="resize" (default): the image is resized to resize_to (or size) times the random scale, then a window
+    of size is cropped (randomly placed, padding if smaller). fit="pad" (PASCAL-Context, ATRC / InvPT): the
+    image keeps its own size times the random scale (no aspect change), then a window of size is cropped
+    where it is larger and the image is padded, centred, where it is smaller (labels with their ignore value).
+    scale_choices: draw the scale from these values (MTI-Net's NYUDv2 {1, 1.2, 1.5}) instead of scale_range.
+    crop="center": the window sits in the middle (MTI-Net's zoom about the image centre).
+    """
 
     def __init__(
         self,
@@ -155,16 +184,26 @@ class TrainTransform:
         hflip: bool = True,
         color_jitter: float = 0.0,
         resize_to: tuple[int, int] | None = None,
+        scale_choices: tuple[float, ...] = (),
+        fit: str = "resize",
+        crop: str = "random",
     ) -> None:
         """size (h, w) in pixels of the output; scale_range of the random zoom, relative to resize_to (h, w)
-        when given, else to size; jitter strength in [0, 1]."""
+        when given, else to size (fit="resize") or to the image (fit="pad"); jitter strength in [0, 1]."""
         if scale_range[0] <= 0 or scale_range[1] < scale_range[0]:
             raise ValueError(f"scale_range must be 0 < lo <= hi, got {scale_range}")
+        if any(s <= 0 for s in scale_choices):
+            raise ValueError(f"scale_choices must be > 0, got {scale_choices}")
+        if fit not in FITS or crop not in CROPS:
+            raise ValueError(f"fit must be one of {FITS} and crop one of {CROPS}, got {fit!r}, {crop!r}")
         if color_jitter < 0:
             raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
         self.size = _check_hw(size, "size")
         self.resize_to = _check_hw(resize_to, "resize_to")
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.scale_choices = tuple(float(s) for s in scale_choices)
+        self.fit = fit
+        self.crop = crop
         self.hflip = hflip
         self.color_jitter = float(color_jitter)
         self._jitter: A.Compose | None = None
@@ -178,17 +217,26 @@ class TrainTransform:
         """The transformed copy of `sample`; keys other than the maps, K and frames pass through."""
         out = _copy(sample)
         h, w = self.size
-        base_h, base_w = self.resize_to or self.size
-        lo, hi = self.scale_range
-        s = lo + (hi - lo) * torch.rand(()).item()
+        if self.fit == "pad":
+            base_h, base_w = out["image"].shape[-2:]
+        else:
+            base_h, base_w = self.resize_to or self.size
+        if self.scale_choices:
+            s = self.scale_choices[int(torch.randint(0, len(self.scale_choices), ()).item())]
+        else:
+            lo, hi = self.scale_range
+            s = lo + (hi - lo) * torch.rand(()).item()
         # Resizing to resize_to and then zooming by s is one resize to the product: a single interpolation,
         # and K follows the same (src -> scaled) map.
         scaled = (max(1, round(base_h * s)), max(1, round(base_w * s)))
         out = _resize(out, scaled)
 
-        # Offsets range over every window that overlaps the scaled image; negative ones pad it when smaller.
-        top = int(torch.randint(min(0, scaled[0] - h), max(0, scaled[0] - h) + 1, ()).item())
-        left = int(torch.randint(min(0, scaled[1] - w), max(0, scaled[1] - w) + 1, ()).item())
+        if self.fit == "pad" or self.crop == "center":
+            top, left = _window(scaled[0], h, self.crop), _window(scaled[1], w, self.crop)
+        else:
+            # Offsets range over every window that overlaps the scaled image; negative ones pad it when smaller.
+            top = int(torch.randint(min(0, scaled[0] - h), max(0, scaled[0] - h) + 1, ()).item())
+            left = int(torch.randint(min(0, scaled[1] - w), max(0, scaled[1] - w) + 1, ()).item())
         out = _crop(out, top, left, self.size)
 
         if self.hflip and torch.rand(()).item() < 0.5:
@@ -236,17 +284,27 @@ class EvalTransform:
         size: tuple[int, int] | None,
         keep_label_resolution: bool = False,
         resize_to: tuple[int, int] | None = None,
+        fit: str = "resize",
     ) -> None:
         """size (h, w) in pixels of the network input (None: keep); keep_label_resolution: labels not resized;
-        resize_to (h, w): the network input size instead of size (the training transform's resize_to)."""
+        resize_to (h, w): the network input size instead of size (the training transform's resize_to);
+        fit="pad": no resize, the image is padded (centred) to size where it is smaller, as ATRC evaluates
+        PASCAL-Context at 512x512 (its images are at most 500 px a side); a larger side is kept."""
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
         self.size = _check_hw(resize_to, "resize_to") or (None if size is None else _check_hw(size, "size"))
         self.keep_label_resolution = keep_label_resolution
+        self.fit = fit
 
     def __call__(self, sample: Sample) -> Sample:
-        """The resized copy of `sample`. K always describes the image (network input) grid."""
+        """The resized (or padded) copy of `sample`. K always describes the image (network input) grid."""
         out = _copy(sample)
         if self.size is None:
             return out
+        if self.fit == "pad":
+            H, W = out["image"].shape[-2:]
+            h, w = max(H, self.size[0]), max(W, self.size[1])
+            return _crop(out, -((h - H) // 2), -((w - W) // 2), (h, w))
         # With keep_label_resolution the evaluator upsamples predictions to the label size; geometry at label
         # resolution then needs resize_intrinsics(K, image_hw, label_hw).
         return _resize(out, self.size, labels=not self.keep_label_resolution)

@@ -88,11 +88,38 @@ def edges_loss(logit: Tensor, target: Tensor, pos_weight: float = 0.95) -> Tenso
     return (weight * per_pixel).sum() / weight.sum()
 
 
+def parts_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy of human-part logits [B,P,h,w] against part ids [B,H,W] (0 = background); 255 is ignored
+    (padding, and whole images without annotated people, as in ATRC / MTI-Net). Unitless."""
+    return semseg_loss(logits, target)
+
+
+def saliency_loss(logit: Tensor, target: Tensor) -> Tensor:
+    """Balanced BCE of saliency logits [B,1,h,w] vs {0,1} labels [B,1,H,W]; 255 is ignored. Unitless.
+
+    HED-style balance as ATRC's BalancedBinaryCrossEntropyLoss(pos_weight=None) and MTI-Net's
+    BalancedCrossEntropyLoss: w = fraction of negatives among the valid pixels of the batch; salient pixels
+    weigh w, the others 1 - w; the mean over the valid pixels.
+    """
+    logit = resize_to(logit, target.shape[-2:])
+    valid = target != IGNORE_INDEX
+    if not bool(valid.any()):
+        return _zero_with_graph(logit)
+    label = torch.where(valid, target, torch.zeros_like(target)).to(logit.dtype)
+    n_valid = valid.sum()
+    w = ((1.0 - label) * valid).sum().detach() / n_valid
+    weight = (label * w + (1.0 - label) * (1.0 - w)) * valid
+    per_pixel = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
+    return (weight * per_pixel).sum() / n_valid
+
+
 TASK_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "semseg": semseg_loss,
     "depth": depth_loss,
     "normals": normals_loss,
     "edges": edges_loss,
+    "parts": parts_loss,
+    "saliency": saliency_loss,
 }
 
 # Paper §4.1 / App. B.1 Tab. 7: grid-searched on the MTL baseline per task set, reused for every method.
@@ -100,6 +127,15 @@ TASK_WEIGHT_PRESETS: dict[tuple[str, ...], dict[str, float]] = {
     ("semseg", "depth"): {"semseg": 50.0, "depth": 1.0},
     ("semseg", "depth", "normals"): {"semseg": 100.0, "depth": 1.0, "normals": 100.0},
     ("semseg", "depth", "normals", "edges"): {"semseg": 100.0, "depth": 1.0, "normals": 100.0, "edges": 50.0},
+    # PASCAL-Context (MTI-Net / ATRC configs): semseg 1, parts 2, saliency 5, normals 10, edges 50.
+    ("semseg", "parts", "saliency"): {"semseg": 1.0, "parts": 2.0, "saliency": 5.0},
+    ("semseg", "normals", "edges", "parts", "saliency"): {
+        "semseg": 1.0,
+        "parts": 2.0,
+        "saliency": 5.0,
+        "normals": 10.0,
+        "edges": 50.0,
+    },
 }
 
 

@@ -17,6 +17,12 @@ import numpy as np
 from tqdm import tqdm
 
 from uda.data.splits import split_ids, write_split_files
+from uda.data.toy.pascal import (
+    pascal_context_id,
+    pascal_context_size,
+    write_pascal_context,
+    write_pascal_context_tables,
+)
 from uda.data.toy.render import render, render_frame
 from uda.data.toy.scene import (
     CS_BASELINE,
@@ -197,10 +203,9 @@ def _write_vkitti2_scene_files(out: Path, frames: int, seed: int, height: int, w
 # and edges ground truth as files) runs without the real data. It is a format stand-in, not indoor scenes.
 NYU40_OF_CLASS = np.array([2, 20, 1, 1, 38, 35, 35, 11, 40, 40, 20, 22, 31, 31, 39, 39, 3, 3, 5, 5, 40, 0])
 NYU_SEED_OFFSET = 104729
-TOY_DATASETS = (
-    *DOMAINS,
-    "nyudv2",
-)  # the rendered domains plus the NYUDv2-layout stand-in  # other streets than the SYNTHIA-like set of the same seed
+# The rendered domains plus the NYUDv2- and PASCAL-Context-layout stand-ins (other streets than the SYNTHIA-like
+# set of the same seed).
+TOY_DATASETS = (*DOMAINS, "nyudv2", "pascal_context")
 
 
 def nyudv2_size(height: int) -> tuple[int, int]:
@@ -232,6 +237,16 @@ def _write_nyudv2(out: Path, index: int, seed: int, height: int, width: int) -> 
 
 # ----------------------------------------------------------------------------------------------- driver
 
+
+def _toy_size(dataset: str, height: int, width: int) -> tuple[int, int]:
+    """(height, width) of a toy dataset's images (PASCAL-Context: its landscape images; portraits are turned)."""
+    if dataset == "nyudv2":
+        return nyudv2_size(height)
+    if dataset == "pascal_context":
+        return pascal_context_size(height, 0)
+    return domain_size(dataset, height, width)
+
+
 SEQUENCE = "cityscapes_sequence"  # Cityscapes' video frames (leftImg8bit_sequence), for self-supervised depth
 
 _WRITERS = {
@@ -241,6 +256,7 @@ _WRITERS = {
     SEQUENCE: _write_cityscapes_sequence,
     "vkitti2": _write_vkitti2,
     "nyudv2": _write_nyudv2,
+    "pascal_context": write_pascal_context,
 }
 
 
@@ -347,6 +363,9 @@ def make_toy_data(
         write_split_files(out / "synthia" / "splits", split_ids(f"{i:07d}" for i in range(frames)))
     if "nyudv2" in domains:  # the official NYUDv2 split is a file list: gt_sets/{train,val}.txt
         write_split_files(out / "nyudv2" / "gt_sets", split_ids(f"{i:06d}" for i in range(frames)))
+    if "pascal_context" in domains:  # ImageSets/Context/{train,val}.txt and the normals' class tables
+        ids = split_ids(pascal_context_id(i) for i in range(frames))
+        write_pascal_context_tables(out / "pascal_context", frames, ids)
     if "vkitti2" in domains:
         _write_vkitti2_scene_files(out / "vkitti2", frames, seed, height, width)
         ids = [f"{s}/{f:05d}" for s, f in map(vkitti2_name, range(frames))]
@@ -358,9 +377,7 @@ def make_toy_data(
         "seed": seed,
         "frames": frames,
         "target_size": [height, width],
-        "sizes": {
-            d: list(nyudv2_size(height) if d == "nyudv2" else domain_size(d, height, width)) for d in domains
-        },
+        "sizes": {d: list(_toy_size(d, height, width)) for d in domains},
         "domains": list(domains),
         "sky_depth_m": SKY_DEPTH,
         SEQUENCE: bool(kept_sequence or want_sequence),  # each implies Cityscapes is there
