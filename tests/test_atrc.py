@@ -261,3 +261,12 @@ def test_atrc_archs_train(arch, toy_root, tmp_path, fresh_accelerator):
     for row in trainer.loss_log:
         for t in tasks:
             assert np.isfinite(row[f"loss/{t}/s0"]) and np.isfinite(row[f"loss/{t}/aux"]), row
+    # The normals' centroids are a buffer of the model (saved with the weights), the objective labels with
+    # that very tensor, and the run folder keeps a copy in uda-normal-clusters' format.
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    centroids = model.atrc.normal_centroids
+    assert trainer.objective("label_context").centroids is centroids
+    assert torch.allclose(centroids, fibonacci_sphere(cfg.model.atrc_normal_clusters))
+    saved = json.loads((tmp_path / arch / "normal_clusters.json").read_text())
+    assert torch.allclose(torch.tensor(saved["centroids"]), centroids)
+    assert "atrc.normal_centroids" in model.state_dict()

@@ -422,6 +422,10 @@ class ATRCHead(nn.Module):
             self.module = ATRCModule(self.tasks, contexts, channels)
             need = label_tasks(self.tasks, contexts)
         self.aux = nn.ModuleDict({t: aux_head(in_channels, aux_regions(t, cfg, num_classes)) for t in need})
+        if "normals" in self.aux:
+            # The normals' label regions travel with the weights: training, resume and evaluation use the
+            # centroids the model was built with, whatever happens to model.normal_clusters' file later.
+            self.register_buffer("normal_centroids", normal_centroids(cfg))
 
     def forward(
         self, features: Mapping[str, Tensor], fused: Tensor

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
+import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch import Tensor
 
 from uda.config import LabelContextConfig
-from uda.models.atrc import AUX_KEY, IGNORE, depth_bins, normal_centroids, normal_labels
+from uda.models.atrc import AUX_KEY, IGNORE, ATRCHead, depth_bins, normal_centroids, normal_labels
 from uda.objectives.base import Objective, ObjectiveError, RunContext, Step, Terms
 
 AUX_TASKS = ("semseg", "depth", "normals", "edges")
+CENTROIDS_FILE = "normal_clusters.json"  # <run>/normal_clusters.json: the centroids the run trained with
 
 
 def resize_nearest(label: Tensor, size: Sequence[int]) -> Tensor:
@@ -44,7 +50,25 @@ class LabelContext(Objective):
                 f"{model.arch}; remove the label_context section"
             )
         self.bins = model.atrc_depth_bins
+        self.out = Path(run.cfg.out)
         self.centroids = normal_centroids(model) if "normals" in run.tasks else None
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Take the normals' centroids from the model (its buffer, restored with every checkpoint) and keep a
+        copy in the run folder (<run>/normal_clusters.json, the format of uda-normal-clusters)."""
+        heads = [m for m in model.modules() if isinstance(m, ATRCHead) and hasattr(m, "normal_centroids")]
+        if not heads:
+            return
+        self.centroids = heads[0].normal_centroids
+        if PartialState().is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            record = {
+                "centroids": [[float(x) for x in c] for c in self.centroids.tolist()],
+                "source": self.run.cfg.model.normal_clusters or "fibonacci-sphere",
+            }
+            tmp = self.out / f".{CENTROIDS_FILE}.tmp"
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(tmp, self.out / CENTROIDS_FILE)
 
     def labels(self, task: str, label: Tensor, size: Sequence[int]) -> Tensor:
         """A task's labels -> region ids [B,h,w] (long, 255 = ignored) at the aux resolution `size`."""
@@ -78,4 +102,4 @@ class LabelContext(Objective):
         return Terms(tasks=terms, logs=logs) if terms else None
 
 
-__all__ = ["LabelContext", "resize_nearest"]
+__all__ = ["CENTROIDS_FILE", "LabelContext", "resize_nearest"]
