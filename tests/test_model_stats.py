@@ -141,3 +141,22 @@ def test_usage_errors_exit_2_with_one_line(argv, says, capsys):
     assert captured.out == ""
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0]
+
+
+def test_searched_atrc_row_is_counted_from_the_search_file(tmp_path):
+    """atrc-searched is n/a without a file; with one, it is counted from it: an all-global file gives the
+    atrc-global count, one T-label block a count between all-global and all-T-label (one aux head more)."""
+    from uda.models.atrc import write_contexts
+
+    tasks = ("semseg", "depth")
+    assert model_stats.model_stats("atrc-searched", "hrnetv2-w18-small", tasks, 40, None)["status"] == "n/a"
+    contexts = {t: dict.fromkeys(tasks, "global") for t in tasks}
+    same = write_contexts(contexts, tmp_path / "global.json")
+    glob = model_stats.model_stats("atrc-global", "hrnetv2-w18-small", tasks, 40, None)
+    row = model_stats.model_stats("atrc-searched", "hrnetv2-w18-small", tasks, 40, None, str(same))
+    assert row["status"] == "ok" and row["params"] == glob["params"]
+    contexts["depth"]["semseg"] = "tlabel"
+    mixed = write_contexts(contexts, tmp_path / "mixed.json")
+    row = model_stats.model_stats("atrc-searched", "hrnetv2-w18-small", tasks, 40, None, str(mixed))
+    tlabel = model_stats.model_stats("atrc-tlabel", "hrnetv2-w18-small", tasks, 40, None)
+    assert glob["params"] < row["params"] < tlabel["params"]

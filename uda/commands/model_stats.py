@@ -16,8 +16,9 @@ backbone counts 2 % less); 480 x 640 gives +26 %, 448 x 576 +6 %, and 448 x 544 
 425 x 560) lands within 1 % by that offset.
 
 Variant rows (e.g. atrc-local = arch atrc with model.atrc_contexts=local) are ATRC's fixed-context baselines;
-plain "atrc" takes the default context (global). "atrc-searched" (ATRC's searched architecture) is n/a: it needs
-the context search's JSON file. The ATRC rows count 4.73 M (global, local) and 5.06 M (T-label, S-label: their
+plain "atrc" takes the default context (global). "atrc-searched" (ATRC's searched architecture) is counted with
+the context search's JSON file given by --atrc-contexts (recipes/atrc_search.py writes <run>/atrc_contexts.json;
+its tasks must be --tasks), n/a without one. The ATRC rows count 4.73 M (global, local) and 5.06 M (T-label, S-label: their
 auxiliary heads) as the paper.
 
 An arch that cannot be built on the backbone (e.g. 3ways-padnet needs a dilated ResNet) is listed as skipped
@@ -116,10 +117,12 @@ def model_stats(
     tasks: tuple[str, ...],
     classes: int,
     size: tuple[int, int] | None,
+    atrc_contexts: str | None = None,
 ) -> dict[str, Any]:
     """One row: status "ok" with the parameter counts (and GMACs of one image of `size`, unless None),
     "skipped" (not buildable on the backbone), "n/a" (not in this version) or "error", with the reason.
-    `arch` may name a VARIANTS row (an arch with model keys set)."""
+    `arch` may name a VARIANTS row (an arch with model keys set); atrc-searched takes `atrc_contexts` (a
+    context search's JSON file)."""
     import torch
 
     from uda.config import ModelConfig
@@ -129,9 +132,15 @@ def model_stats(
     row: dict[str, Any] = {"arch": arch}
     overrides: dict[str, Any] = {}
     if arch in VARIANTS:
-        if VARIANTS[arch] is None:
-            return row | {"status": "n/a", "reason": "not available (needs the context search's JSON file)"}
-        arch, overrides = VARIANTS[arch]
+        if VARIANTS[arch] is not None:
+            arch, overrides = VARIANTS[arch]
+        elif atrc_contexts is None:
+            return row | {
+                "status": "n/a",
+                "reason": "not available (pass the context search's JSON file with --atrc-contexts)",
+            }
+        else:
+            arch, overrides = "atrc", {"atrc_contexts": str(atrc_contexts)}
     cfg = ModelConfig(arch=arch, backbone=backbone, pretrained=False, **overrides)
     try:
         model = build_model(cfg, task_channels(tasks, classes))
@@ -256,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="input size of the multiply-add count (default: 416 576, ATRC's NYUD-v2 425x560 on a multiple of "
         "32; HRNet backbones need multiples of 32)",
     )
+    p.add_argument(
+        "--atrc-contexts",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the atrc_contexts.json of a context search (recipes/atrc_search.py): counts the atrc-searched row",
+    )
     p.add_argument("--no-macs", action="store_true", help="only count parameters (fast)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
@@ -308,7 +324,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     progress = tqdm(archs, desc="models", unit="arch", file=sys.stderr, leave=False)
     for arch in progress:
         progress.set_postfix_str(arch)
-        row = model_stats(arch, args.backbone, args.task_names, args.classes, size)
+        row = model_stats(arch, args.backbone, args.task_names, args.classes, size, args.atrc_contexts)
         if reference is not None:
             add_reference(row, reference)
         rows.append(row)
