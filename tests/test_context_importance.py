@@ -100,38 +100,54 @@ def test_permutations_are_seeded_and_leave_torch_rng_alone():
 
 
 def test_command_on_a_trained_atrc_run(toy_root, tmp_path, fresh_accelerator, capsys):
-    """Two training steps of ATRC (global self, local cross contexts, one 'none'), then the tool: one entry per
-    CP block, every file written, the intact metrics those of the run's protocol."""
+    """Two training steps of ATRC (global self, local and T-label cross contexts, one 'none') with a normals
+    clusters file that is deleted after training (the run's copy replaces it), then the tool: one entry per CP
+    block, every file written, the intact metrics those of the run's protocol."""
     from dataclasses import replace
 
     from tests.conftest import tiny_config
     from uda.cli import model_defaults
     from uda.commands.context_importance import main
     from uda.engine import Trainer
+    from uda.evaluate import load_trained_model
     from uda.models.atrc import write_contexts
 
-    tasks = ("semseg", "depth")
+    tasks = ("semseg", "normals")
     contexts = write_contexts(
-        {"semseg": {"semseg": "global", "depth": "local"}, "depth": {"semseg": "none", "depth": "global"}},
+        {
+            "semseg": {"semseg": "global", "normals": "local"},
+            "normals": {"semseg": "none", "normals": "tlabel"},
+        },
         tmp_path / "contexts.json",
     )
+    clusters = tmp_path / "clusters.json"
+    centroids = [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]
+    clusters.write_text(json.dumps({"centroids": centroids}))
     cfg = tiny_config(toy_root, tmp_path / "run", arch="atrc", tasks=tasks, iterations=2, deterministic=False)
     cfg = replace(
         cfg,
-        model=replace(cfg.model, backbone="hrnetv2-w18-small", atrc_contexts=str(contexts)),
+        model=replace(
+            cfg.model,
+            backbone="hrnetv2-w18-small",
+            atrc_contexts=str(contexts),
+            normal_clusters=str(clusters),
+        ),
         data=replace(cfg.data, size=(32, 64)),
     )
     Trainer(model_defaults(cfg)).fit()
+    clusters.unlink()
+    _, model, _ = load_trained_model(tmp_path / "run")
+    assert model.atrc.normal_centroids.tolist() == centroids
     capsys.readouterr()
     assert main([str(tmp_path / "run"), "--repeats", "2", "--quiet", "--out", str(tmp_path / "imp")]) == 0
     result = json.loads((tmp_path / "imp" / "importance.json").read_text())
-    assert set(result["blocks"]) == {"semseg<-semseg", "semseg<-depth", "depth<-depth"}
+    assert set(result["blocks"]) == {"semseg<-semseg", "semseg<-normals", "normals<-normals"}
     assert all(
         len(b["drops"]) == 2 and all(math.isfinite(d) for d in b["drops"]) for b in result["blocks"].values()
     )
-    assert {"semseg/miou", "depth/rmse"} <= set(result["intact"])
+    assert {"semseg/miou", "normals/mean"} <= set(result["intact"])
     table = (tmp_path / "imp" / "importance.md").read_text()
-    assert "| depth | - |" in table  # depth <- semseg has no block
+    assert "| normals | - |" in table  # normals <- semseg has no block
     assert (tmp_path / "imp" / "importance.png").stat().st_size > 0
 
 

@@ -231,8 +231,12 @@ def load_trained_model(path: str | Path) -> tuple[Any, torch.nn.Module, Path]:
             f"{state_file}: cannot read the run's config ({reason}); "
             "the checkpoint is damaged or from another version of uda, pass an older checkpoint folder"
         ) from None
+    model_cfg = replace(cfg.model, pretrained=False)
+    copy = ckpt.parent.parent / "normal_clusters.json"  # ATRC runs keep their normals' centroids there
+    if model_cfg.normal_clusters and not Path(model_cfg.normal_clusters).is_file() and copy.is_file():
+        model_cfg = replace(model_cfg, normal_clusters=str(copy))
     model = build_model(
-        replace(cfg.model, pretrained=False),
+        model_cfg,
         task_channels(tuple(cfg.tasks), get_label_set(cfg.data.label_set).num_classes),
     )
     weights = ckpt / "model.safetensors"
