@@ -22,6 +22,7 @@ from uda.data.toy import (
     nyudv2_size,
     render_frame,
 )
+from uda.data.toy.pascal import pascal_context_size
 from uda.data.toy.render import camera_effects
 
 SEED = 3
@@ -62,15 +63,18 @@ def pixel_rays(K: np.ndarray, h: int, w: int) -> np.ndarray:
 def test_output_is_bit_identical_for_a_seed_whatever_the_workers(toy, tmp_path):
     make_toy_data(tmp_path, frames=FRAMES, seed=SEED, workers=1, progress=False, **SIZE)
     first, second = files(toy), files(tmp_path)
-    # per frame: SYNTHIA 3 PNGs, Cityscapes 7 files (3 sequence frames), VKITTI2 3, NYUDv2 5; then split and
-    # scene files
-    assert len(first) == 3 * FRAMES + 2 + 7 * FRAMES + 3 * FRAMES + 3 + 2 + 5 * FRAMES + 2 + 1
+    # per frame: SYNTHIA 3 PNGs, Cityscapes 7 files (3 sequence frames), VKITTI2 3, NYUDv2 5, PASCAL-Context 6
+    # (jpg, 3 PNGs, 2 .mat); then split, scene and class-table files
+    assert (
+        len(first) == 3 * FRAMES + 2 + 7 * FRAMES + 3 * FRAMES + 3 + 2 + 5 * FRAMES + 2 + 6 * FRAMES + 4 + 1
+    )
     assert first.keys() == second.keys()
     assert [k for k in first if first[k] != second[k]] == []
     info = json.loads((toy / "toy_info.json").read_text())
     assert info["seed"] == SEED and info["frames"] == FRAMES and info["target_size"] == [64, 128]
     expected = {d: list(domain_size(d, 64, 128)) for d in ("synthia", "cityscapes", "vkitti2")}
-    assert info["sizes"] == {**expected, "nyudv2": list(nyudv2_size(64))}
+    pascal = list(pascal_context_size(64, 0))  # landscape; every third image is portrait
+    assert info["sizes"] == {**expected, "nyudv2": list(nyudv2_size(64)), "pascal_context": pascal}
 
 
 @pytest.mark.parametrize("domain", ["synthia", "cityscapes", "vkitti2"])

@@ -15,12 +15,14 @@ from pathlib import Path
 from uda import TASKS
 from uda.data.labels import DATASETS, DEFAULT_LABEL_SETS
 
-# The tasks with ground-truth files (normals elsewhere are derived from depth, edges from labels).
+# The tasks with ground-truth files (normals elsewhere are derived from depth, edges from labels; PASCAL-Context's
+# edges come from its context label maps).
 FILE_TASKS = {
     "synthia": ("semseg", "depth"),
     "cityscapes": ("semseg", "depth"),
     "vkitti2": ("semseg", "depth"),
     "nyudv2": ("semseg", "depth", "normals", "edges"),
+    "pascal_context": ("semseg", "parts", "saliency", "normals", "edges"),
 }
 
 
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  uda-check-dataset --dataset cityscapes --data-root /data --split train val   # reads /data/cityscapes\n"
         "  uda-check-dataset --dataset synthia --tasks semseg --limit 100              # reads datasets/synthia\n"
+        "  uda-check-dataset --dataset pascal_context --data-root /data                # reads /data/pascal_context\n"
         "(in a clone without installing: python tools/check_dataset.py ...)",
     )
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="the dataset to check")

@@ -1,8 +1,11 @@
-"""Render the built-in toy datasets (SYNTHIA-, Cityscapes-, VKITTI2- and NYUDv2-like) in their real on-disk formats.
+"""Render the built-in toy datasets (SYNTHIA-, Cityscapes-, VKITTI2-, NYUDv2- and PASCAL-Context-like) in their real
+on-disk formats.
 
 Writes DIR/synthia (RGB, GT/LABELS, Depth/Depth, splits), DIR/cityscapes (leftImg8bit, gtFine labelIds,
 disparity, camera, leftImg8bit_sequence with the -1/0/+1 frames), DIR/vkitti2 (Scene*/clone/frames,
-colors.txt, intrinsic.txt, extrinsic.txt, splits), DIR/nyudv2 and DIR/toy_info.json. DIR is then a data
+colors.txt, intrinsic.txt, extrinsic.txt, splits), DIR/nyudv2, DIR/pascal_context (JPEGImages, semseg,
+human_parts and pascal-context .mat files, sal_distill, normals_distill, json, ImageSets/Context) and
+DIR/toy_info.json. DIR is then a data
 root: pass it as --data-root to the recipes and tools. Same seed and sizes give bit-identical files.
 """
 
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=DATASETS,
         default=list(DATASETS),
-        help=f"datasets to write (default: {' '.join(DATASETS)}; nyudv2 is the street renderer in the NYUDv2 layout)",
+        help=f"datasets to write (default: {' '.join(DATASETS)}; nyudv2 and pascal_context are the street renderer in their layouts)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: one per CPU core)"
@@ -60,12 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     """uda-make-toy-data: render and write the toy datasets; exit status 2 on a bad option."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from uda.data.toy import domain_size, make_toy_data, nyudv2_size
+    from uda.data.toy import make_toy_data
+    from uda.data.toy.write import toy_size
 
     def size(d: str) -> str:
-        return "x".join(
-            map(str, nyudv2_size(args.height) if d == "nyudv2" else domain_size(d, args.height, args.width))
-        )
+        return "x".join(map(str, toy_size(d, args.height, args.width)))
 
     try:
         sizes = ", ".join(f"{d} {size(d)}" for d in args.dataset)

@@ -181,6 +181,16 @@ def _anno(name: str, classes: np.ndarray, instance: np.ndarray, parts: np.ndarra
     return {"imname": name, "objects": obj_arr}
 
 
+MAT_HEADER = b"MATLAB 5.0 MAT-file, written by uda.data.toy"
+
+
+def _fixed_header(path: Path) -> None:
+    """Replace the creation time in a MAT-file's 116-byte text header by a fixed text, so that the toy data is
+    bit-identical for a seed (scipy writes time.asctime() there; MATLAB and loadmat ignore the text)."""
+    with path.open("r+b") as f:
+        f.write(MAT_HEADER.ljust(116, b" "))
+
+
 def write_pascal_context(out: Path, index: int, seed: int, height: int, width: int) -> None:
     """Render toy PASCAL-Context image `index` and write all its files under out (the dataset folder)."""
     h, w = pascal_context_size(height, index)
@@ -216,6 +226,7 @@ def write_pascal_context(out: Path, index: int, seed: int, height: int, width: i
         path = out / rel / f"{name}.mat"
         path.parent.mkdir(parents=True, exist_ok=True)
         savemat(str(path), data, do_compression=True)
+        _fixed_header(path)
 
 
 def write_pascal_context_tables(out: Path, frames: int, split: dict[str, list[str]]) -> None:

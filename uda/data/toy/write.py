@@ -238,7 +238,7 @@ def _write_nyudv2(out: Path, index: int, seed: int, height: int, width: int) -> 
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _toy_size(dataset: str, height: int, width: int) -> tuple[int, int]:
+def toy_size(dataset: str, height: int, width: int) -> tuple[int, int]:
     """(height, width) of a toy dataset's images (PASCAL-Context: its landscape images; portraits are turned)."""
     if dataset == "nyudv2":
         return nyudv2_size(height)
@@ -377,7 +377,7 @@ def make_toy_data(
         "seed": seed,
         "frames": frames,
         "target_size": [height, width],
-        "sizes": {d: list(_toy_size(d, height, width)) for d in domains},
+        "sizes": {d: list(toy_size(d, height, width)) for d in domains},
         "domains": list(domains),
         "sky_depth_m": SKY_DEPTH,
         SEQUENCE: bool(kept_sequence or want_sequence),  # each implies Cityscapes is there
