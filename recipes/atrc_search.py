@@ -8,7 +8,9 @@ The supernet (model.atrc_contexts=search on HRNetV2-W18-small): every CP block m
 model.atrc_search_temperature, default 1.0), trained with the weights in one backward pass (single-level, at
 optim.lr_decoder). The context_search objective adds w(step) * mean H(p_alpha), w linear from
 context_search.weight_start (-0.1) to context_search.weight_end (+0.1), and after every step fixes each block
-whose entropy fell below context_search.threshold (0.3 nats) at its argmax. At every checkpoint and at the end
+whose entropy fell below context_search.threshold (0.3 nats) at its argmax. alpha has its own learning rate,
+optim.lr_architecture (default: lr_decoder; --toy sets 1e-2, since at lr_decoder the 300 toy steps move alpha by
+about 0.1 and no block ever chooses). At every checkpoint and at the end
 the chosen architecture is written to <run>/atrc_contexts.json; retrain it from scratch with
 
     accelerate launch recipes/nyudv2.py --model atrc model.backbone=hrnetv2-w18-small \\
@@ -33,6 +35,7 @@ from uda.models.atrc import SEARCH  # noqa: E402
 
 RECIPE = "atrc_search"
 ARCHS = ("atrc", "atrc-fpm")
+TOY_LR_ARCHITECTURE = 1e-2
 # --dataset: (label set, working size) of the supervised recipe the search runs on.
 DATASETS = {"nyudv2": ("nyudv2_40", (448, 576)), "synthia": ("synthia16", (512, 1024))}
 
@@ -44,7 +47,10 @@ def build(args):
     label_set, size = DATASETS[args.dataset]
     cfg = cli.supervised_config(args.dataset, label_set, size, "SDNE")(args)
     model = replace(cfg.model, backbone="hrnetv2-w18-small", atrc_contexts=SEARCH)
-    return replace(cfg, model=model, context_search=ContextSearchConfig())
+    optim = cfg.optim
+    if args.toy:  # 300 toy steps: alpha at lr_decoder would move ~0.1 and no block would choose
+        optim = replace(optim, lr_architecture=TOY_LR_ARCHITECTURE)
+    return replace(cfg, model=model, optim=optim, context_search=ContextSearchConfig())
 
 
 def main(argv=None):

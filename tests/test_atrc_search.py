@@ -142,8 +142,12 @@ def test_frozen_choice_survives_resume(toy_root, tmp_path, fresh_accelerator, on
     from uda.engine import Trainer
 
     cfg = _search_config(toy_root, tmp_path / "run", iterations=4)
+    cfg = replace(cfg, optim=replace(cfg.optim, lr_architecture=0.05))
     first = Trainer(cfg)
     (module,) = search_modules(first.accelerator.unwrap_model(first.model))
+    # alpha alone in its own optimiser group, at optim.lr_architecture
+    owners = [g for g in first.optimizer.param_groups if any(p is module.alpha for p in g["params"])]
+    assert len(owners) == 1 and len(owners[0]["params"]) == 1 and owners[0]["lr"] == 0.05
     with torch.no_grad():  # one block decided before the run: frozen after the first step
         module.alpha[1, 0, CONTEXTS.index("tlabel")] = 10.0
     rows = train_steps(first, 2)
@@ -192,6 +196,7 @@ def test_search_recipe_on_toy_data_writes_contexts_the_training_recipe_accepts(
     assert resolve_contexts(str(path), ("semseg", "depth")) == contexts
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["atrc_contexts"] == SEARCH and config["model"]["backbone"] == "hrnetv2-w18-small"
+    assert config["optim"]["lr_architecture"] == 0.01  # --toy: alpha must move within a toy schedule
 
     # The training recipe takes it (config check, --print-config: nothing is trained).
     from uda.cli import base_parser, main, supervised_config

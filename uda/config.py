@@ -171,6 +171,8 @@ class OptimConfig:
     optimizer: Literal["adam", "sgd"] = "adam"
     lr_backbone: float = 2e-4
     lr_decoder: float = 3e-4
+    # Architecture weights of a search (ATRC's context logits alpha): their own learning rate; None = lr_decoder.
+    lr_architecture: float | None = None
     betas: tuple[float, float] = (0.9, 0.98)
     momentum: float = 0.9
     weight_decay: float = 0.0

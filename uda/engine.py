@@ -115,6 +115,11 @@ class Trainer:
         param_groups = [
             {"params": groups["backbone"], "lr": cfg.optim.lr_backbone},
             {"params": groups["decoder"], "lr": cfg.optim.lr_decoder},
+            *(
+                [{"params": groups["architecture"], "lr": cfg.optim.lr_architecture or cfg.optim.lr_decoder}]
+                if groups.get("architecture")
+                else []
+            ),
             *(group for o in self.objectives for group in o.param_groups()),
             *self.weighting.param_groups(cfg.loss.weighting_lr),
         ]

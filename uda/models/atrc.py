@@ -314,6 +314,10 @@ class ATRCModule(nn.Module):
 
     # ------------------------------------------------------------------ search state
 
+    def architecture_parameters(self) -> list[nn.Parameter]:
+        """The search's architecture weights (alpha; trained at optim.lr_architecture), none when fixed."""
+        return [self.alpha] if self.search else []
+
     def block_entropy(self) -> Tensor:
         """H(p_alpha) [targets, sources] in nats (with gradient to alpha)."""
         return context_entropy(self.alpha)

@@ -194,10 +194,23 @@ class SharedBackboneModel(nn.Module):
     encoder: nn.Module
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """{"backbone": backbone parameters, "decoder": every other parameter (heads, exchange, ...)}."""
+        """{"backbone": backbone parameters, "decoder": every other parameter (heads, exchange, ...)}, and
+        "architecture": the architecture weights of a search (modules with `architecture_parameters()`, e.g.
+        ATRC's context logits alpha; optim.lr_architecture) when there are any."""
         from uda.models.multitask import _split_params
 
-        return _split_params(self, [self.encoder])
+        groups = _split_params(self, [self.encoder])
+        arch = [
+            p
+            for m in self.modules()
+            if hasattr(m, "architecture_parameters")
+            for p in m.architecture_parameters()
+        ]
+        if arch:
+            ids = {id(p) for p in arch}
+            groups["decoder"] = [p for p in groups["decoder"] if id(p) not in ids]
+            groups["architecture"] = arch
+        return groups
 
     def shared_layer(self, task: str) -> list[nn.Parameter]:
         """The last layer every task shares (the backbone's last convolution), e.g. for GradNorm."""
