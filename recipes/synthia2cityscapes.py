@@ -2,11 +2,15 @@
 
     accelerate launch recipes/synthia2cityscapes.py [--toy] [--model stl|mtl|mteb] [--no-adapt | --oracle]
                                                    [--tasks SD|SDN] [--target-depth adversarial|photometric|both]
+                                                   [--method adversarial|self-training|self-training+adversarial|none]
                                                    [--optim-preset paper|released] [--data-root D] [--out O]
                                                    [key=value ...]
 
 Shared options (see --help): --seed S, --batch-size N, --mixed-precision auto|no|fp16|bf16, --resume,
 --config FILE (rebuild a run from its config.json), --print-config, --debug.
+
+`--method self-training` adapts by an EMA teacher's pseudo-labels for every task on ClassMix-ed target images
+(self_training.mix=depthmix for depth-aware mixing), `--method self-training+adversarial` adds the discriminators.
 
 Rows of the paper's Table 6: `--oracle` (target), `--no-adapt` (source only), default (UDA), each with --model.
 """

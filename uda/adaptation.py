@@ -6,11 +6,27 @@ import argparse
 from dataclasses import replace
 
 from uda.cli import TOY_SIZE, base_parser
-from uda.config import AdaptConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
+from uda.config import (
+    AdaptConfig,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    SelfTrainingConfig,
+    TrainConfig,
+)
 from uda.selfsupervised import with_photometric
 
 # mIoU* of SYNTHIA -> Cityscapes: the 16 classes without wall, fence and pole.
 CLASSES_13_OF_16 = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+# --method: (adversarial, self-training) objectives on, and the run's name.
+METHODS = {
+    "adversarial": (True, False, "uda"),
+    "self-training": (False, True, "st"),
+    "self-training+adversarial": (True, True, "st-adv"),
+    "none": (False, False, "target"),
+}
 # VKITTI2 (1242x375) as the authors' VK -> CS code feeds it: resized to 1696x512 (aspect ratio kept,
 # 1242 * 512 / 375 = 1695.7), then randomly cropped to the 1024x512 working size; (height, width).
 VKITTI2_RESIZE_TO = (512, 1696)
@@ -34,6 +50,15 @@ def adaptation_parser(description: str) -> argparse.ArgumentParser:
         "SGD), or the authors' released DA configs (Adam 1.5e-5/2.5e-4, constant, no clipping, every model)",
     )
     parser.set_defaults(paper_tables=True)  # the recipes of Table 6: the paper's baselines
+    parser.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help="how the model adapts to the unlabelled target: output-level adversarial alignment (the paper's; "
+        "default), self-training (EMA teacher, pseudo-labels for every task, ClassMix; tune with "
+        "self_training.* keys, e.g. self_training.mix=depthmix self_training.rare_class_sampling=true), both, "
+        "or none (only --target-depth photometric adapts, if set)",
+    )
     parser.add_argument(
         "--target-depth",
         choices=["adversarial", "photometric", "both"],
@@ -81,8 +106,22 @@ def adaptation_config(
         cfg = with_photometric(cfg, "target")
         if args.target_depth == "photometric":
             cfg = replace(cfg, adapt=replace(cfg.adapt, tasks=("semseg",)))
+    method = getattr(args, "method", None)
+    if method is not None and (args.no_adapt or args.oracle):
+        raise ConfigError(
+            f"--method {method} adapts to the target; --no-adapt and --oracle do not adapt: drop one of them"
+        )
     if args.no_adapt:
         return replace(cfg, name="source", adapt=None)
     if args.oracle:
         return replace(cfg, name="oracle", data=replace(tgt), adapt=None)
-    return replace(cfg, name="uda" if args.target_depth == "adversarial" else f"uda-{args.target_depth}")
+    adversarial, self_training, name = METHODS[method or "adversarial"]
+    if not adversarial:
+        cfg = replace(cfg, adapt=None)
+    if self_training:
+        cfg = replace(cfg, self_training=SelfTrainingConfig())
+    if args.target_depth != "adversarial":
+        name = f"{name}-{args.target_depth}" if name != "target" else args.target_depth
+    elif name == "target":  # nothing adapts: the source-only run
+        name = "source"
+    return replace(cfg, name=name)

@@ -6,7 +6,9 @@ and SHA-256 of every other file). It is written into `.tmp-step-<step>/` and ren
 during a save leaves the previous checkpoints untouched; `trainer_state.json` is written last, so a folder
 without it is never taken for a checkpoint. The objectives' networks also appear under their own names
 (`discriminators.safetensors`, `posenet.safetensors`, ...: hard links to accelerate's `model_<i>` files), and
-`checkpoints/latest` points at the newest complete checkpoint once it is in place.
+`checkpoints/latest` points at the newest complete checkpoint once it is in place. Networks an objective holds
+outside accelerate (`held`: an EMA teacher) are written by safetensors as `<name>.safetensors`, hashed with
+the rest, and read back by safetensors.
 
 Loading checks, before any weight is read: the state file parses, every recorded file is there with its
 size and hash (a truncated or corrupted file is refused), and the config keys that shape the weights and
@@ -188,13 +190,14 @@ def save(
     state: Mapping[str, Any],
     keep: int = 2,
     names: Mapping[str, str] | None = None,
+    held: Mapping[str, nn.Module] | None = None,
 ) -> Path:
     """Save the prepared models, optimisers and RNG states plus `state` as checkpoint `step`, atomically.
 
     Every process calls this. The main process gives accelerate's files the names in `names` too (e.g.
     model_1.safetensors -> discriminators.safetensors, as hard links), records each file's size and hash in
     trainer_state.json, renames the temporary folder into place, points `latest` at it and keeps the newest
-    `keep` checkpoints.
+    `keep` checkpoints. Each `held` network (not prepared by accelerate) is written as `<name>.safetensors`.
     """
     acc = accelerator
     root = Path(out) / CHECKPOINTS
@@ -207,6 +210,10 @@ def save(
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
+        from safetensors.torch import save_model
+
+        for name, net in (held or {}).items():
+            save_model(net, str(tmp / f"{name}.safetensors"))
         for source, name in (names or {}).items():
             if (tmp / source).is_file():
                 try:
@@ -361,14 +368,29 @@ def all_processes(accelerator: Accelerator, ok: bool) -> bool:
     return bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
 
 
+def load_held(net: nn.Module, path: Path) -> None:
+    """Read a held network's tensors from `path` (safetensors, no code run) into `net`, on its device."""
+    from safetensors.torch import load_model
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a checkpoint of a run without this objective's network)")
+    device = next(iter(net.state_dict().values())).device
+    load_model(net, str(path), strict=True, device=str(device))
+
+
 def load(
-    accelerator: Accelerator, out: str | Path, config: Mapping[str, Any], path: str | Path | None = None
+    accelerator: Accelerator,
+    out: str | Path,
+    config: Mapping[str, Any],
+    path: str | Path | None = None,
+    held: Mapping[str, nn.Module] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load `path` or the newest usable checkpoint of run `out` into the prepared objects; (folder, state).
 
     A damaged checkpoint is reported and the next older one is tried; a checkpoint of another model config
     stops with ConfigMismatch. None when the run has no checkpoint (and no path was given); CheckpointError
-    when there are checkpoints but none is usable. Every process calls this and all take the same one.
+    when there are checkpoints but none is usable. Every process calls this and all take the same one. Each
+    `held` network is read from `<name>.safetensors` (strictly: every tensor, same shapes).
     """
     acc = accelerator
     if path is not None:
@@ -392,6 +414,8 @@ def load(
         if all_processes(acc, error is None):
             try:
                 acc.load_state(str(ckpt))
+                for name, net in (held or {}).items():
+                    load_held(net, ckpt / f"{name}.safetensors")
             except Exception as exc:  # noqa: BLE001 - any failure while reading means an unusable file
                 error = f"{ckpt}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             if all_processes(acc, error is None):

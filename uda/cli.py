@@ -604,7 +604,7 @@ def objective_uses_target(cfg: ExperimentConfig) -> bool:
         return False
     photometric = cfg.photometric is not None and cfg.photometric.domain == "target"
     consistency = cfg.consistency is not None and "target" in cfg.consistency.domains
-    return cfg.adapt is not None or photometric or consistency
+    return cfg.adapt is not None or cfg.self_training is not None or photometric or consistency
 
 
 def check_data(cfg: ExperimentConfig) -> None:

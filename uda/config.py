@@ -344,6 +344,57 @@ class ContextSearchConfig:
 
 
 @dataclass
+class SelfTrainingConfig:
+    """Self-training on the target (DACS / DAFormer / CorDA family; uda.objectives.self_training): an EMA teacher
+    of the whole model gives pseudo-labels on target images (segmentation weighted by the share of confident
+    pixels, depth and normals where the teacher agrees with itself on the flipped image); the student learns
+    them on strongly augmented, optionally source-mixed, target images."""
+
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ()  # the teacher has the model's shape
+    NEEDS_TARGET: ClassVar[bool] = True  # ignored without a target domain
+
+    tasks: tuple[Task, ...] = ("semseg", "depth", "normals")  # pseudo-labelled (those the run has)
+    weight: float = 1.0  # factor on each pseudo-label term (added to its task's terms)
+    alpha: float = 0.99  # EMA: teacher = alpha * teacher + (1 - alpha) * student after each applied step
+    ema_ramp: bool = True  # alpha_t = min(1 - 1/(t + 1), alpha) (mean teacher's warm-up; false: alpha)
+    threshold: float = 0.968  # semseg quality weight = share of pixels whose max probability exceeds this
+    depth_agreement: float = 0.1  # reliable depth: |d - d_flip| / mean(d, d_flip) below this
+    normals_agreement: float = 11.25  # reliable normals: angle to the flipped prediction below (degrees)
+    mix: Literal["classmix", "depthmix", "none"] = "classmix"
+    jitter: float = 0.2  # colour jitter strength (brightness, contrast, saturation; hue / 4)
+    jitter_p: float = 0.2  # probability of the colour jitter per image (DAFormer)
+    blur: bool = True  # Gaussian blur (sigma 0.15-1.15, p = 0.5) per image
+    start_step: int = 0  # pseudo-label terms switched on from this step (the teacher follows from step 0)
+    # Rare-class sampling of the source (DAFormer): p(c) ~ exp((1 - f_c) / T), then an image holding at least
+    # rcs_min_pixels pixels of c (in its label file's resolution).
+    rare_class_sampling: bool = False
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: int = 3000
+    # DAFormer's thing-class feature distance to a frozen ImageNet encoder (needs model.pretrained=true).
+    feature_distance: bool = False
+    fd_weight: float = 0.005
+    fd_classes: tuple[str, ...] = (
+        "traffic light",
+        "traffic sign",
+        "person",
+        "rider",
+        "car",
+        "truck",
+        "bus",
+        "train",
+        "motorcycle",
+        "bicycle",
+        "vehicle",
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"self_training.alpha={self.alpha}: must be in [0, 1) (0.99 = slow teacher)")
+        if self.rcs_temperature <= 0:
+            raise ConfigError(f"self_training.rcs_temperature={self.rcs_temperature}: must be > 0 (0.01)")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run: tasks, model, data, objective, optimisation, evaluation."""
 
@@ -359,6 +410,7 @@ class ExperimentConfig:
     consistency: ConsistencyConfig | None = None  # None = no cross-task consistency
     label_context: LabelContextConfig | None = None  # ATRC's aux label supervision (set for atrc archs)
     context_search: ContextSearchConfig | None = None  # ATRC's context-type search (recipes/atrc_search.py)
+    self_training: SelfTrainingConfig | None = None  # EMA teacher + pseudo-labels + mixing (UDA)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -381,6 +433,7 @@ OBJECTIVE_SECTIONS: dict[str, type] = {
     "consistency": ConsistencyConfig,
     "label_context": LabelContextConfig,
     "context_search": ContextSearchConfig,
+    "self_training": SelfTrainingConfig,
 }
 
 

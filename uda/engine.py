@@ -136,8 +136,24 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        try:
+            for objective in self.objectives:
+                objective.bind(acc.unwrap_model(self.model))
+        except ObjectiveError as exc:
+            raise TrainingError(str(exc)) from None
+        # Networks the objectives change alone (an EMA teacher): on the device, never prepared, checkpointed by
+        # uda.checkpoint as <name>.safetensors.
+        self.held: dict[str, nn.Module] = {}
+        taken = {
+            "model",
+            "optimizer",
+            *(n for o in self.objectives for n in (*o.own_networks(), *o.joint_networks())),
+        }
         for objective in self.objectives:
-            objective.bind(acc.unwrap_model(self.model))
+            for name, net in objective.held_networks().items():
+                if name in self.held or name in taken:
+                    raise TrainingError(f"two networks would be saved as {name}.safetensors; rename one")
+                self.held[name] = net.to(acc.device)
         # Networks with their own optimiser first, then those trained with the model: accelerate's files keep
         # their names (model_1.safetensors = the discriminators of an adaptation run), and the checkpoint also
         # holds them under the networks' own (discriminators.safetensors, posenet.safetensors, ...).
@@ -346,7 +362,13 @@ class Trainer:
         }
         self.log.flush()
         ckpt = checkpoint.save(
-            self.accelerator, self.out, self.step, state, self.cfg.train.keep_checkpoints, self.file_names
+            self.accelerator,
+            self.out,
+            self.step,
+            state,
+            self.cfg.train.keep_checkpoints,
+            self.file_names,
+            self.held,
         )
         self.log.info(f"step {self.step}: checkpoint {ckpt.relative_to(self.out)}")
         return ckpt
@@ -355,7 +377,7 @@ class Trainer:
         """Resume from `path` or the newest usable checkpoint; a damaged one is reported and skipped, one of
         another model config is refused (TrainingError naming the keys)."""
         try:
-            found = checkpoint.load(self.accelerator, self.out, to_dict(self.cfg), path)
+            found = checkpoint.load(self.accelerator, self.out, to_dict(self.cfg), path, self.held)
         except checkpoint.CheckpointError as exc:
             raise TrainingError(str(exc)) from None
         if found is None:

@@ -7,7 +7,7 @@ uninterrupted run sees, whatever the number of workers. Processes take disjoint 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,12 +42,21 @@ class EndlessSampler(Sampler):
     """
 
     def __init__(
-        self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        draw: Callable[[int], int] | None = None,
     ) -> None:
         if size <= 0:
             raise ValueError("the training split is empty: check the split file and --data-root")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        # position -> index (e.g. rare-class sampling, uda.data.sampling) instead of the permutations
+        self.draw = draw
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
@@ -60,6 +69,9 @@ class EndlessSampler(Sampler):
         while True:
             for offset in range(self.batch_size):
                 pos = position + offset
+                if self.draw is not None:
+                    yield self.draw(pos), (self.seed * 1000003 + pos) % (2**63 - 1)
+                    continue
                 if pos // self.size != epoch:
                     epoch = pos // self.size
                     perm = self._permutation(epoch)
@@ -82,9 +94,11 @@ def train_loader(
     world_size: int = 1,
     start_step: int = 0,
     num_workers: int = 0,
+    draw: Callable[[int], int] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """An endless iterator of training batches (this process's share), resumable at `start_step`."""
-    sampler = EndlessSampler(len(dataset), batch_size, seed, rank, world_size, start_step)  # type: ignore[arg-type]
+    """An endless iterator of training batches (this process's share), resumable at `start_step`; `draw`
+    (stream position -> dataset index) replaces the per-pass permutations."""
+    sampler = EndlessSampler(len(dataset), batch_size, seed, rank, world_size, start_step, draw)  # type: ignore[arg-type]
     loader = DataLoader(
         SeededSamples(dataset),
         batch_size=batch_size,

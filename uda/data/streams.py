@@ -13,7 +13,7 @@ from uda.data.transforms import EvalTransform, TrainTransform
 
 class RunData:
     """Datasets and streams of a run; `needs[d]` lists what each objective using domain d needs of its stream
-    (objects with `frames` and `unlabelled`, see uda.objectives.StreamNeeds)."""
+    (objects with `frames`, `unlabelled` and `sampling`, see uda.objectives.StreamNeeds)."""
 
     def __init__(self, cfg: ExperimentConfig, needs: Sequence[Sequence]) -> None:
         self.cfg = cfg
@@ -82,15 +82,23 @@ class RunData:
             if not self.uses_domain(domain):
                 streams.append(None)
                 continue
+            dataset = self.dataset(
+                data, data.train_split, self.label_tasks(domain), train=True, domain=domain
+            )
+            seed = cfg.train.seed + domain
+            # An objective may choose how the stream draws its samples (e.g. rare-class sampling).
+            sampling = next((n.sampling for n in self.needs[domain] if getattr(n, "sampling", None)), None)
+            draw = sampling(dataset, seed) if sampling is not None else None
             streams.append(
                 train_loader(
-                    self.dataset(data, data.train_split, self.label_tasks(domain), train=True, domain=domain),
+                    dataset,
                     data.batch_size,
-                    cfg.train.seed + domain,
+                    seed,
                     process_index,
                     num_processes,
                     start_step,
                     data.num_workers,
+                    draw,
                 )
             )
         return MixedBatches(*streams)

@@ -1,7 +1,7 @@
 """Training objectives the loop composes: supervised task losses, adversarial alignment, photometric
-self-supervised depth, cross-task consistency, ATRC's label-context supervision and context-type search. Each
-is one module with its config section; adding one is a new module, its section in `uda.config` and a line in
-`OBJECTIVES`."""
+self-supervised depth, cross-task consistency, ATRC's label-context supervision and context-type search,
+self-training with an EMA teacher. Each is one module with its config section; adding one is a new module, its
+section in `uda.config` and a line in `OBJECTIVES`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from uda.objectives.consistency import Consistency
 from uda.objectives.context_search import ContextSearch
 from uda.objectives.label_context import LabelContext
 from uda.objectives.photometric import Photometric
+from uda.objectives.self_training import SelfTraining
 from uda.objectives.supervised import Supervised
 
 # Composition order: networks are built (seeded initialisation) and loss terms summed in this order.
@@ -31,6 +32,7 @@ OBJECTIVES: tuple[type[Objective], ...] = (
     Photometric,
     Adversarial,
     Consistency,
+    SelfTraining,
 )
 
 
@@ -56,6 +58,7 @@ __all__ = [
     "ObjectiveError",
     "Photometric",
     "RunContext",
+    "SelfTraining",
     "Step",
     "StreamNeeds",
     "Supervised",

@@ -5,15 +5,21 @@ state; the loop hands it the model once (`bind`), prepares its networks through 
 restores everything with the checkpoint, and at each step asks every objective for its loss terms (`loss`) and, after the model's
 optimiser step, lets it run its own update (`update`). The loop knows no objective by name.
 
-Networks come in two kinds:
+Networks come in three kinds:
 - `joint_networks`: trained with the model by the model's optimiser (a pose net, task-transfer networks);
   their parameter groups come from `param_groups`.
 - `own_networks`: trained by the objective's own optimiser in `update` (discriminators).
+- `held_networks`: held and changed by the objective alone, without gradients or an optimiser (an EMA
+  teacher, updated in `update`). The loop asks for them after `bind`, moves them to the device and never
+  prepares them (no DDP wrapper: nothing to synchronise, every process updates its copy alike). Each is saved
+  with every checkpoint as `<name>.safetensors` (hashed and checked like accelerate's files, see
+  uda.checkpoint) and restored exactly on resume. Not through accelerate's `register_for_checkpointing`: its
+  loader unpickles with weights_only=False, and no checkpoint file may run code when loaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -56,6 +62,9 @@ class StreamNeeds:
     unlabelled: frozenset[str] = (
         frozenset()
     )  # tasks whose labels this stream must not load (learnt otherwise)
+    # How the stream draws its samples: (dataset, seed) -> (stream position -> dataset index), e.g. rare-class
+    # sampling (uda.data.sampling); None = a fresh permutation every pass.
+    sampling: Callable[[Any, int], Callable[[int], int]] | None = None
 
 
 @dataclass
@@ -149,6 +158,12 @@ class Objective:
     def param_groups(self) -> list[dict]:
         """Optimiser groups ("params", "lr", "name") of the joint networks for the model's optimiser."""
         return []
+
+    def held_networks(self) -> dict[str, nn.Module]:
+        """Name -> network changed by the objective alone, without gradients or optimiser (e.g. an EMA teacher;
+        asked after `bind`): moved to the device, never prepared, saved as `<name>.safetensors` in every
+        checkpoint and restored on resume. Names must differ from the run's other checkpoint files."""
+        return {}
 
     def own_networks(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
         """Attribute name -> (network, its optimiser) trained in `update` (replaced by the prepared ones; the

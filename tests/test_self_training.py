@@ -1,0 +1,308 @@
+"""Self-training (uda/objectives/self_training.py, uda/data/sampling.py): the EMA teacher's update formula, its
+lack of gradients, exact resume with the teacher in the checkpoint, the pseudo-labels' confidence weight and
+reliability masks, pseudo-labels following the mix mask, rare-class sampling frequencies, and the recipes'
+--method self-training[+adversarial] through the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import TINY_OVERRIDES, tiny_config, train_steps
+from uda import checkpoint
+from uda.config import SelfTrainingConfig
+from uda.data.sampling import RareClassDraw, class_probabilities, class_stats, stats_path
+from uda.mixing import IGNORE_INDEX, class_mix_mask
+from uda.models import build_model
+from uda.models.multitask import intermediate_scales
+from uda.objectives import RunContext, Step
+from uda.objectives.self_training import (
+    SelfTraining,
+    _depth_label,
+    quality_weight,
+    weighted_cross_entropy,
+)
+from uda.tasks import output_space, task_channels
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_CLASSES = 16
+
+
+def objective(**st) -> tuple[SelfTraining, torch.nn.Module]:
+    """A bound self-training objective on a tiny mTEB model (S-D, 64x128, batch 2)."""
+    cfg = tiny_config(Path("/no/data"), Path("/no/run"), adapt=True)
+    cfg = replace(cfg, adapt=None, self_training=SelfTrainingConfig(**st))
+    torch.manual_seed(0)
+    channels = task_channels(cfg.tasks, NUM_CLASSES)
+    model = build_model(cfg.model, channels)
+    run = RunContext(cfg, cfg.tasks, channels, output_space(cfg, NUM_CLASSES), intermediate_scales(cfg.model))
+    obj = SelfTraining(run, cfg.self_training)
+    obj.bind(model)
+    return obj, model
+
+
+def a_batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    source = {
+        "image": torch.rand(2, 3, 64, 128, generator=g),
+        "semseg": torch.randint(0, NUM_CLASSES, (2, 64, 128), generator=g),
+        "depth": torch.rand(2, 1, 64, 128, generator=g) * 50 + 1,
+    }
+    return {"source": source, "target": {"image": torch.rand(2, 3, 64, 128, generator=g)}}
+
+
+ONE_PROCESS = SimpleNamespace(num_processes=1)
+
+
+# ------------------------------------------------------------------------------------------------ EMA teacher
+
+
+def test_ema_update_is_exactly_the_formula():
+    obj, model = objective()
+    teacher = obj.teacher
+    assert teacher is not model and obj.held_networks() == {"teacher": teacher}
+    with torch.no_grad():  # a student that moved away from the teacher (weights and BN statistics)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        for b in model.buffers():
+            b.add_(torch.ones_like(b) if b.is_floating_point() else 3)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = model.state_dict()
+    for index, alpha in ((0, 0.0), (9, 0.9), (500, 0.99)):
+        assert obj.alpha_at(index) == alpha
+    obj.update(Step(500, {}, {}, ONE_PROCESS))
+    after = teacher.state_dict()
+    for key, old in before.items():
+        if old.is_floating_point():
+            expected = old * 0.99 + student[key] * (1 - 0.99)
+            assert torch.equal(after[key], expected), key
+            assert not torch.equal(after[key], old), key
+        else:  # num_batches_tracked: copied
+            assert torch.equal(after[key], student[key]), key
+    # Without the warm-up, alpha from the first step.
+    assert objective(ema_ramp=False)[0].alpha_at(0) == 0.99
+
+
+def test_teacher_gets_no_gradient_and_trains_the_student():
+    obj, model = objective(mix="depthmix")
+    step = Step(0, a_batch(), {}, ONE_PROCESS, model)
+    terms = obj.loss(step)
+    assert set(terms.tasks) == {"semseg", "depth"} and all(len(v) == 1 for v in terms.tasks.values())
+    loss = sum(v[0] for v in terms.tasks.values()) + terms.total
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in obj.teacher.parameters())
+    assert not obj.teacher.training
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(bool(g.abs().sum() > 0) for g in grads)
+    assert {"loss/st_semseg", "loss/st_depth", "st/quality", "st/depth_reliable", "st/mixed"} <= set(
+        terms.logs
+    )
+
+
+def test_pseudo_labels_follow_the_mix_mask():
+    obj, model = objective(mix="classmix")
+    batch = a_batch(1)
+    step = Step(0, batch, {}, ONE_PROCESS, model)
+    torch.manual_seed(7)
+    image, labels, weight, _ = obj.mixed_batch(step)
+    torch.manual_seed(7)
+    pseudo, _, _ = obj.pseudo_labels(batch["target"]["image"])
+    mask = class_mix_mask(batch["source"]["semseg"])
+    m = mask[:, 0]
+    assert 0 < m.float().mean() < 1
+    assert torch.equal(image, torch.where(mask, batch["source"]["image"], batch["target"]["image"]))
+    assert torch.equal(labels["semseg"], torch.where(m, batch["source"]["semseg"], pseudo["semseg"][0]))
+    assert torch.equal(labels["depth"], torch.where(mask, batch["source"]["depth"], pseudo["depth"][0]))
+    assert torch.equal(weight, torch.where(m, torch.ones_like(weight), pseudo["semseg"][1]))
+
+
+# ------------------------------------------------------------------------------------------------ pseudo-labels
+
+
+def test_confidence_weight_and_weighted_cross_entropy_equal_their_formulas():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 8, 9, generator=g) * 4
+    tau = 0.968
+    q = quality_weight(logits, tau)
+    for b in range(3):
+        probs = np.exp(logits[b].double().numpy())
+        probs /= probs.sum(axis=0, keepdims=True)
+        expected = float((probs.max(axis=0) > tau).sum()) / (8 * 9)
+        assert math.isclose(float(q[b]), expected, abs_tol=1e-6)
+    assert 0 < float(q.min()) and float(q.max()) < 1  # the test covers a non-trivial share
+    label = logits.argmax(1)
+    label[:, :2] = IGNORE_INDEX
+    weight = q[:, None, None].expand_as(label)
+    ce = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="none")
+    expected = float((ce * weight).sum() / (label != IGNORE_INDEX).sum())
+    assert math.isclose(float(weighted_cross_entropy(logits, label, weight)), expected, rel_tol=1e-6)
+
+
+def test_depth_pseudo_label_kept_where_the_flip_agrees():
+    obj, _ = objective()
+    space = obj.run.space
+    g = torch.Generator().manual_seed(0)
+    direct = torch.rand(2, 1, 8, 8, generator=g) * 30 + 5  # raw inverse normalised depth d_far / d
+    flipped = direct * (1 + (torch.rand(2, 1, 8, 8, generator=g) - 0.5) * 0.4)
+    label, weight, logs = _depth_label(direct, flipped, space, obj.cfg)
+    d1, d2 = space.depth_metres(direct), space.depth_metres(flipped)
+    ok = (d1 - d2).abs() / (0.5 * (d1 + d2)) < obj.cfg.depth_agreement
+    assert 0 < ok.float().mean() < 1 and weight is None
+    assert torch.equal(label > 0, ok)
+    assert torch.allclose(label[ok], (0.5 * (d1 + d2))[ok])
+
+
+# ------------------------------------------------------------------------------------------------ rare classes
+
+
+def test_rare_class_probabilities_and_sampling_frequencies():
+    counts = np.array([[900, 50, 0, 10], [800, 0, 30, 0], [700, 40, 0, 0], [950, 0, 0, 25]], dtype=np.int64)
+    temperature = 0.05
+    p = class_probabilities(counts, temperature)
+    f = counts.sum(0) / counts.sum()
+    e = np.exp((1 - f) / temperature)
+    assert np.allclose(p, e / e.sum(), rtol=1e-12)
+    assert p[0] < p[1] < p[3] < p[2]  # rarer classes first
+    draw = RareClassDraw(counts, temperature, min_pixels=1, seed=3)
+    n = 20000
+    freq = np.bincount([draw(pos) for pos in range(n)], minlength=4) / n
+    holders = [np.flatnonzero(counts[:, c] > 0) for c in range(4)]
+    expected = np.zeros(4)
+    for c, images in enumerate(holders):
+        expected[images] += p[c] / len(images)
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) < 5 * sigma + 1e-9), (freq, expected)
+    # The draw of a position depends on (seed, position) alone: a resumed stream draws the same images.
+    assert [draw(pos) for pos in range(100, 110)] == [
+        RareClassDraw(counts, temperature, 1, 3)(pos) for pos in range(100, 110)
+    ]
+
+
+def test_class_stats_are_counted_once_and_cached(toy_root, tmp_path, monkeypatch):
+    from uda.data import sampling
+    from uda.data.readers import build_dataset
+
+    monkeypatch.setenv("UDA_CACHE_DIR", str(tmp_path / "cache"))
+    dataset = build_dataset("synthia", "train", ("semseg",), "synthia16", toy_root / "synthia")
+    counts = class_stats(dataset, NUM_CLASSES)
+    path = stats_path(dataset)
+    assert path.is_file() and path.parent == tmp_path / "cache" / "class_stats"
+    first = dataset[0]["semseg"]
+    assert counts.shape == (len(dataset), NUM_CLASSES)
+    assert counts[0].tolist() == torch.bincount(first[first != IGNORE_INDEX], minlength=NUM_CLASSES).tolist()
+
+    def no_recount(*args):
+        raise AssertionError("counted again instead of reading the cache")
+
+    monkeypatch.setattr(sampling, "class_pixel_counts", no_recount)
+    assert np.array_equal(class_stats(dataset, NUM_CLASSES), counts)
+    assert json.loads(path.read_text())["ids"] == dataset.ids
+
+
+# ------------------------------------------------------------------------------------------------ the recipes
+
+
+def recipe(argv: list[str], capsys, monkeypatch) -> int:
+    path = REPO / "recipes" / "synthia2cityscapes.py"
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        capsys.readouterr()
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """The engine runs one thread per process here: on a shared 2-core machine two spinning threads per run
+    made a 32x64 step take 10x longer."""
+    monkeypatch.setenv("UDA_THREADS", "1")
+
+
+def recipe_config(toy_root: Path, out: Path, method: str, *overrides: str):
+    """The config recipes/synthia2cityscapes.py builds for `--method method` on the tiny toy setting."""
+    from uda.adaptation import adaptation_config, adaptation_parser
+    from uda.cli import finalise
+
+    argv = ["--data-root", str(toy_root), "--out", str(out), "--method", method, *TINY_OVERRIDES]
+    # 32x64 images: the engine paths are the same, the CPU time a quarter of 64x128's.
+    argv += ["data.size=32,64", "target.size=32,64", "target.num_workers=0", "train.val_every=0", *overrides]
+    args = adaptation_parser("test").parse_intermixed_args(argv)
+    return finalise(
+        adaptation_config(args, "synthia", "synthia16", "cityscapes16"), args, "synthia2cityscapes"
+    )
+
+
+def network_states(trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of the model's, teacher's and discriminators' tensors and of the optimiser's state."""
+    nets = {"model": trainer.model, "teacher": trainer.held["teacher"]}
+    if trainer.objective("adapt") is not None:
+        nets["discriminators"] = trainer.objective("adapt").discriminators
+    states = {k: {n: t.detach().clone() for n, t in net.state_dict().items()} for k, net in nets.items()}
+    opt = trainer.optimizer.state_dict()["state"]
+    states["optimizer"] = {f"{i}.{k}": v.clone() for i, per in opt.items() for k, v in per.items()}
+    return states
+
+
+def test_self_training_recipe_runs_through_the_engine(toy_root, tmp_path):
+    from uda.engine import Trainer
+
+    cfg = recipe_config(toy_root, tmp_path / "st", "self-training")
+    assert cfg.adapt is None and cfg.self_training.mix == "classmix" and cfg.name.endswith("st-mteb")
+    trainer = Trainer(cfg)
+    logs = train_steps(trainer, 2)
+    assert all(math.isfinite(r["loss/st_semseg"]) and math.isfinite(r["loss/st_depth"]) for r in logs)
+    assert logs[0]["st/alpha"] == 0.0 and logs[1]["st/alpha"] == 0.5
+    assert list(trainer.held) == ["teacher"]
+
+
+def test_self_training_with_adversarial_resumes_exactly(toy_root, tmp_path):
+    """2 steps straight, and the same run resumed from its step-1 checkpoint by a new Trainer: identical model,
+    teacher, discriminators and optimiser state at step 2 (the teacher comes back from teacher.safetensors)."""
+    from uda.engine import Trainer
+
+    cfg = recipe_config(
+        toy_root,
+        tmp_path / "run",
+        "self-training+adversarial",
+        "adapt.disc_channels=8",
+        "self_training.mix=depthmix",
+    )
+    assert cfg.adapt is not None and cfg.self_training is not None
+    trainer = Trainer(cfg)
+    train_steps(trainer, 1)
+    saved = trainer.save_checkpoint()
+    at_save = network_states(trainer)["teacher"]
+    assert "teacher.safetensors" in json.loads((saved / checkpoint.STATE_FILE).read_text())["files"]
+    train_steps(trainer, 1)
+    straight = network_states(trainer)
+    resumed = Trainer(cfg)
+    assert resumed.load_checkpoint() == saved and resumed.step == 1
+    loaded = resumed.held["teacher"].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in at_save.items())  # restored from teacher.safetensors
+    train_steps(resumed, 1)
+    again = network_states(resumed)
+    for name, tensors in straight.items():
+        assert tensors.keys() == again[name].keys(), name
+        assert all(torch.equal(v, again[name][k]) for k, v in tensors.items()), name
+    # The teacher moved during the last step, so the equality is not trivial.
+    assert any(not torch.equal(at_save[k], v) for k, v in straight["teacher"].items())
+
+
+def test_method_conflicts_and_missing_imagenet_weights_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    base = ["--out", str(tmp_path / "x"), "--data-root", str(tmp_path)]
+    assert recipe([*base, "--no-adapt", "--method", "self-training"], capsys, monkeypatch) == 2
+    with pytest.raises(Exception, match="model.pretrained=true"):
+        objective(feature_distance=True)
