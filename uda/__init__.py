@@ -7,7 +7,7 @@ The public API, importable from here (each loaded on first use, so `import uda` 
 - training: `Trainer(experiment_cfg).fit()`, `TrainingError`, and the typed configs (`ExperimentConfig`,
   `ModelConfig`, `DataConfig`, `TrainConfig`, ...; `apply_overrides(cfg, ["train.iterations=100"])`)
 - data: `build_dataset(name, split, tasks, label_set, root)` and the readers (`SynthiaDataset`,
-  `CityscapesDataset`, `VKitti2Dataset`, `NYUDv2Dataset`), `get_label_set(name)`
+  `CityscapesDataset`, `VKitti2Dataset`, `NYUDv2Dataset`, `PASCALContextDataset`), `get_label_set(name)`
 - metrics: `SegmentationMetric`, `DepthMetric`, `NormalsMetric`, `EdgesMetric`, `MultiTaskMetrics`,
   `multitask_delta`
 """
@@ -46,6 +46,7 @@ _EXPORTS = {
         "CityscapesDataset",
         "VKitti2Dataset",
         "NYUDv2Dataset",
+        "PASCALContextDataset",
     ),
     "uda.data.labels": ("get_label_set",),
     "uda.metrics": (

@@ -17,7 +17,17 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-SHOWN = ["semseg/miou", "semseg/miou_subset", "depth/rmse", "depth/abs_rel", "normals/mean", "edges/f1"]
+SHOWN = [
+    "semseg/miou",
+    "semseg/miou_subset",
+    "depth/rmse",
+    "depth/abs_rel",
+    "normals/mean",
+    "edges/f1",
+    "edges/odsf",
+    "parts/miou",
+    "saliency/maxf",
+]
 
 # Keys only metrics.json files written before the headline metrics followed the authors' definitions hold;
 # their depth/rmse (per image), normals/mean and edges/f1 mean something else.
@@ -128,7 +138,7 @@ def table(argv: list[str] | None = None) -> str:
         delta = "–"
         if base is not None and base in groups:
             tasks = args.tasks.split(",") if args.tasks else info[name][0]
-            keys = [PRIMARY_METRICS[t] for t in tasks if PRIMARY_METRICS[t] in groups[base][0]]
+            keys = [PRIMARY_METRICS[t] for t in tasks if PRIMARY_METRICS.get(t) in groups[base][0]]
             reference = {k: statistics.mean(m[k] for m in groups[base]) for k in keys}
             delta = mean_std([multitask_delta(m, reference, keys) * 1.0 for m in runs])
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {delta} |")

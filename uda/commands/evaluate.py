@@ -24,7 +24,7 @@ from typing import Any
 
 # Only the standard library above this line: `--help` and usage errors answer before torch is imported.
 
-DATASETS = ("synthia", "cityscapes", "vkitti2", "nyudv2")
+DATASETS = ("synthia", "cityscapes", "vkitti2", "nyudv2", "pascal_context")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
@@ -280,6 +280,7 @@ def run(args: argparse.Namespace) -> dict:
     used.update(
         size=list(data.size),
         resize_to=list(data.resize_to) if data.resize_to else None,
+        fit=data.fit,
         data_root=data.root,
         mixed_precision=acc.mixed_precision,
         processes=acc.num_processes,
