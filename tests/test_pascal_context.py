@@ -270,6 +270,24 @@ def test_nyudv2_normals_have_holes_where_depth_has(toy_root, tmp_path):
     assert torch.equal(after[:, torch.from_numpy(~hole)], before[:, torch.from_numpy(~hole)])
 
 
+def test_nyudv2_toy_tasks_and_a_damaged_depth_file(toy_root, tmp_path):
+    root = tmp_path / "nyudv2"
+    shutil.copytree(toy_root / "nyudv2", root)
+    ds = build_dataset("nyudv2", "train", ("semseg", "depth", "normals", "edges"), root=root)
+    s = ds[0]
+    h, w = s["image"].shape[1:]
+    assert s["semseg"].dtype == torch.int64 and s["semseg"].shape == (h, w)
+    assert set(s["semseg"].unique().tolist()) <= set(range(40)) | {255}
+    assert s["depth"].dtype == torch.float32 and s["depth"].shape == (1, h, w) and (s["depth"] == 0).any()
+    assert s["normals"].shape == (3, h, w) and torch.all(s["normals"][:, s["depth"][0] == 0] == 0)
+    assert s["edges"].shape == (1, h, w) and set(s["edges"].unique().tolist()) == {0.0, 1.0}
+    path = root / "depth" / f"{ds.ids[1]}.npy"
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(DataError) as err:
+        ds[1]
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"{path}: unreadable .npy")
+
+
 def test_nyudv2_13_classes(toy_root):
     ds40 = build_dataset("nyudv2", "val", ("semseg",), label_set="nyudv2_40", root=toy_root / "nyudv2")
     ds13 = build_dataset("nyudv2", "val", ("semseg",), label_set="nyudv2_13", root=toy_root / "nyudv2")
