@@ -38,10 +38,11 @@ REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 16
 
 
-def objective(**st) -> tuple[SelfTraining, torch.nn.Module]:
+def objective(model_cfg: dict | None = None, **st) -> tuple[SelfTraining, torch.nn.Module]:
     """A bound self-training objective on a tiny mTEB model (S-D, 64x128, batch 2)."""
     cfg = tiny_config(Path("/no/data"), Path("/no/run"), adapt=True)
     cfg = replace(cfg, adapt=None, self_training=SelfTrainingConfig(**st))
+    cfg = replace(cfg, model=replace(cfg.model, **(model_cfg or {})))
     torch.manual_seed(0)
     channels = task_channels(cfg.tasks, NUM_CLASSES)
     model = build_model(cfg.model, channels)
@@ -306,3 +307,35 @@ def test_method_conflicts_and_missing_imagenet_weights_are_one_line_errors(tmp_p
     assert recipe([*base, "--no-adapt", "--method", "self-training"], capsys, monkeypatch) == 2
     with pytest.raises(Exception, match="model.pretrained=true"):
         objective(feature_distance=True)
+
+
+def test_feature_distance_to_the_frozen_imagenet_encoder(tmp_path):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"  # stands for the ImageNet file: any torchvision state dict
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    obj, model = objective({"weights_path": str(weights)}, feature_distance=True)
+    assert not obj.imagenet.training and not any(p.requires_grad for p in obj.imagenet.parameters())
+    source = a_batch()["source"]
+    car = obj.thing_ids.tolist()[0]
+    semseg = torch.zeros(2, 64, 128, dtype=torch.long)  # road ...
+    semseg[:, :, :64] = car  # ... with things on the left half
+    semseg[:, :8, :] = car  # and on the upper half of the first row of 16x16 patches (share 0.5 there)
+    source["semseg"] = semseg
+    fd = obj.feature_distance(source)
+    with torch.no_grad():
+        ref = obj.imagenet(source["image"])[-1]
+        feats = model.encoder(source["image"])[-1]
+    dist = (feats - ref).norm(dim=1)  # [2, 4, 8] at stride 16
+    share = torch.zeros(2, 4, 8)
+    for i in range(4):
+        for j in range(8):
+            share[:, i, j] = (
+                (semseg[:, 16 * i : 16 * i + 16, 16 * j : 16 * j + 16] == car).float().mean((1, 2))
+            )
+    mask = share > 0.75
+    assert 0 < mask.float().mean() < 1
+    assert math.isclose(float(fd.detach()), float(dist[mask].mean()), rel_tol=1e-5)
+    fd.backward()  # the distance trains the student's encoder, never the ImageNet copy
+    assert model.encoder.layer4[0].conv1.weight.grad is not None
+    assert all(p.grad is None for p in obj.imagenet.parameters())
