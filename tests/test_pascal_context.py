@@ -190,6 +190,11 @@ def test_pad_protocol_pads_centred_with_the_ignore_values(pascal_root):
     assert torch.all(out["parts"][:2] == 255) and torch.all(out["saliency"][:, :, :2] == 255)
     assert torch.all(out["semseg"][:, -2:] == 255) and torch.all(out["normals"][:, :2] == 0)
     assert torch.allclose(out["K"][:2, 2], sample["K"][:2, 2] + 2)
+    # An image larger than size (only below the dataset's largest image) is shrunk, aspect kept, then padded.
+    small = EvalTransform((24, 24), fit="pad")(sample)
+    assert small["image"].shape[1:] == (24, 24) and small["semseg"].shape == (24, 24)
+    assert torch.all(small["semseg"][:3] == 255) and torch.all(small["semseg"][-3:] == 255)  # 18 rows + 2 x 3
+    assert (small["semseg"][3:-3] != 255).any()
     # Training: the image's own size times the scale, then a crop where larger and a centred pad where smaller.
     torch.manual_seed(0)
     tr = TrainTransform((40, 40), scale_range=(1.0, 1.0), hflip=False, fit="pad")(sample)

@@ -288,8 +288,8 @@ class EvalTransform:
     ) -> None:
         """size (h, w) in pixels of the network input (None: keep); keep_label_resolution: labels not resized;
         resize_to (h, w): the network input size instead of size (the training transform's resize_to);
-        fit="pad": no resize, the image is padded (centred) to size where it is smaller, as ATRC evaluates
-        PASCAL-Context at 512x512 (its images are at most 500 px a side); a larger side is kept."""
+        fit="pad": no resize, the image is padded (centred) to size, as ATRC evaluates PASCAL-Context at
+        512x512 (its images are at most 500 px a side); an image larger than size is first shrunk to fit it."""
         if fit not in FITS:
             raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
         self.size = _check_hw(resize_to, "resize_to") or (None if size is None else _check_hw(size, "size"))
@@ -303,7 +303,13 @@ class EvalTransform:
             return out
         if self.fit == "pad":
             H, W = out["image"].shape[-2:]
-            h, w = max(H, self.size[0]), max(W, self.size[1])
+            h, w = self.size
+            if H > h or W > w:
+                # Only when size is below the dataset's largest image (never at PASCAL-Context's 512): shrink it,
+                # aspect kept, so that every sample of a batch has the same size.
+                f = min(h / H, w / W)
+                out = _resize(out, (max(1, round(H * f)), max(1, round(W * f))))
+                H, W = out["image"].shape[-2:]
             return _crop(out, -((h - H) // 2), -((w - W) // 2), (h, w))
         # With keep_label_resolution the evaluator upsamples predictions to the label size; geometry at label
         # resolution then needs resize_intrinsics(K, image_hw, label_hw).
