@@ -191,8 +191,9 @@ def assert_same_run(ref: Path, run: Path, iterations: int, models: tuple[str, ..
 
 
 # Two settings cover every kind of state: a supervised run with learnt task weights, and an adaptation run with
-# its discriminators (own optimiser) plus the consistency objective's transfer networks (trained with the model).
-@pytest.mark.parametrize("setting", ["uncertainty", "consistency"])
+# its discriminators (own optimiser), the consistency objective's transfer networks (trained with the model)
+# and self-training's EMA teacher (held by its objective, no optimiser).
+@pytest.mark.parametrize("setting", ["uncertainty", "consistency+self-training"])
 def test_sigkill_at_a_random_step_then_resume_is_exact(setting, toy_root, tmp_path, capsys, monkeypatch):
     iterations = 6
     schedule = [
@@ -208,11 +209,12 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(setting, toy_root, tmp_pa
             ["--data-root", str(toy_root), *TINY, *schedule, "loss.weighting=uncertainty"],
             ("model.safetensors",),
         )
-    else:  # adversarial + consistency on both domains
+    else:  # adversarial + self-training + consistency on both domains
         recipe = "synthia2cityscapes"
         argv = ["--data-root", str(toy_root), *TINY_UDA, *schedule, "--consistency", "consistency"]
-        # the model, the discriminators, the task-transfer networks
-        models = ("model.safetensors", "model_1.safetensors", "model_2.safetensors")
+        argv += ["--method", "self-training+adversarial"]
+        # the model, the discriminators, the task-transfer networks, the EMA teacher
+        models = ("model.safetensors", "model_1.safetensors", "model_2.safetensors", "teacher.safetensors")
     code, _, _ = recipe_in_process(recipe, ["--out", str(tmp_path / "ref"), *argv], capsys, monkeypatch)
     assert code == 0
     where = kill_and_resume(recipe, argv, tmp_path / "cut", iterations, tmp_path / "killed.log")

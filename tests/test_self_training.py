@@ -257,12 +257,20 @@ def network_states(trainer) -> dict[str, dict[str, torch.Tensor]]:
     return states
 
 
-def test_self_training_recipe_runs_through_the_engine(toy_root, tmp_path):
+def test_self_training_recipe_runs_through_the_engine(toy_root, tmp_path, monkeypatch):
     from uda.engine import Trainer
 
-    cfg = recipe_config(toy_root, tmp_path / "st", "self-training")
+    monkeypatch.setenv("UDA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = recipe_config(toy_root, tmp_path / "st", "self-training", "self_training.rare_class_sampling=true")
     assert cfg.adapt is None and cfg.self_training.mix == "classmix" and cfg.name.endswith("st-mteb")
     trainer = Trainer(cfg)
+    # The source stream draws by rare classes: its first batch holds the images the draw picks.
+    stream = trainer.batches(0)
+    first = next(stream)["source"]["meta"]
+    dataset = trainer.data.dataset(cfg.data, cfg.data.train_split, ("semseg",), train=True, domain=0)
+    draw = trainer.objective("self_training").sampling(dataset, cfg.train.seed)
+    assert [m["id"] for m in first] == [dataset.ids[draw(pos)] for pos in range(len(first))]
+    assert (tmp_path / "cache" / "class_stats").is_dir()
     logs = train_steps(trainer, 2)
     assert all(math.isfinite(r["loss/st_semseg"]) and math.isfinite(r["loss/st_depth"]) for r in logs)
     assert logs[0]["st/alpha"] == 0.0 and logs[1]["st/alpha"] == 0.5
