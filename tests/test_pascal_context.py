@@ -293,6 +293,26 @@ def test_nyudv2_toy_tasks_and_a_damaged_depth_file(toy_root, tmp_path):
     assert "\n" not in str(err.value) and str(err.value).startswith(f"{path}: unreadable .npy")
 
 
+def test_nyudv2_mtinet_npy_release_reads_like_the_pngs(toy_root, tmp_path):
+    import cv2
+
+    root = tmp_path / "nyudv2"
+    shutil.copytree(toy_root / "nyudv2", root)
+    ds = build_dataset("nyudv2", "train", ("normals", "edges"), root=root)
+    before = ds[0]
+    id = ds.ids[0]
+    png = cv2.imread(str(root / "normals" / f"{id}.png"))[:, :, ::-1].astype(np.float32)
+    np.save(root / "normals" / f"{id}.npy", png * (2.0 / 255.0) - 1.0)  # MTI-Net's NYUD_MT: float [H,W,3]
+    np.save(
+        root / "edge" / f"{id}.npy", (cv2.imread(str(root / "edge" / f"{id}.png"), 0) > 0).astype(np.float32)
+    )
+    (root / "normals" / f"{id}.png").unlink()
+    (root / "edge" / f"{id}.png").unlink()
+    after = ds[0]
+    assert torch.allclose(after["normals"], before["normals"], atol=1e-6)
+    assert torch.equal(after["edges"], before["edges"])
+
+
 def test_nyudv2_13_classes(toy_root):
     ds40 = build_dataset("nyudv2", "val", ("semseg",), label_set="nyudv2_40", root=toy_root / "nyudv2")
     ds13 = build_dataset("nyudv2", "val", ("semseg",), label_set="nyudv2_13", root=toy_root / "nyudv2")

@@ -331,16 +331,23 @@ NYUDV2_FULL_SIZE = (640, 480)
 NYUDV2_INTRINSICS = (518.86, 519.47, 325.58, 253.74)  # Kinect colour camera at 640x480
 
 
+def read_npy(path: str | Path, what: str) -> np.ndarray:
+    """A numpy .npy array as float32 (no pickles); missing or damaged files raise DataError naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: missing {what} file (partial dataset?); re-extract the dataset")
+    try:
+        return np.asarray(np.load(path, allow_pickle=False), np.float32)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(
+            f"{path}: unreadable .npy ({' '.join(str(e).split())[:100]}); re-extract the file"
+        ) from None
+
+
 def nyudv2_depth(path: str | Path) -> np.ndarray:
     """NYUDv2 depth in metres float32 [H,W] from depth/<id>.npy; non-finite or non-positive values become 0."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: missing depth file (partial dataset?); re-extract the dataset")
-    try:
-        depth = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: unreadable .npy ({e}); re-extract the file") from None
-    depth = np.squeeze(np.asarray(depth, np.float32))
+    depth = np.squeeze(read_npy(path, "depth"))
     if depth.ndim != 2:
         raise DataError(f"{path}: depth must be [H,W], got shape {depth.shape}; re-extract the file")
     depth[~np.isfinite(depth) | (depth < 0)] = 0.0
@@ -348,18 +355,25 @@ def nyudv2_depth(path: str | Path) -> np.ndarray:
 
 
 def nyudv2_normals(path: str | Path) -> np.ndarray:
-    """NYUDv2 normals float32 [3,H,W] from an 8-bit RGB PNG via 2x-1 (x = png/255); 0 where not unit length.
+    """NYUDv2 normals float32 [3,H,W] from an 8-bit RGB PNG via 2x-1 (x = png/255), or from MTI-Net's float
+    .npy [H,W,3]; 0 where not unit length.
 
     Channels are taken as stored (R, G, B) -> (x, y, z); pixels far from unit length (e.g. black = no data)
     are unknown.
     """
     path = Path(path)
-    image = read_raw(path, "normals")
-    if image.dtype != np.uint8 or image.ndim != 3:
-        raise DataError(
-            f"{path}: normals PNG must be 8-bit RGB, got {image.dtype} {image.shape}; re-extract the file"
-        )
-    n = image[:, :, 2::-1].astype(np.float32).transpose(2, 0, 1) * (2.0 / 255.0) - 1.0
+    if path.suffix == ".npy":  # MTI-Net's NYUD_MT release: float [H,W,3] in [-1, 1]
+        n = read_npy(path, "normals")
+        if n.ndim != 3 or n.shape[2] != 3:
+            raise DataError(f"{path}: normals must be [H,W,3], got shape {n.shape}; re-extract the file")
+        n = np.nan_to_num(n).transpose(2, 0, 1)
+    else:
+        image = read_raw(path, "normals")
+        if image.dtype != np.uint8 or image.ndim != 3:
+            raise DataError(
+                f"{path}: normals PNG must be 8-bit RGB, got {image.dtype} {image.shape}; re-extract the file"
+            )
+        n = image[:, :, 2::-1].astype(np.float32).transpose(2, 0, 1) * (2.0 / 255.0) - 1.0
     norm = np.linalg.norm(n, axis=0, keepdims=True)
     # 8-bit quantisation moves a unit vector's length by well under 1 %; 10 % separates data from no data.
     valid = np.abs(norm - 1.0) < 0.1
@@ -367,9 +381,9 @@ def nyudv2_normals(path: str | Path) -> np.ndarray:
 
 
 def nyudv2_edges(path: str | Path) -> np.ndarray:
-    """NYUDv2 edges float32 [H,W] from edge/<id>.png: 1 where > 0."""
+    """NYUDv2 edges float32 [H,W] from edge/<id>.png (or MTI-Net's edge/<id>.npy): 1 where > 0."""
     path = Path(path)
-    image = read_raw(path, "edge")
+    image = np.squeeze(read_npy(path, "edge")) if path.suffix == ".npy" else read_raw(path, "edge")
     if image.ndim == 3:
         image = image.max(axis=2)
     return (image > 0).astype(np.float32)

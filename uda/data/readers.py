@@ -525,15 +525,21 @@ class NYUDv2Dataset(DenseDataset):
     def normals(
         self, split: str, id: str, depth: np.ndarray | None, K: np.ndarray
     ) -> tuple[np.ndarray, Path | None]:
-        path = self.root / "normals" / f"{id}.png"
+        path = self._png_or_npy("normals", id)
         normals = decode.nyudv2_normals(path)
         if depth is not None and depth.shape == normals.shape[1:]:
             normals = decode.nyudv2_normal_holes(normals, depth)
         return normals, path
 
     def edges(self, split: str, id: str, train_ids: np.ndarray | None) -> tuple[np.ndarray, Path | None]:
-        path = self.root / "edge" / f"{id}.png"
+        path = self._png_or_npy("edge", id)
         return decode.nyudv2_edges(path), path
+
+    def _png_or_npy(self, folder: str, id: str) -> Path:
+        """<folder>/<id>.png (ATRC's release), or <folder>/<id>.npy where only that exists (MTI-Net's NYUD_MT)."""
+        png = self.root / folder / f"{id}.png"
+        npy = png.with_suffix(".npy")
+        return npy if not png.is_file() and npy.is_file() else png
 
 
 # -------------------------------------------------------------------------------------------------------------
