@@ -26,10 +26,11 @@ Each step:
    weighting combines them with each task's supervised terms (pseudo-labels are labels of that task).
 6. After every applied model step, `update` moves the teacher: theta_T = alpha_t theta_T + (1 - alpha_t) theta_S
    with alpha_t = min(1 - 1/(t + 1), alpha) (mean teacher's warm-up; `ema_ramp=false`: alpha). BatchNorm
-   statistics (floating buffers) follow the same average, so the teacher's statistics lag like its weights;
-   integer buffers (num_batches_tracked) are copied. With several processes the averaged buffers are then
-   averaged over processes (every process holds the same teacher). The teacher is a held network
-   (uda.objectives.base): no gradient, no optimiser, no DDP, `teacher.safetensors` in every checkpoint.
+   statistics (saved floating buffers) follow the same average, so the teacher's statistics lag like its
+   weights; integer buffers (num_batches_tracked) and non-persistent constants are copied. With several
+   processes the averaged buffers are then averaged over processes (every process holds the same teacher).
+   The teacher is a held network (uda.objectives.base): no gradient, no optimiser, no DDP,
+   `teacher.safetensors` in every checkpoint.
 
 Options: rare-class sampling of the source stream (uda.data.sampling) and DAFormer's thing-class feature
 distance to a frozen ImageNet encoder (`feature_distance`, added to the loss as `fd_weight` x distance).
@@ -204,9 +205,13 @@ class SelfTraining(Objective):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self._pairs = list(zip(self.teacher.parameters(), model.parameters(), strict=True))
-        buffers = list(zip(self.teacher.buffers(), model.buffers(), strict=True))
-        self._float_buffers = [(t, s) for t, s in buffers if t.is_floating_point()]
-        self._other_buffers = [(t, s) for t, s in buffers if not t.is_floating_point()]
+        # Saved floating buffers (BatchNorm statistics) are averaged; the rest is copied: integer counters, and
+        # non-persistent constants (the ImageNet mean/std), which the checkpoint does not hold and whose
+        # average could drift by an ulp from the value a resumed run rebuilds.
+        saved = set(self.teacher.state_dict())
+        buffers = list(zip(self.teacher.named_buffers(), model.buffers(), strict=True))
+        self._float_buffers = [(t, s) for (n, t), s in buffers if t.is_floating_point() and n in saved]
+        self._other_buffers = [(t, s) for (n, t), s in buffers if not (t.is_floating_point() and n in saved)]
         if self.cfg.feature_distance:
             self._bind_imagenet(model)
 
