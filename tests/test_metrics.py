@@ -15,14 +15,20 @@ from sklearn.metrics import (
     recall_score,
 )
 
+from uda.boundary import evaluate_boundaries, synthetic_edge_maps
 from uda.metrics import (
     METRIC_DIRECTIONS,
+    NO_DIRECTION,
     PRIMARY_METRICS,
+    BoundaryOdsF,
     DepthMetric,
     EdgesMetric,
+    MissingBaselineError,
     MultiTaskMetrics,
     NormalsMetric,
+    SaliencyMetric,
     SegmentationMetric,
+    delta_keys,
     metric_direction,
     multitask_delta,
 )
@@ -248,11 +254,11 @@ def test_normals_metrics_match_numpy(halves):
     assert abs(result["mean"] - result["mean_pooled"]) > 1e-6
 
 
-def numpy_edges(logit, target, threshold):
+def numpy_edges(prob, target, threshold):
     """Edge F1 as the DenseMTL authors compute it: 2-class confusion, nanmean of per-class F1."""
     keep = (target == 0) | (target == 1)
     y = target[keep].astype(int)
-    p = (1 / (1 + np.exp(-logit[keep])) > threshold).astype(int)
+    p = (prob[keep] > threshold).astype(int)
     cm = np.bincount(2 * y + p, minlength=4).reshape(2, 2).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         f1 = 2 * np.diag(cm) / (cm.sum(0) + cm.sum(1))
@@ -261,12 +267,12 @@ def numpy_edges(logit, target, threshold):
 
 def test_edges_f1_matches_sklearn():
     g = torch.Generator().manual_seed(0)
-    logit = torch.randn(3, 1, 6, 8, generator=g)
+    prob = torch.sigmoid(torch.randn(3, 1, 6, 8, generator=g))  # TaskDef.predict's output
     target = (torch.rand(3, 1, 6, 8, generator=g) > 0.7).float()
     target[0, 0, 0] = 255  # ignored
     metric = EdgesMetric(threshold=0.6)
-    metric.update(logit, target)
-    expected, y, p = numpy_edges(logit.numpy(), target.numpy(), 0.6)
+    metric.update(prob, target)
+    expected, y, p = numpy_edges(prob.numpy(), target.numpy(), 0.6)
     result = metric.compute()
     assert set(result) == {"f1", "f1_edge", "f1_bg", "precision_edge", "recall_edge"}
     for key, value in expected.items():
@@ -280,7 +286,7 @@ def test_edges_f1_matches_sklearn():
 
 def test_edges_f1_skips_a_class_absent_from_gt_and_prediction():
     metric = EdgesMetric()
-    metric.update(torch.full((1, 1, 3, 3), -5.0), torch.zeros(1, 1, 3, 3))  # no edge anywhere
+    metric.update(torch.full((1, 1, 3, 3), 0.01), torch.zeros(1, 1, 3, 3))  # no edge anywhere
     result = metric.compute()
     assert math.isnan(result["f1_edge"]) and result["f1_bg"] == 1.0 and result["f1"] == 1.0
 
@@ -294,7 +300,7 @@ def make_multitask_batch(seed: int, batch: int = 4):
         "semseg": pred_s,
         "depth": pred_d,
         "normals": pred_n,
-        "edges": torch.randn(batch, 1, 6, 7, generator=g),
+        "edges": torch.rand(batch, 1, 6, 7, generator=g),  # probabilities, as TaskDef.predict gives
     }
     labels = {
         "semseg": target_s,
@@ -379,7 +385,24 @@ def test_every_reported_metric_has_a_direction_and_no_direction_is_stale():
         )
         metrics.update(outputs, batch)
         reported |= set(metrics.compute())
-    for key in reported - {"depth/median_scale"}:  # a diagnostic ratio, neither better nor worse
+    # The PASCAL-Context tasks and odsF edges.
+    g = torch.Generator().manual_seed(4)
+    pascal = MultiTaskMetrics(["parts", "saliency", "edges"], edge_metric="odsf")
+    parts_target = torch.randint(0, 7, (2, 12, 16), generator=g)
+    pascal.update(
+        {
+            "parts": torch.randn(2, 7, 12, 16, generator=g),
+            "saliency": torch.rand(2, 1, 12, 16, generator=g),
+            "edges": torch.rand(2, 1, 12, 16, generator=g),
+        },
+        {
+            "parts": parts_target,
+            "saliency": (torch.rand(2, 1, 12, 16, generator=g) > 0.5).float(),
+            "edges": (torch.rand(2, 1, 12, 16, generator=g) > 0.8).float(),
+        },
+    )
+    reported |= set(pascal.compute())
+    for key in reported - set(NO_DIRECTION):  # diagnostics, neither better nor worse
         assert metric_direction(key) in (+1, -1), key
     assert set(METRIC_DIRECTIONS) <= reported
     assert set(PRIMARY_METRICS.values()) <= reported
@@ -419,5 +442,151 @@ def test_multitask_delta_on_primary_metrics_matches_numpy(per_image):
         assert evaluated["stl"][key] == pytest.approx(b[key], rel=1e-6), key
     signs = {"semseg/miou": 1, "depth/rmse": -1, "normals/mean": -1, "edges/f1": 1}
     expected = 100 * np.mean([signs[k] * (m[k] - b[k]) / b[k] for k in m])
-    assert set(PRIMARY_METRICS.values()) == set(m)
+    assert {PRIMARY_METRICS[t] for t in tasks} == set(m)
     assert multitask_delta(evaluated["mtl"], evaluated["stl"]) == pytest.approx(expected, rel=1e-5)
+
+
+def numpy_saliency(probs, gts, beta2=0.3):
+    """ATRC's pooled max-F and MTI-Net's per-image mIoU / maxF, written directly with numpy loops."""
+    valid = gts != 255
+    best_f = 0.0
+    for t in np.arange(1, 20) * 0.05:
+        pred = (probs >= t - 1e-12) & valid  # the metric's thresholds are round(0.05 * i, 2)
+        gt = (gts == 1) & valid
+        tp, pp, ap = (pred & gt).sum(), pred.sum(), gt.sum()
+        p, r = (tp / pp if pp else np.nan), (tp / ap if ap else np.nan)
+        f = (1 + beta2) * p * r / (beta2 * p + r)
+        best_f = max(best_f, 0.0 if np.isnan(f) else f)
+    ious, precs, recs = [], [], []
+    for t in np.linspace(0.2, 0.9, 15):
+        row_iou, row_p, row_r = [], [], []
+        for prob, gt_img, v in zip(probs, gts, valid, strict=True):
+            pred, gt = (prob > t) & v, (gt_img == 1) & v
+            union = (pred | gt).sum()
+            row_iou.append((pred & gt).sum() / union if union else 1.0)
+            tp = (pred & gt).sum()
+            row_p.append(tp / (pred.sum() + 1e-12))
+            row_r.append(tp / (gt.sum() + 1e-12))
+        ious.append(np.mean(row_iou))
+        precs.append(np.mean(row_p))
+        recs.append(np.mean(row_r))
+    precs, recs = np.array(precs), np.array(recs)
+    return {
+        "maxf": best_f,
+        "miou": max(ious),
+        "maxf_per_image": float(np.max(2 * precs * recs / (precs + recs + 1e-12))),
+    }
+
+
+def test_saliency_maxf_and_miou_match_numpy_and_reduce_by_summing():
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(4, 1, 9, 11, generator=g) > 0.6).float()
+    prob = (0.6 * target + 0.5 * torch.rand(4, 1, 9, 11, generator=g)).clamp(0, 1)
+    target[0, 0, :2] = 255  # ignored
+    target[3] = 0  # an image without salient pixels
+    whole, first, second = SaliencyMetric(), SaliencyMetric(), SaliencyMetric()
+    whole.update(prob, target)
+    first.update(prob[:2], target[:2])
+    second.update(prob[2:], target[2:])
+    first.merge(second.state())
+    expected = numpy_saliency(prob[:, 0].numpy(), target[:, 0].numpy())
+    result = whole.compute()
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-9), key
+        assert first.compute()[key] == pytest.approx(value, rel=1e-9), key
+    assert 0.5 < result["maxf"] < 1 and result["maxf_threshold"] in SaliencyMetric.ATRC_THRESHOLDS
+
+
+def test_boundary_odsf_streams_like_the_offline_evaluation():
+    pairs = [synthetic_edge_maps(40, 56, seed) for seed in range(3)]
+    prob = torch.stack([torch.from_numpy(p)[None] for p, _ in pairs])
+    gt = torch.stack([torch.from_numpy(g)[None].float() for _, g in pairs])
+    gt[2, 0, :5] = 255  # padding rows
+    whole, first, second = BoundaryOdsF(0.03), BoundaryOdsF(0.03), BoundaryOdsF(0.03)
+    whole.update(prob, gt)
+    first.update(prob[:1], gt[:1])
+    second.update(prob[1:], gt[1:])
+    first.sync(lambda s: {k: v + second.state()[k] for k, v in s.items()})
+    expected = evaluate_boundaries(list(prob[:, 0].numpy()), list(gt[:, 0].numpy()), 0.03)
+    for key, value in expected.items():
+        assert whole.compute()[key] == pytest.approx(value), key
+        assert first.compute()[key] == pytest.approx(value), key
+    assert math.isnan(BoundaryOdsF().compute()["odsf"])
+
+
+def test_multitask_metrics_builds_the_pascal_tasks_and_the_edge_metric_choice():
+    metrics = MultiTaskMetrics(
+        ["parts", "saliency", "edges"], num_parts=5, edge_metric="odsf", edge_max_dist=0.0075
+    )
+    assert metrics.metrics["parts"].num_classes == 5
+    assert isinstance(metrics.metrics["saliency"], SaliencyMetric)
+    assert isinstance(metrics.metrics["edges"], BoundaryOdsF) and metrics.metrics["edges"].max_dist == 0.0075
+    assert isinstance(MultiTaskMetrics(["edges"]).metrics["edges"], EdgesMetric)
+    with pytest.raises(ValueError, match="edge_metric"):
+        MultiTaskMetrics(["edges"], edge_metric="ods")
+
+
+# Δ_m of printed table rows, recomputed from the printed metrics (percent; lower-is-better metrics negated).
+def test_primary_delta_reproduces_atrc_tables():
+    # ATRC Tab. 2 (NYUD-v2, HRNet18), ATRC + FPM vs single task: mIoU 40.80 vs 38.02 (+7.312 %), RMSE 0.5826
+    # vs 0.6104 (+4.554 %), mErr 20.51 vs 20.94 (+2.053 %), odsF 76.50 vs 76.22 (+0.367 %): mean +3.572, printed 3.57.
+    st = {"semseg/miou": 38.02, "depth/rmse": 0.6104, "normals/mean": 20.94, "edges/odsf": 76.22}
+    atrc_fpm = {"semseg/miou": 40.80, "depth/rmse": 0.5826, "normals/mean": 20.51, "edges/odsf": 76.50}
+    assert multitask_delta(atrc_fpm, st) == pytest.approx(3.57, abs=0.005)
+    # ATRC Tab. 4 (PASCAL-Context, HRNet18), MT baseline vs single task: semseg 51.48 vs 62.23 (-17.275 %),
+    # parts 57.23 vs 61.66 (-7.185 %), saliency maxF 83.43 vs 85.08 (-1.939 %), normals 14.10 vs 13.69
+    # (-2.995 %), odsF 69.76 vs 73.06 (-4.517 %): mean -6.782, printed -6.77 (from unrounded means).
+    st = {
+        "semseg/miou": 62.23,
+        "parts/miou": 61.66,
+        "saliency/maxf": 85.08,
+        "normals/mean": 13.69,
+        "edges/odsf": 73.06,
+        "edges/f1": 50.0,  # odsF is preferred over F1 when both are there
+    }
+    mt = {
+        "semseg/miou": 51.48,
+        "parts/miou": 57.23,
+        "saliency/maxf": 83.43,
+        "normals/mean": 14.10,
+        "edges/odsf": 69.76,
+        "edges/f1": 60.0,
+    }
+    assert multitask_delta(mt, st) == pytest.approx(-6.77, abs=0.015)
+    assert "edges/odsf" in delta_keys(["edges"], mt) and "edges/f1" in delta_keys(["edges"], {"edges/f1": 1})
+
+
+def test_ctal_delta_uses_depth_relative_error():
+    # CTAL Tab. 1 (NYUv2, HRNet18), MTI-Net vs STL: mIoU 51.51 vs 49.23 (+4.631 %), relErr 0.1538 vs 0.1636
+    # (+5.990 %), normals mErr 23.50 vs 23.15 (-1.512 %): mean +3.036, printed +3.04. CTAL_MS: 52.70 (+7.048 %),
+    # 0.1529 (+6.540 %), 22.99 (+0.691 %): +4.760, printed +4.76. RMSE is in the dicts to show it is not used.
+    stl = {"semseg/miou": 49.23, "depth/abs_rel": 0.1636, "depth/rmse": 1.0, "normals/mean": 23.15}
+    mti = {"semseg/miou": 51.51, "depth/abs_rel": 0.1538, "depth/rmse": 2.0, "normals/mean": 23.50}
+    ctal = {"semseg/miou": 52.70, "depth/abs_rel": 0.1529, "depth/rmse": 2.0, "normals/mean": 22.99}
+    assert multitask_delta(mti, stl, metric_set="ctal") == pytest.approx(3.04, abs=0.005)
+    assert multitask_delta(ctal, stl, metric_set="ctal") == pytest.approx(4.76, abs=0.005)
+
+
+def test_all_metrics_delta_averages_every_headline_metric():
+    # XTasC Tab. I (Cityscapes 7 classes), XTasC-Net vs Base ST-Net over its four metrics: mIoU 66.51 vs 66.40
+    # (+0.166 %), PixAcc 93.56 vs 93.48 (+0.086 %), AbsErr 0.0122 vs 0.0124 (+1.613 %), RelErr 19.40 vs 19.78
+    # (+1.921 %): mean +0.946. The printed 1.58 does not follow from the printed means (seeds digest §4.4).
+    st = {"semseg/miou": 66.40, "semseg/pixel_acc": 93.48, "depth/abs_err": 0.0124, "depth/abs_rel": 19.78}
+    xtasc = {"semseg/miou": 66.51, "semseg/pixel_acc": 93.56, "depth/abs_err": 0.0122, "depth/abs_rel": 19.40}
+    assert multitask_delta(xtasc, st, metric_set="all") == pytest.approx(0.946, abs=0.0005)
+    keys = delta_keys(["semseg", "depth", "normals"], {}, "all")
+    assert (
+        keys[:4] == ["semseg/miou", "semseg/pixel_acc", "depth/abs_err", "depth/abs_rel"] and len(keys) == 9
+    )
+
+
+def test_a_missing_baseline_metric_says_which_and_how_to_get_it():
+    metrics = {"semseg/miou": 0.5, "edges/odsf": 0.7}
+    with pytest.raises(MissingBaselineError) as err:
+        multitask_delta(metrics, {"semseg/miou": 0.4, "edges/f1": 0.6}, baseline_name="nyud-stl")
+    message = str(err.value)
+    assert (
+        "'edges/odsf'" in message and "nyud-stl" in message and "STL" in message and "--baseline" in message
+    )
+    with pytest.raises(ValueError, match="choose among"):
+        multitask_delta(metrics, metrics, metric_set="xtasc")

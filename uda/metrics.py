@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -303,7 +304,7 @@ class NormalsMetric(StreamingMetric):
 
 
 class EdgesMetric(StreamingMetric):
-    """Edge metrics at a fixed threshold on sigmoid(logit), from a summed 2-class confusion (TP/FP/FN/TN).
+    """Edge metrics at a fixed threshold on the edge probability, from a summed 2-class confusion (TP/FP/FN/TN).
 
     `f1` is the DenseMTL authors' headline: the mean of the background and edge F1, skipping a class
     absent from both GT and prediction (its F1 is 0/0); not ODS-F. `f1_edge`, `precision_edge` and
@@ -319,11 +320,12 @@ class EdgesMetric(StreamingMetric):
         return {k: torch.zeros((), dtype=torch.float64) for k in ("tp", "fp", "fn", "tn")}
 
     @torch.no_grad()
-    def update(self, logit: Tensor, target: Tensor) -> None:
-        """Add edge logits [B,1,h,w] (bilinearly resized) vs GT {0,1} [B,1,H,W]."""
-        logit = resize_to(logit.float(), target.shape[-2:])
+    def update(self, prob: Tensor, target: Tensor) -> None:
+        """Add edge probabilities [B,1,h,w] (TaskDef.predict: sigmoid of the logit; bilinearly resized) vs GT
+        {0,1} [B,1,H,W]."""
+        prob = resize_to(prob.float(), target.shape[-2:])
         valid = (target == 0) | (target == 1)
-        pred = (torch.sigmoid(logit) > self.threshold)[valid]
+        pred = (prob > self.threshold)[valid]
         gt = (target == 1)[valid]
         self._add("tp", (pred & gt).sum())
         self._add("fp", (pred & ~gt).sum())
@@ -342,6 +344,147 @@ class EdgesMetric(StreamingMetric):
             "f1_bg": f1_bg,
             "precision_edge": _div(tp, tp + fp),
             "recall_edge": _div(tp, tp + fn),
+        }
+
+
+class BoundaryOdsF(StreamingMetric):
+    """Boundary odsF / oisF / AP of the BSDS and SEISM benchmarks (uda.boundary), streaming.
+
+    The state is, per threshold, the sums over images of cntR, sumR, cntP, sumP, plus the sums of each image's
+    counts at its own best threshold (oisF), so states of disjoint images add up. `max_dist` is the tolerance as a
+    fraction of the image diagonal (0.0075 PASCAL-Context, 0.011 NYUD-v2). Evaluated at the label resolution;
+    GT 255 marks padding (see uda.boundary). Costs about a second of CPU per 480x640 image.
+    """
+
+    def __init__(
+        self,
+        max_dist: float = 0.011,
+        thin: bool = True,
+        num_thresholds: int = 99,
+        device: torch.device | str | None = None,
+    ) -> None:
+        from uda.boundary import BSDS_THRESHOLDS
+
+        self.max_dist = max_dist
+        self.thin = thin
+        self.thresholds = (
+            BSDS_THRESHOLDS
+            if num_thresholds == 99
+            else np.linspace(1, num_thresholds, num_thresholds) / (num_thresholds + 1)
+        )
+        super().__init__(device)
+
+    def _empty_state(self) -> State:
+        k = len(self.thresholds)
+        return {
+            "counts": torch.zeros(k, 4, dtype=torch.float64),
+            "ois_counts": torch.zeros(4, dtype=torch.float64),
+        }
+
+    @torch.no_grad()
+    def update(self, prob: Tensor, target: Tensor) -> None:
+        """Add edge probabilities [B,1,h,w] (bilinearly resized) vs GT [B,1,H,W]: 1 boundary, 0 not, 255 ignored."""
+        from uda.boundary import boundary_counts, f_measure
+
+        prob = resize_to(prob.float(), target.shape[-2:])
+        total = np.zeros((len(self.thresholds), 4))
+        ois = np.zeros(4)
+        for p, t in zip(prob[:, 0].cpu().numpy(), target[:, 0].cpu().numpy(), strict=True):
+            counts = boundary_counts(p, np.rint(t), self.max_dist, self.thresholds, self.thin)
+            total += counts
+            ois += counts[int(np.argmax(f_measure(counts)))]
+        self._add("counts", torch.from_numpy(total).to(self._state["counts"].device))
+        self._add("ois_counts", torch.from_numpy(ois).to(self._state["ois_counts"].device))
+
+    def compute(self) -> dict[str, float]:
+        """odsf, ods_precision, ods_recall, ods_threshold, oisf, ap (fractions); NaN before any image."""
+        from uda.boundary import ods_ois_ap
+
+        counts = self._state["counts"].cpu().numpy()
+        if counts[:, 1].sum() == 0 and counts[:, 3].sum() == 0:
+            return {
+                k: math.nan for k in ("odsf", "ods_precision", "ods_recall", "ods_threshold", "oisf", "ap")
+            }
+        return ods_ois_ap(counts, self._state["ois_counts"].cpu().numpy(), self.thresholds)
+
+
+class SaliencyMetric(StreamingMetric):
+    """Saliency max-F and mIoU of the multi-task literature, from sigmoid probabilities vs binary GT.
+
+    `maxf` (ATRC's MaxF, the headline of ATRC and CTAL): at thresholds 0.05, 0.10, ..., 0.95 (`prob >= t`), TP,
+    predicted and actual positives are summed over all valid pixels of the split, F_beta = (1 + b2) P R /
+    (b2 P + R) with beta^2 = 0.3 (undefined F counts 0), maximised over thresholds.
+    `miou` (MTI-Net's / ASTMT's saliency mIoU, the column MTI-Net reports): at 15 thresholds linspace(0.2, 0.9)
+    (`prob > t`), the IoU of each image (1 when GT and prediction are both empty) averaged over images, then the
+    maximum over thresholds. `maxf_per_image` is MTI-Net's maxF: per-image precision and recall (tp / (tp + fp),
+    0 when nothing is predicted) averaged over images at those 15 thresholds, F = 2PR / (P + R), the maximum.
+    GT pixels labelled 255 are ignored in all three.
+    """
+
+    ATRC_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+    MTINET_THRESHOLDS = tuple(float(t) for t in np.linspace(0.2, 0.9, 15))
+
+    def __init__(
+        self,
+        beta_squared: float = 0.3,
+        ignore_index: int = IGNORE_INDEX,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.beta_squared = beta_squared
+        self.ignore_index = ignore_index
+        super().__init__(device)
+
+    def _empty_state(self) -> State:
+        a, m = len(self.ATRC_THRESHOLDS), len(self.MTINET_THRESHOLDS)
+        zeros = {k: torch.zeros(a, dtype=torch.float64) for k in ("tp", "predicted", "actual")}
+        zeros.update(
+            {k: torch.zeros(m, dtype=torch.float64) for k in ("image_iou", "image_precision", "image_recall")}
+        )
+        zeros["images"] = torch.zeros((), dtype=torch.float64)
+        return zeros
+
+    @torch.no_grad()
+    def update(self, prob: Tensor, target: Tensor) -> None:
+        """Add saliency probabilities [B,1,h,w] (bilinearly resized) vs GT {0,1} [B,1,H,W] (255 ignored)."""
+        prob = resize_to(prob.float(), target.shape[-2:])[:, 0].flatten(1)
+        target = target[:, 0].flatten(1)
+        valid = target != self.ignore_index
+        gt = (target == 1) & valid
+        atrc = torch.tensor(self.ATRC_THRESHOLDS, device=prob.device, dtype=prob.dtype)
+        pred = (prob[:, None] >= atrc[None, :, None]) & valid[:, None]  # [B,T,N]
+        self._add("tp", (pred & gt[:, None]).sum((0, 2)))
+        self._add("predicted", pred.sum((0, 2)))
+        self._add("actual", gt.sum().expand(len(self.ATRC_THRESHOLDS)))
+        mti = torch.tensor(self.MTINET_THRESHOLDS, device=prob.device, dtype=prob.dtype)
+        pred = (prob[:, None] > mti[None, :, None]) & valid[:, None]
+        tp = (pred & gt[:, None]).sum(2).double()
+        fp = (pred & ~gt[:, None]).sum(2).double()
+        fn = (~pred & gt[:, None] & valid[:, None]).sum(2).double()
+        union = tp + fp + fn
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.ones_like(tp))
+        self._add("image_iou", iou.sum(0))
+        self._add("image_precision", (tp / (tp + fp).clamp_min(1)).sum(0))
+        self._add("image_recall", (tp / (tp + fn).clamp_min(1)).sum(0))
+        self._add("images", float(prob.shape[0]))
+
+    def compute(self) -> dict[str, float]:
+        """maxf, maxf_threshold, miou, maxf_per_image (fractions); NaN before any image."""
+        s = {k: v.cpu() for k, v in self._state.items()}
+        images = float(s["images"])
+        if images == 0:
+            return {k: math.nan for k in ("maxf", "maxf_threshold", "miou", "maxf_per_image")}
+        precision = s["tp"] / s["predicted"]
+        recall = s["tp"] / s["actual"]
+        f = (1 + self.beta_squared) * precision * recall / (self.beta_squared * precision + recall)
+        f = torch.nan_to_num(f, nan=0.0)
+        best = int(f.argmax())
+        mean_p, mean_r = s["image_precision"] / images, s["image_recall"] / images
+        f_image = 2 * mean_p * mean_r / (mean_p + mean_r + 1e-12)
+        return {
+            "maxf": float(f[best]),
+            "maxf_threshold": self.ATRC_THRESHOLDS[best],
+            "miou": float((s["image_iou"] / images).max()),
+            "maxf_per_image": float(f_image.max()),
         }
 
 
@@ -376,24 +519,99 @@ METRIC_DIRECTIONS: dict[str, int] = {
     "edges/f1_bg": +1,
     "edges/precision_edge": +1,
     "edges/recall_edge": +1,
+    "edges/odsf": +1,
+    "edges/ods_precision": +1,
+    "edges/ods_recall": +1,
+    "edges/oisf": +1,
+    "edges/ap": +1,
+    "parts/miou": +1,
+    "parts/pixel_acc": +1,
+    "saliency/maxf": +1,
+    "saliency/miou": +1,
+    "saliency/maxf_per_image": +1,
 }
+# Diagnostics reported with the metrics that are neither better nor worse when higher.
+NO_DIRECTION = ("depth/median_scale", "edges/ods_threshold", "saliency/maxf_threshold")
 
 # One metric per task for the multi-task delta (paper §4.1), as the authors' released code defines them:
 # mIoU; depth RMSE (per_image: sqrt of the mean per-image MSE); mean angle error per image averaged over
 # images; F1 averaged over the background and edge classes.
+# PASCAL-Context adds human parts (mIoU) and saliency (ATRC's max-F, beta^2 = 0.3). With odsF evaluated
+# (MultiTaskMetrics(edge_metric="odsf")) the edges entry of a delta is edges/odsf instead (delta_keys).
 PRIMARY_METRICS: dict[str, str] = {
     "semseg": "semseg/miou",
     "depth": "depth/rmse",
     "normals": "normals/mean",
     "edges": "edges/f1",
+    "parts": "parts/miou",
+    "saliency": "saliency/maxf",
 }
+
+# The metric sets of the Delta_m variants of the literature, per task (first present key wins for edges):
+# "primary": one metric per task, as MTI-Net / ATRC / DenseMTL; "ctal": the same with depth relative error
+# (CTAL); "all": every headline metric of each task, as XTasC (mIoU, pixel accuracy, abs err, rel err) and
+# the MTAN / Nash-MTL NYUv2 convention (+ normals mean, median, within 11.25/22.5/30).
+DELTA_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "primary": {
+        "semseg": ("semseg/miou",),
+        "parts": ("parts/miou",),
+        "saliency": ("saliency/maxf",),
+        "normals": ("normals/mean",),
+        "edges": ("edges/odsf|edges/f1",),
+        "depth": ("depth/rmse",),
+    },
+    "ctal": {
+        "semseg": ("semseg/miou",),
+        "parts": ("parts/miou",),
+        "saliency": ("saliency/maxf",),
+        "normals": ("normals/mean",),
+        "edges": ("edges/odsf|edges/f1",),
+        "depth": ("depth/abs_rel",),
+    },
+    "all": {
+        "semseg": ("semseg/miou", "semseg/pixel_acc"),
+        "parts": ("parts/miou",),
+        "saliency": ("saliency/maxf", "saliency/miou"),
+        "normals": (
+            "normals/mean",
+            "normals/median",
+            "normals/within_11.25",
+            "normals/within_22.5",
+            "normals/within_30.0",
+        ),
+        "edges": ("edges/odsf|edges/f1",),
+        "depth": ("depth/abs_err", "depth/abs_rel"),
+    },
+}
+
+
+class MissingBaselineError(KeyError):
+    """A Delta_m baseline lacks a metric; the message says which and how to produce it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def delta_keys(tasks: Iterable[str], metrics: Mapping[str, float], metric_set: str = "primary") -> list[str]:
+    """The metric keys of a Delta_m variant for `tasks`: per task the keys of DELTA_SETS[metric_set]; an entry
+    "a|b" takes the first alternative present in `metrics` (edges: odsF when evaluated, else F1)."""
+    if metric_set not in DELTA_SETS:
+        raise ValueError(f"unknown delta metric set {metric_set!r}; choose among {', '.join(DELTA_SETS)}")
+    keys = []
+    for task in tasks:
+        if task not in DELTA_SETS[metric_set]:
+            raise ValueError(f"no delta metric defined for task {task!r}")
+        for entry in DELTA_SETS[metric_set][task]:
+            options = entry.split("|")
+            keys.append(next((k for k in options if k in metrics), options[0]))
+    return keys
 
 
 def metric_direction(key: str) -> int:
     """+1 if a higher value of metric `key` is better, -1 if lower is better."""
     if key in METRIC_DIRECTIONS:
         return METRIC_DIRECTIONS[key]
-    if key.startswith("semseg/iou/"):
+    if key.startswith(("semseg/iou/", "parts/iou/")):
         return +1
     raise KeyError(f"no direction known for metric {key!r}")
 
@@ -402,14 +620,19 @@ def multitask_delta(
     metrics: Mapping[str, float],
     baselines: Mapping[str, float],
     keys: Sequence[str] | None = None,
+    metric_set: str = "primary",
+    baseline_name: str | None = None,
 ) -> float:
     """Multi-task delta in percent: mean over keys of direction * (m - b) / b * 100.
 
-    Default keys: the primary metric of every task present in `metrics`. Pass a subset for a partial
-    delta. Metric and baseline must be in the same units (both fractions or both percent).
+    Default keys: `metric_set` ("primary", "ctal" or "all", see DELTA_SETS) for every task with a metric in
+    `metrics`. Pass `keys` for a partial delta. Metric and baseline must be in the same units (both fractions
+    or both percent). A metric missing from `baselines` raises MissingBaselineError naming it and how to
+    produce it (`baseline_name` says which baseline run was used).
     """
     if keys is None:
-        keys = [k for k in PRIMARY_METRICS.values() if k in metrics]
+        tasks = [t for t in DELTA_SETS.get(metric_set, {}) if any(k.startswith(f"{t}/") for k in metrics)]
+        keys = delta_keys(tasks, metrics, metric_set)
     if not keys:
         raise ValueError("no metric to compare: pass keys or metrics containing primary metrics")
     terms = []
@@ -417,7 +640,12 @@ def multitask_delta(
         if key not in metrics:
             raise KeyError(f"metric {key!r} missing from the evaluated metrics")
         if key not in baselines:
-            raise KeyError(f"no baseline for metric {key!r}; baselines hold {sorted(baselines)}")
+            source = f"the baseline {baseline_name!r}" if baseline_name else "the single-task baseline"
+            raise MissingBaselineError(
+                f"no baseline for metric {key!r}: {source} has {len(baselines)} metrics but not this one; "
+                "train and evaluate the single-task (STL) run of the same recipe with the same evaluation "
+                "options (e.g. the same edge metric), then pass it to uda-compare (or name it with --baseline)"
+            )
         b = float(baselines[key])
         if b == 0:
             raise ValueError(f"baseline for {key!r} is 0; the relative delta is undefined")
@@ -439,7 +667,16 @@ class MultiTaskMetrics:
         per_image: bool = True,
         edge_threshold: float = 0.5,
         device: torch.device | str | None = None,
+        num_parts: int = 7,
+        edge_metric: str = "f1",
+        edge_max_dist: float = 0.011,
     ) -> None:
+        """`edge_metric`: "f1" (EdgesMetric at `edge_threshold`, DenseMTL's) or "odsf" (BoundaryOdsF at
+        tolerance `edge_max_dist`: 0.011 NYUD-v2, 0.0075 PASCAL-Context). `num_parts`: human-part classes
+        (7 = background + 6 PASCAL parts). Predictions are TaskDef.predict outputs: semseg/parts logits, depth
+        in metres, normals, edge and saliency probabilities."""
+        if edge_metric not in ("f1", "odsf"):
+            raise ValueError(f"edge_metric {edge_metric!r}: choose f1 or odsf")
         self.metrics: dict[str, StreamingMetric] = {}
         for task in tasks:
             if task == "semseg":
@@ -452,8 +689,14 @@ class MultiTaskMetrics:
                 )
             elif task == "normals":
                 self.metrics[task] = NormalsMetric(device=device)
+            elif task == "edges" and edge_metric == "odsf":
+                self.metrics[task] = BoundaryOdsF(edge_max_dist, device=device)
             elif task == "edges":
                 self.metrics[task] = EdgesMetric(edge_threshold, device=device)
+            elif task == "parts":
+                self.metrics[task] = SegmentationMetric(num_parts, ignore_index, device=device)
+            elif task == "saliency":
+                self.metrics[task] = SaliencyMetric(ignore_index=ignore_index, device=device)
             else:
                 raise ValueError(f"unknown task {task!r}")
 
