@@ -196,7 +196,7 @@ def test_search_recipe_on_toy_data_writes_contexts_the_training_recipe_accepts(
     assert resolve_contexts(str(path), ("semseg", "depth")) == contexts
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["atrc_contexts"] == SEARCH and config["model"]["backbone"] == "hrnetv2-w18-small"
-    assert config["optim"]["lr_architecture"] == 0.01  # --toy: alpha must move within a toy schedule
+    assert config["optim"]["lr_architecture"] == 0.05  # --toy: alpha must move within a toy schedule
 
     # The training recipe takes it (config check, --print-config: nothing is trained).
     from uda.cli import base_parser, main, supervised_config
