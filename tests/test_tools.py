@@ -160,3 +160,47 @@ def test_compare_partial_delta_and_a_dashed_arch(tmp_path):
         f"{expected_sd:.4f}"
     )
     assert expected_sd != expected_full
+
+
+def test_compare_delta_metric_sets(tmp_path, capsys):
+    tasks = ["semseg", "depth"]
+    stl = {
+        "semseg/miou": 0.5,
+        "semseg/pixel_acc": 0.8,
+        "depth/rmse": 4.0,
+        "depth/abs_rel": 0.20,
+        "depth/abs_err": 2.0,
+    }
+    mtl = {
+        "semseg/miou": 0.55,
+        "semseg/pixel_acc": 0.8,
+        "depth/rmse": 5.0,
+        "depth/abs_rel": 0.15,
+        "depth/abs_err": 2.5,
+    }
+    runs = [
+        str(fake_run(tmp_path / "a", "nyud-stl", "stl", tasks, stl)),
+        str(fake_run(tmp_path / "b", "nyud-mtl", "mtl", tasks, mtl)),
+    ]
+
+    def delta(*options: str) -> str:
+        table = compare.table([*runs, *options])
+        row = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}["nyud-mtl"]
+        return row.rstrip(" |").rsplit("|", 1)[1].strip()
+
+    # primary: (+10 % mIoU, -25 % RMSE) / 2 = -7.5; ctal: (+10 %, +25 % relErr) / 2 = +17.5;
+    # all: (+10, 0, -25 (abs err), +25 (rel err)) / 4 = +2.5.
+    assert float(delta()) == pytest.approx(-7.5)
+    assert float(delta("--delta", "ctal")) == pytest.approx(17.5)
+    assert float(delta("--delta", "all")) == pytest.approx(2.5)
+
+
+def test_compare_names_a_metric_missing_from_the_baseline(tmp_path, capsys):
+    tasks = ["semseg", "edges"]
+    stl = fake_run(tmp_path / "a", "nyud-stl", "stl", tasks, {"semseg/miou": 0.5, "edges/f1": 0.6})
+    mtl = fake_run(tmp_path / "b", "nyud-mtl", "mtl", tasks, {"semseg/miou": 0.5, "edges/odsf": 0.7})
+    with pytest.raises(SystemExit, match="nyud-mtl: no baseline for metric 'edges/odsf'.*nyud-stl.*STL"):
+        compare.table([str(stl), str(mtl)])
+    # Without any STL run the table still prints, and says how to get the baseline.
+    compare.table([str(mtl)])
+    assert "no STL run of the same recipe" in capsys.readouterr().err

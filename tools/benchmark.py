@@ -1,6 +1,6 @@
 """Speed, memory and size of the models and of the training pieces, each configuration in its own process.
 
-    python tools/benchmark.py [--benches step exchange adapt selfsup data context]
+    python tools/benchmark.py [--benches step exchange adapt selfsup data context odsf]
                               [--archs stl mtl 3ways-padnet mteb padnet] [--tasks SD SDN] [--backbone resnet101] [--decoder 3ways|deeplab]
                               [--size 512 1024] [--batch-size 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
                               [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--fused] [--checkpointing] [--baseline]
@@ -25,6 +25,10 @@ Benches (default: all six; `--check` alone runs `step` only):
             tasks; forward, backward, one Adam step for model and pose net. Task sets without depth are skipped.
   context   ATRC's local context pooling block (9x9 window) on 67-channel stride-4 task features of 256x256 and
             512x512 inputs, forward + backward: its memory grows linearly with the pixels (4x from one to the other).
+  odsf      the boundary benchmark of NYUD-v2 (uda.boundary: 99 thresholds, thinning, one-to-one matching at
+            maxDist 0.011) on one synthetic 480x640 edge map and its boundary map per step (a different image
+            each step, uda.boundary.synthetic_edge_maps); img/s and the minutes for the 654 test images
+            (`minutes_654`, one process). CPU only, whatever --device says.
   data      the training loader on the toy SYNTHIA data (`--data-root`/synthia; generated into a temporary
             folder when missing) with 0, 1 and 2 workers: time per batch and samples per second.
 
@@ -108,7 +112,8 @@ PARAM_MODELS = [
     ("3ways-padnet", "3ways"),
     ("padnet", "3ways"),
 ]
-BENCHES = ("step", "exchange", "adapt", "selfsup", "data", "context")
+BENCHES = ("step", "exchange", "adapt", "selfsup", "data", "context", "odsf")
+ODSF_SIZE = (480, 640)  # NYUD-v2's images, the 654-image test split
 CONTEXT_SIDES = (256, 512)  # the context bench: square inputs, task features at stride 4
 DEFAULT_ARCHS = ["stl", "mtl", "3ways-padnet", "mteb", "padnet"]
 DATA_WORKERS = (0, 1, 2)
@@ -533,6 +538,22 @@ def bench_data(spec: dict, device: torch.device) -> dict:
     }
 
 
+def bench_odsf(spec: dict, device: torch.device) -> dict:
+    """uda.boundary.boundary_counts of one synthetic NYUD-sized image per step (99 thresholds, maxDist 0.011)."""
+    from uda.boundary import MAX_DIST, boundary_counts, synthetic_edge_maps
+
+    images = [synthetic_edge_maps(*ODSF_SIZE, seed) for seed in range(spec["warmup"] + spec["repeats"])]
+    it = iter(images)
+
+    def step() -> None:
+        prob, gt = next(it)
+        boundary_counts(prob, gt, MAX_DIST["nyudv2"])
+
+    row = timed(step, spec, torch.device("cpu"))
+    row["minutes_654"] = 654 * row["ms_median"] / 60000
+    return row
+
+
 BENCH_FUNCTIONS = {
     "step": bench_step,
     "exchange": bench_exchange,
@@ -540,6 +561,7 @@ BENCH_FUNCTIONS = {
     "selfsup": bench_selfsup,
     "data": bench_data,
     "context": bench_context,
+    "odsf": bench_odsf,
 }
 
 
@@ -689,6 +711,13 @@ def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
                     | {"bench": "context", "arch": "atrc-local", "tasks": "SD", "context": "local"}
                     | {"size": [side, side], "flops": False}
                 )
+        elif bench == "odsf":
+            specs.append(
+                common
+                | PLAIN
+                | {"bench": "odsf", "arch": "boundary", "tasks": "E", "size": list(ODSF_SIZE), "batch": 1}
+                | {"device": "cpu", "flops": False}
+            )
         elif bench in ("adapt", "selfsup"):
             for tasks in args.tasks:
                 if bench == "selfsup" and "depth" not in TASK_SETS[tasks]:

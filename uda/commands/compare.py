@@ -2,10 +2,15 @@
 
 Runs are grouped by their config name (recipe, variant, model); seeds of one group are averaged. Delta_T
 (paper Eq. from Vandenhende et al.) is computed per run against the mean of the baseline group: by default
-the STL group of the same recipe and variant (STL-UDA for adaptation runs). It uses one primary metric per
-task, as the DenseMTL authors' released code defines it: semseg/miou; depth/rmse (with per-image
-evaluation, sqrt of the mean per-image MSE); normals/mean (per-image mean angle averaged over images);
-edges/f1 (mean of the background and edge F1).
+the STL group of the same recipe and variant (STL-UDA for adaptation runs). The metric set is chosen with
+--delta (uda.metrics.DELTA_SETS):
+  primary  one metric per task, as DenseMTL, MTI-Net and ATRC: semseg/miou, parts/miou, saliency/maxf,
+           normals/mean, edges/odsf (edges/f1 when odsF was not evaluated), depth/rmse (with per-image
+           evaluation, sqrt of the mean per-image MSE);
+  ctal     the same with depth/abs_rel (relative error) for depth, as CTAL;
+  all      every headline metric of each task, as XTasC: semseg miou + pixel_acc, depth abs_err + abs_rel,
+           normals mean, median and within 11.25/22.5/30, saliency maxf + miou, parts miou, edges.
+A baseline run that lacks one of these metrics stops the table with a message naming it.
 """
 
 from __future__ import annotations
@@ -93,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every task of each run)",
     )
     parser.add_argument(
+        "--delta",
+        choices=("primary", "ctal", "all"),
+        default="primary",
+        help="metric set of Delta_T: primary (one per task, MTI-Net/ATRC), ctal (depth relative error), "
+        "all (every headline metric, XTasC) (default: primary)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="also write the table (Markdown) here (default: print only)"
     )
     return parser
@@ -102,10 +114,12 @@ def table(argv: list[str] | None = None) -> str:
     """Parse the command line, print the comparison table (Markdown) and return it."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from uda.metrics import PRIMARY_METRICS, multitask_delta  # torch: after parsing, so --help is fast
+    # torch: after parsing, so --help is fast
+    from uda.metrics import DELTA_SETS, MissingBaselineError, delta_keys, multitask_delta
 
-    if args.tasks and not set(args.tasks.split(",")) <= set(PRIMARY_METRICS):
-        parser.error(f"--tasks {args.tasks}: choose among {', '.join(PRIMARY_METRICS)}")
+    known = DELTA_SETS[args.delta]
+    if args.tasks and not set(args.tasks.split(",")) <= set(known):
+        parser.error(f"--tasks {args.tasks}: choose among {', '.join(known)}")
 
     groups: dict[str, list[dict]] = defaultdict(list)
     info: dict[str, tuple[list[str], str]] = {}
@@ -129,6 +143,7 @@ def table(argv: list[str] | None = None) -> str:
         return candidates[0] if candidates else None
 
     columns = [k for k in SHOWN if any(k in m for runs in groups.values() for m in runs)]
+    notes: list[str] = []
     lines = ["| run | seeds | " + " | ".join(columns) + " | Δ_T (%) |", "|---" * (len(columns) + 3) + "|"]
     for name, runs in sorted(groups.items()):
         cells = [
@@ -137,13 +152,33 @@ def table(argv: list[str] | None = None) -> str:
         base = baseline_for(name)
         delta = "–"
         if base is not None and base in groups:
-            tasks = args.tasks.split(",") if args.tasks else info[name][0]
-            keys = [PRIMARY_METRICS[t] for t in tasks if PRIMARY_METRICS.get(t) in groups[base][0]]
-            reference = {k: statistics.mean(m[k] for m in groups[base]) for k in keys}
-            delta = mean_std([multitask_delta(m, reference, keys) * 1.0 for m in runs])
+            # Tasks predicted in the front end only (MTI-Net's auxiliary tasks) have no metric to compare.
+            evaluated = [t for t in info[name][0] if any(k.startswith(f"{t}/") for k in runs[0])]
+            tasks = args.tasks.split(",") if args.tasks else [t for t in evaluated if t in known]
+            keys = delta_keys(tasks, runs[0], args.delta)
+            reference = {
+                k: statistics.mean(m[k] for m in groups[base])
+                for k in keys
+                if all(k in m for m in groups[base])
+            }
+            try:
+                delta = mean_std([multitask_delta(m, reference, keys, baseline_name=base) for m in runs])
+            except MissingBaselineError as err:
+                raise SystemExit(f"error: {name}: {err}") from None
+        elif base is not None:
+            notes.append(
+                f"no Delta_T for {name}: the baseline group {base!r} is not among the runs; pass its run folders"
+            )
+        else:
+            notes.append(
+                f"no Delta_T for {name}: no STL run of the same recipe and variant among the runs; train it "
+                "(the recipe with --arch stl) and pass its folder, or name a baseline group with --baseline"
+            )
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {delta} |")
     text = "\n".join(lines)
     print(text)
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}", file=sys.stderr)
     if args.out:
         args.out.write_text(text + "\n")
     return text
