@@ -175,3 +175,4 @@ def test_a_wider_tolerance_never_matches_fewer_pixels():
     assert (loose[:, 0] >= tight[:, 0]).all() and (loose[:, 0] > tight[:, 0]).any()
     result = evaluate_boundaries(probs, gts, 0.05)
     assert 0 < result["odsf"] <= result["oisf"] <= 1 and 0 < result["ap"] <= 1
+    assert evaluate_boundaries(probs, gts, 0.05, workers=2) == result  # images are independent
