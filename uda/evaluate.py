@@ -42,27 +42,21 @@ def build_metrics(
 ) -> MultiTaskMetrics:
     """The streaming metrics of `tasks` under the protocol of eval_cfg (class count from `space`, the human-part
     classes of uda.tasks.num_parts(), the edge metric and its tolerance)."""
-    import inspect
-
     from uda.tasks import num_parts
 
-    kwargs: dict[str, Any] = {
-        "num_classes": space.num_classes,
-        "min_depth": eval_cfg.min_depth,
-        "max_depth": eval_cfg.max_depth,
-        "median_scaling": eval_cfg.median_scaling,
-        "per_image": eval_cfg.per_image,
-        "device": torch.device(device),
-    }
-    # TODO(issue 16): pass these directly once uda.metrics has them everywhere (parts / saliency metrics, odsF).
-    accepted = inspect.signature(MultiTaskMetrics).parameters
-    optional = {"num_parts": num_parts(), "edge_metric": eval_cfg.edge_metric}
-    if eval_cfg.edge_max_dist is not None:
-        optional["edge_max_dist"] = eval_cfg.edge_max_dist
-    kwargs.update({k: v for k, v in optional.items() if k in accepted})
-    if eval_cfg.edge_metric != "f1" and "edge_metric" not in accepted:
-        raise ValueError(f"eval.edge_metric={eval_cfg.edge_metric}: this uda.metrics has no such edge metric")
-    return MultiTaskMetrics(tasks, **kwargs)
+    edge_max_dist = {} if eval_cfg.edge_max_dist is None else {"edge_max_dist": eval_cfg.edge_max_dist}
+    return MultiTaskMetrics(
+        tasks,
+        num_classes=space.num_classes,
+        min_depth=eval_cfg.min_depth,
+        max_depth=eval_cfg.max_depth,
+        median_scaling=eval_cfg.median_scaling,
+        per_image=eval_cfg.per_image,
+        device=torch.device(device),
+        num_parts=num_parts(),
+        edge_metric=eval_cfg.edge_metric,
+        **edge_max_dist,
+    )
 
 
 @torch.no_grad()
