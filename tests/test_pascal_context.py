@@ -16,7 +16,7 @@ from uda.data.decode import DataError
 from uda.data.readers import build_dataset
 from uda.data.toy.pascal import CONTEXT_IDS, NYU_NAMES
 from uda.data.transforms import EvalTransform, TrainTransform
-from uda.losses.tasks import saliency_loss
+from uda.losses.tasks import edges_loss, saliency_loss
 from uda.tasks import TASK_DEFS, OutputSpace, num_parts, task_channels
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,6 +187,10 @@ def test_pad_protocol_pads_centred_with_the_ignore_values(pascal_root):
     assert torch.equal(out["image"][:, 2:38, 2:50], sample["image"])  # centred: 2 px each side
     assert torch.all(out["parts"][:2] == 255) and torch.all(out["saliency"][:, :, :2] == 255)
     assert torch.all(out["semseg"][:, -2:] == 255) and torch.all(out["normals"][:, :2] == 0)
+    assert torch.all(out["edges"][:, :2] == 255) and set(out["edges"][:, 2:38, 2:50].unique().tolist()) == {
+        0,
+        1,
+    }
     assert torch.allclose(out["K"][:2, 2], sample["K"][:2, 2] + 2)
     # An image larger than size (only below the dataset's largest image) is shrunk, aspect kept, then padded.
     small = EvalTransform((24, 24), fit="pad")(sample)
@@ -231,6 +235,10 @@ def test_parts_and_saliency_tasks():
     w = 2 / 3
     expected = (w * bce[..., 0] + (1 - w) * bce[..., 1] + (1 - w) * bce[..., 2]).sum() / 3
     assert torch.allclose(saliency_loss(pred, label), expected)
+    # Edges: padding (255) is ignored, as if those pixels were not there.
+    edge_logit, edge = torch.randn(1, 1, 2, 3), torch.tensor([[[[1.0, 0.0, 255.0], [0.0, 255.0, 0.0]]]])
+    keep = edge != 255
+    assert torch.allclose(edges_loss(edge_logit, edge), edges_loss(edge_logit[keep][None], edge[keep][None]))
     parts_logits = torch.randn(1, 7, 2, 2)
     parts = torch.tensor([[[1, 255], [6, 0]]])
     assert torch.isfinite(TASK_DEFS["parts"].loss()(parts_logits, parts, space))

@@ -143,7 +143,7 @@ def test_small_scale_pads_with_unknown_values():
     pad = out["semseg"] == 255
     assert pad.sum() == 16 * 24 - 8 * 12
     assert (out["depth"][0][pad] == 0).all() and (out["image"][:, pad] == 0).all()
-    assert (out["edges"][0][pad] == 0).all() and (out["normals"][:, pad] == 0).all()
+    assert (out["edges"][0][pad] == 255).all() and (out["normals"][:, pad] == 0).all()  # edges: 255 = padding
 
 
 def test_color_jitter_same_parameters_for_image_and_frames():

@@ -80,15 +80,10 @@ def normals_rgb(normals: torch.Tensor) -> np.ndarray:
 
 
 def edges_rgb(edges: torch.Tensor) -> np.ndarray:
-    """Edge probability or label [1,H,W] in [0,1] -> grey RGB."""
-    return image_rgb(edges.detach().float().clamp(0, 1).expand(3, -1, -1))
-
-
-def saliency_rgb(saliency: torch.Tensor) -> np.ndarray:
-    """Saliency probability or label [1,H,W] in [0,1] -> grey RGB; ignored pixels (255) are dark blue."""
-    s = saliency.detach().float()
-    rgb = edges_rgb(torch.where(s > 1, torch.zeros_like(s), s))
-    rgb[(s[0] > 1).cpu().numpy()] = (0, 0, 96)
+    """Edge (or saliency) probability or label [1,H,W] in [0,1] -> grey RGB; padding (255) is dark blue."""
+    e = edges.detach().float()
+    rgb = image_rgb(torch.where(e > 1, torch.zeros_like(e), e).clamp(0, 1).expand(3, -1, -1))
+    rgb[(e[0] > 1).cpu().numpy()] = (0, 0, 96)
     return rgb
 
 
@@ -106,13 +101,12 @@ def task_rgb(task: str, value: torch.Tensor, label_set=None, depth_scale: float 
         return label_set.colorize(value.detach().cpu().numpy().astype(np.int64))
     if task == "parts":
         return parts_rgb(value)
-    if task == "saliency":
-        return saliency_rgb(value)
+
     if task == "depth":
         return depth_rgb(value, scale=depth_scale)
     if task == "normals":
         return normals_rgb(value)
-    if task == "edges":
+    if task in ("edges", "saliency"):
         return edges_rgb(value)
     raise ValueError(f"unknown task {task!r}")
 

@@ -4,7 +4,7 @@ multi-task PASCAL-Context.
 Each item is the sample dict of DESIGN.md: `image`, `K`, `domain`, `meta`, plus only the requested tasks
 (`semseg`, `depth`, `normals`, `edges`; PASCAL-Context also `parts` int64 [H,W] (human_parts7 ids, 255 =
 ignore) and `saliency` float32 [1,H,W] in {0,1} (255 = ignore)) and `frames` when neighbouring frames are
-requested. File formats are
+requested. Readers never write 255 into edges; the transforms pad edges, parts and saliency with 255. File formats are
 decoded by uda.data.decode; this module knows the folder layouts and split files.
 
 Splits: `<dataset root>/splits/<split>.txt` if present (the toy data writes its own), else the official

@@ -32,13 +32,13 @@ from uda.geometry import crop_intrinsics, hflip_intrinsics, resize_intrinsics
 IGNORE_INDEX = 255
 
 # Label-like maps: resized by nearest neighbour, padded with their "unknown" value.
-# parts and saliency pad with 255 (ignored by their losses and metrics), as ATRC's PadImage; edges with 0, the
-# DESIGN convention (no ignore value for edges).
+# Edges, parts and saliency pad with 255 (ignored by their losses and metrics; the boundary benchmark crops
+# it away), as ATRC's PadImage.
 _LABEL_FILL: dict[str, float] = {
     "semseg": IGNORE_INDEX,
     "depth": 0.0,
     "normals": 0.0,
-    "edges": 0.0,
+    "edges": float(IGNORE_INDEX),
     "parts": IGNORE_INDEX,
     "saliency": float(IGNORE_INDEX),
 }

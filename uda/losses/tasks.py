@@ -77,13 +77,17 @@ def normals_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def edges_loss(logit: Tensor, target: Tensor, pos_weight: float = 0.95) -> Tensor:
-    """Class-weighted BCE of edge logits [B,1,h,w] vs {0,1} [B,1,H,W]; weight-normalised mean."""
+    """Class-weighted BCE of edge logits [B,1,h,w] vs {0,1} [B,1,H,W] (255 = padding, ignored); weight-normalised
+    mean."""
     # The released code used a 2-class cross-entropy with class weights [0.05, 0.95]. A softmax over
     # logits (a, b) equals a sigmoid of the single logit b - a, so this is the same loss with one
     # output channel. Like torch's weighted CE we divide by the sum of the weights, not the pixel count.
     logit = resize_to(logit, target.shape[-2:])
-    target = target.to(logit.dtype)
-    weight = target * pos_weight + (1.0 - target) * (1.0 - pos_weight)
+    valid = target != IGNORE_INDEX
+    if not bool(valid.any()):
+        return _zero_with_graph(logit)
+    target = torch.where(valid, target, torch.zeros_like(target)).to(logit.dtype)
+    weight = (target * pos_weight + (1.0 - target) * (1.0 - pos_weight)) * valid
     per_pixel = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
     return (weight * per_pixel).sum() / weight.sum()
 
