@@ -91,15 +91,6 @@ def test_edges_are_the_thinned_label_map_boundaries(pascal_root):
     assert not blocks.any()  # one pixel wide
 
 
-def test_thin_reduces_a_bar_to_its_middle_line():
-    bar = np.zeros((7, 12), bool)
-    bar[2:5, 2:10] = True  # 3 px thick
-    skel = decode.thin(bar)
-    assert not (skel & ~bar).any()
-    assert skel.sum(axis=0)[3:9].tolist() == [1] * 6 and skel[3, 3:9].all()  # the middle row, one pixel
-    assert decode.thin(np.zeros((5, 5), bool)).sum() == 0
-
-
 def _write_anno(path: Path, objects: list[tuple[int, list[tuple[str, np.ndarray]]]], shape=(6, 8)) -> None:
     """A PASCAL-Part 'anno' .mat with the given (class_ind, [(part name, mask)]) objects."""
     rows = []

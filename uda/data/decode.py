@@ -432,54 +432,12 @@ def pascal_label_map(path: str | Path) -> np.ndarray:
     return label.astype(np.int32)
 
 
-# Neighbour bit weights of a 3x3 window for the thinning look-up tables (p1 = right, then counter-clockwise).
-_THIN_WEIGHTS = np.array([[8, 4, 2], [16, 0, 1], [32, 64, 128]], np.int32)
-
-
-def _thin_luts() -> tuple[np.ndarray, np.ndarray]:
-    """The two sub-iteration tables of the thinning of Guo & Hall (1989, algorithm A1, as skimage.morphology.thin):
-    an index is a neighbourhood code, True means "delete the centre pixel"."""
-    first, second = np.zeros(256, bool), np.zeros(256, bool)
-    for code in range(256):
-        p = [(code >> k) & 1 == 1 for k in range(8)]  # p[0] = p1 (right) ... p[7] = p8 (bottom right)
-        crossings = sum(not p[2 * k] and (p[2 * k + 1] or p[(2 * k + 2) % 8]) for k in range(4))
-        if crossings != 1:
-            continue
-        n1 = sum(p[2 * k] or p[2 * k + 1] for k in range(4))
-        n2 = sum(p[2 * k + 1] or p[(2 * k + 2) % 8] for k in range(4))
-        if not 2 <= min(n1, n2) <= 3:
-            continue
-        first[code] = not ((p[1] or p[2] or not p[7]) and p[0])
-        second[code] = not ((p[5] or p[6] or not p[3]) and p[4])
-    return first, second
-
-
-_THIN_LUTS = _thin_luts()
-
-
-def thin(mask: np.ndarray) -> np.ndarray:
-    """Thin a binary mask [H,W] to one-pixel-wide curves (the skeletonisation the multi-task literature applies
-    to PASCAL-Context boundaries, skimage.morphology.thin): repeat both sub-iterations until nothing changes."""
-    skel = np.ascontiguousarray(mask, dtype=bool).copy()
-    while True:
-        before = int(skel.sum())
-        for lut in _THIN_LUTS:
-            padded = np.pad(skel, 1).astype(np.int32)
-            h, w = skel.shape
-            code = sum(
-                _THIN_WEIGHTS[dy, dx] * padded[dy : dy + h, dx : dx + w]
-                for dy in range(3)
-                for dx in range(3)
-                if (dy, dx) != (1, 1)
-            )
-            skel &= ~lut[code]
-        if int(skel.sum()) == before:
-            return skel
-
-
 def pascal_edges(label_map: np.ndarray) -> np.ndarray:
     """PASCAL-Context boundaries float32 [H,W] in {0,1} from the 459-class LabelMap, as ASTMT / MTI-Net / ATRC:
     pixels where the 4-neighbour Laplacian (OpenCV, reflected border) of the label ids is non-zero, thinned."""
+    # MATLAB's bwmorph 'thin' (= skimage's thin, Lam, Lee & Suen), the benchmark's own thinning.
+    from uda.boundary import thin
+
     lap = cv2.Laplacian(label_map.astype(np.float64), cv2.CV_64F)
     return thin(np.abs(lap) > 0).astype(np.float32)
 
