@@ -208,6 +208,30 @@ def test_label_context_objective_equals_hand_ce_and_trains():
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
+def test_parts_and_saliency_label_spaces():
+    """PASCAL-Context's tasks: parts aux logits over the part classes, saliency binary; their labels keep 255
+    (padding, images without people) ignored."""
+    from uda.config import ExperimentConfig, LabelContextConfig
+    from uda.objectives.base import RunContext
+    from uda.objectives.label_context import LabelContext as LabelObjective
+    from uda.tasks import OutputSpace, num_parts
+
+    tasks = ("parts", "saliency")
+    model = build_model(_cfg(atrc_contexts="tlabel"), {"parts": num_parts(), "saliency": 1})
+    assert model.atrc.aux["parts"][-1].out_channels == num_parts()
+    assert model.atrc.aux["saliency"][-1].out_channels == 2
+    cfg = ExperimentConfig(
+        tasks=tasks, model=_cfg(atrc_contexts="tlabel"), label_context=LabelContextConfig()
+    )
+    objective = LabelObjective(
+        run=RunContext(cfg, tasks, {}, OutputSpace(num_classes=5), ()), cfg=cfg.label_context
+    )
+    parts = torch.tensor([[[0, 3], [255, 6]]])
+    assert objective.labels("parts", parts, (2, 2)).tolist() == [[[0, 3], [255, 6]]]
+    saliency = torch.tensor([[[[0.0, 1.0], [255.0, 0.2]]]])
+    assert objective.labels("saliency", saliency, (2, 2)).tolist() == [[[0, 1], [255, 0]]]
+
+
 def test_normal_clusters_command(toy_root, tmp_path):
     from uda.commands.normal_clusters import main
 

@@ -507,7 +507,8 @@ def normal_centroids(cfg) -> Tensor:
 
 
 def aux_regions(task: str, cfg, num_classes: int | None) -> int:
-    """R_task: semseg its classes, depth model.atrc_depth_bins, normals the centroids, edges 2."""
+    """R_task: semseg its classes, parts the part classes, depth model.atrc_depth_bins, normals the centroids,
+    edges and saliency 2 (binary)."""
     if task == "semseg":
         if num_classes is None:
             raise ValueError("the semseg label context needs the number of classes")
@@ -516,8 +517,12 @@ def aux_regions(task: str, cfg, num_classes: int | None) -> int:
         return cfg.atrc_depth_bins
     if task == "normals":
         return len(normal_centroids(cfg))
-    if task == "edges":
+    if task in ("edges", "saliency"):
         return EDGE_REGIONS
+    if task == "parts":
+        from uda.tasks import num_parts
+
+        return num_parts()
     raise ValueError(f"no auxiliary label space for task {task!r}")
 
 

@@ -16,7 +16,7 @@ from uda.config import LabelContextConfig
 from uda.models.atrc import AUX_KEY, IGNORE, ATRCHead, depth_bins, normal_centroids, normal_labels
 from uda.objectives.base import Objective, ObjectiveError, RunContext, Step, Terms
 
-AUX_TASKS = ("semseg", "depth", "normals", "edges")
+AUX_TASKS = ("semseg", "parts", "depth", "normals", "edges", "saliency")
 CENTROIDS_FILE = "normal_clusters.json"  # <run>/normal_clusters.json: the centroids the run trained with
 
 
@@ -32,9 +32,9 @@ def resize_nearest(label: Tensor, size: Sequence[int]) -> Tensor:
 class LabelContext(Objective):
     """Cross-entropy of outputs[task]["aux"] (logits [B,R,h,w]) against the task's labels discretised into its
     label regions at the aux resolution (labels resized by nearest neighbour first):
-    semseg its class ids; depth log-scale bins between label_context.depth_range (model.atrc_depth_bins);
-    normals the nearest centroid (model.normal_clusters, or the Fibonacci-sphere default); edges 0 / 1.
-    Invalid pixels are ignored (semseg 255, depth 0, normals 0). Each term is attributed to its task (the task
+    semseg and parts their class ids; depth log-scale bins between label_context.depth_range (model.atrc_depth_bins);
+    normals the nearest centroid (model.normal_clusters, or the Fibonacci-sphere default); edges and saliency 0 / 1.
+    Invalid pixels are ignored (255 in semseg, parts, edges and saliency; depth 0; normals 0). Each term is attributed to its task (the task
     weighting applies), times label_context.weight; logged as loss/<task>/aux. Tasks without an aux output
     (no label context needs them) contribute nothing.
     """
@@ -73,15 +73,16 @@ class LabelContext(Objective):
     def labels(self, task: str, label: Tensor, size: Sequence[int]) -> Tensor:
         """A task's labels -> region ids [B,h,w] (long, 255 = ignored) at the aux resolution `size`."""
         label = resize_nearest(label, size)
-        if task == "semseg":
+        if task in ("semseg", "parts"):
             return label.long()
         if task == "depth":
             lo, hi = self.cfg.depth_range
             return depth_bins(label[:, 0], self.bins, lo, hi)
         if task == "normals":
             return normal_labels(label, self.centroids)
-        if task == "edges":
-            return (label[:, 0] > 0.5).long()
+        if task in ("edges", "saliency"):
+            binary = (label[:, 0] > 0.5).long()
+            return torch.where(label[:, 0] == IGNORE, torch.full_like(binary, IGNORE), binary)
         raise ObjectiveError(f"no auxiliary label space for task {task!r}")
 
     def loss(self, step: Step) -> Terms | None:
