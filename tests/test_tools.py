@@ -204,3 +204,22 @@ def test_compare_names_a_metric_missing_from_the_baseline(tmp_path, capsys):
     # Without any STL run the table still prints, and says how to get the baseline.
     compare.table([str(mtl)])
     assert "no STL run of the same recipe" in capsys.readouterr().err
+
+
+def test_compare_groups_by_folder(tmp_path):
+    """Runs of one recipe and arch that differ in other keys share a config name: --group-by folder makes each
+    folder (its -s<seed> suffix dropped) its own row, with its seeds."""
+    tasks = ["semseg"]
+    runs = [
+        fake_run(tmp_path / "stl", "synthia-stl", "stl", tasks, {"semseg/miou": 0.4}),
+        fake_run(tmp_path / "atrc-global-s1", "synthia-atrc", "atrc", tasks, {"semseg/miou": 0.5}),
+        fake_run(tmp_path / "atrc-global-s2", "synthia-atrc", "atrc", tasks, {"semseg/miou": 0.6}),
+        fake_run(tmp_path / "atrc-local", "synthia-atrc", "atrc", tasks, {"semseg/miou": 0.44}),
+    ]
+    by_name = compare.table([str(r) for r in runs])
+    assert [line.split("|")[1:3] for line in by_name.splitlines()[2:]][0] == [" synthia-atrc ", " 3 "]
+    table = compare.table([*map(str, runs), "--group-by", "folder", "--baseline", "stl"])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines()[2:]}
+    assert set(rows) == {"stl", "atrc-global", "atrc-local"}
+    assert rows["atrc-global"][2].strip() == "2" and rows["atrc-local"][2].strip() == "1"
+    assert rows["atrc-local"][-2].strip() == f"{100 * (0.44 - 0.4) / 0.4:.4f}"

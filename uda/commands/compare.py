@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         "all (every headline metric, XTasC) (default: primary)",
     )
     parser.add_argument(
+        "--group-by",
+        choices=("name", "folder"),
+        default="name",
+        help="what makes runs one row (their seeds): the config's name (default; e.g. synthia-mteb), or the run "
+        "folder's name without a trailing -s<seed> (runs of one recipe and arch that differ in other keys, "
+        "e.g. runs/atrc-global and runs/atrc-local)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="also write the table (Markdown) here (default: print only)"
     )
     return parser
@@ -125,6 +134,8 @@ def table(argv: list[str] | None = None) -> str:
     info: dict[str, tuple[list[str], str]] = {}
     for run in args.runs:
         name, metrics, tasks, arch = load_run(run, args.split)
+        if args.group_by == "folder":
+            name = re.sub(r"-s\d+$", "", run.resolve().name)
         if is_legacy(metrics):
             print(
                 f"warning: {run}/metrics.json uses the older metric definitions (depth/rmse per image, "
@@ -172,7 +183,7 @@ def table(argv: list[str] | None = None) -> str:
         else:
             notes.append(
                 f"no Delta_T for {name}: no STL run of the same recipe and variant among the runs; train it "
-                "(the recipe with --arch stl) and pass its folder, or name a baseline group with --baseline"
+                "(the recipe with --model stl) and pass its folder, or name a baseline group with --baseline"
             )
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {delta} |")
     text = "\n".join(lines)
