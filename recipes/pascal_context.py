@@ -17,7 +17,7 @@ is smaller (labels with their ignore value), flips horizontally; evaluation pads
 own pixels. Optimiser: Adam 1e-4, weight decay 1e-4 (as MTI-Net / ATRC; they decay the rate polynomially, we
 with the step schedule of optim.lr_step_fraction), 40,000 iterations of batch 8.
 
-Models M: every --model; the ATRC ones need an auxiliary label space for parts and saliency (not yet there).
+Models M: every --model (ATRC's label contexts: parts over the part classes, saliency binary).
 Edges are validated with F1 at 0.5; the tables of the literature use odsF at maxDist 0.0075 (set here):
 eval.edge_metric=odsf. --toy: the toy PASCAL-Context (street scenes in the same layout, images of at most
 94 px padded to the toy size).
