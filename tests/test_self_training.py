@@ -347,3 +347,25 @@ def test_feature_distance_to_the_frozen_imagenet_encoder(tmp_path):
     fd.backward()  # the distance trains the student's encoder, never the ImageNet copy
     assert model.encoder.layer4[0].conv1.weight.grad is not None
     assert all(p.grad is None for p in obj.imagenet.parameters())
+
+
+def test_confidence_gate_keeps_geometry_labels_only_where_the_teacher_is_sure():
+    obj, _ = objective(confidence_gate=True)
+    image = a_batch()["target"]["image"]
+    sure = torch.zeros(2, 1, 64, 128, dtype=torch.bool)
+    sure[:, :, :, :40] = True
+
+    class Teacher(torch.nn.Module):  # confident class 3 on the left 40 columns, uniform elsewhere
+        def forward(self, x):
+            semseg = torch.zeros(x.shape[0], NUM_CLASSES, 64, 128)
+            semseg[:, 3] = torch.where(sure.repeat(x.shape[0] // 2, 1, 1, 1)[:, 0], 20.0, 0.0)
+            return {"semseg": {0: semseg}, "depth": {0: torch.full((x.shape[0], 1, 64, 128), 30.0)}}
+
+    obj.teacher = Teacher()
+    labels, _, logs = obj.pseudo_labels(image)
+    depth = labels["depth"][0]
+    assert bool((depth[sure] > 0).all()) and bool((depth[~sure] == 0).all())
+    assert math.isclose(float(logs["st/confident"]), 40 / 128)
+    ungated, _ = objective()
+    ungated.teacher = Teacher()
+    assert bool((ungated.pseudo_labels(image)[0]["depth"][0] > 0).all())  # flip agreement alone keeps all

@@ -360,6 +360,8 @@ class SelfTrainingConfig:
     threshold: float = 0.968  # semseg quality weight = share of pixels whose max probability exceeds this
     depth_agreement: float = 0.1  # reliable depth: |d - d_flip| / mean(d, d_flip) below this
     normals_agreement: float = 11.25  # reliable normals: angle to the flipped prediction below (degrees)
+    # Geometry pseudo-labels (depth, normals) also only where the teacher's semseg confidence > threshold.
+    confidence_gate: bool = False
     mix: Literal["classmix", "depthmix", "none"] = "classmix"
     jitter: float = 0.2  # colour jitter strength (brightness, contrast, saturation; hue / 4)
     jitter_p: float = 0.2  # probability of the colour jitter per image (DAFormer)

@@ -12,7 +12,8 @@ Each step:
      agree, |d - d_flip| / mean < `depth_agreement` (0 = no label elsewhere);
    - normals: the normalised mean of the two predictions (the flipped one flipped back, x negated), kept where
      their angle is below `normals_agreement` degrees.
-   Edges are not pseudo-labelled.
+   Edges are not pseudo-labelled. With `confidence_gate`, depth and normals pseudo-labels are also dropped
+   where the teacher's max class probability is at most `threshold` (needs the semseg task).
 3. **Mixing** (uda.mixing): `classmix` pastes half of each source image's classes onto the paired target image;
    `depthmix` pastes them only where the source pixel (depth label) is nearer than the teacher's target depth.
    Labels (source labels on pasted pixels, pseudo-labels elsewhere) and the semseg weight (1 on source pixels,
@@ -267,6 +268,19 @@ class SelfTraining(Objective):
             label, weight, task_logs = spec.label(out[:n], flipped, self.run.space, self.cfg)
             labels[task] = (label, weight)
             logs.update(task_logs)
+        if self.cfg.confidence_gate and "semseg" in outputs:
+            # Flip agreement alone passes a near-constant early prediction: keep the geometry labels only where
+            # the teacher is also sure of the class.
+            logits = resize_to(outputs["semseg"][0].float(), size)[:n]
+            sure = logits.softmax(dim=1).amax(dim=1, keepdim=True) > self.cfg.threshold
+            for task in self.tasks:
+                if task != "semseg":
+                    label, weight = labels[task]
+                    labels[task] = (
+                        torch.where(sure, label, torch.full_like(label, PSEUDO_LABELS[task].none)),
+                        weight,
+                    )
+            logs["st/confident"] = sure.float().mean()
         if self.cfg.mix == "depthmix":
             out = resize_to(outputs["depth"][0].float(), size)
             ordering = 0.5 * (
