@@ -261,27 +261,13 @@ class Parts(Segmentation):
         return parts_loss(transferred.float(), label)
 
 
-class Saliency(TaskDef):
+class Saliency(Edges):
     """Salient-object segmentation (PASCAL-Context's distilled saliency): labels float32 [1,H,W] in {0,1},
     255 = ignore (padding); one logit; prediction and transfer/discriminator representation: the
-    probability sigmoid(logit)."""
+    probability sigmoid(logit). A binary map like edges: everything but the loss is edges'."""
 
     name = "saliency"
     losses = {"balanced_bce": lambda pred, label, space: saliency_loss(pred, label)}
-
-    def channels(self, num_classes: int) -> int:
-        return 1
-
-    def predict(self, output: Tensor, space: OutputSpace) -> Tensor:
-        return torch.sigmoid(output)
-
-    domain_map = predict
-    transfer_input = predict
-
-    def consistency_loss(self, transferred: Tensor, direct: Tensor, space: OutputSpace) -> Tensor:
-        target = torch.sigmoid(direct.detach().float())
-        transferred = resize_to(transferred.float(), target.shape[-2:])
-        return F.binary_cross_entropy_with_logits(transferred, target)
 
     def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
         return saliency_loss(transferred.float(), label)

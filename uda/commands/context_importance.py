@@ -25,15 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("synthia", "cityscapes", "vkitti2", "nyudv2")
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
+from uda.commands.evaluate import DATASETS, positive  # standard library only: --help stays fast
 
 
 def parser() -> argparse.ArgumentParser:
