@@ -8,8 +8,8 @@ The public API, importable from here (each loaded on first use, so `import uda` 
   `ModelConfig`, `DataConfig`, `TrainConfig`, ...; `apply_overrides(cfg, ["train.iterations=100"])`)
 - data: `build_dataset(name, split, tasks, label_set, root)` and the readers (`SynthiaDataset`,
   `CityscapesDataset`, `VKitti2Dataset`, `NYUDv2Dataset`, `PASCALContextDataset`), `get_label_set(name)`
-- metrics: `SegmentationMetric`, `DepthMetric`, `NormalsMetric`, `EdgesMetric`, `MultiTaskMetrics`,
-  `multitask_delta`
+- metrics: `SegmentationMetric`, `DepthMetric`, `NormalsMetric`, `EdgesMetric`, `BoundaryOdsF`,
+  `SaliencyMetric`, `MultiTaskMetrics`, `multitask_delta`; `evaluate_boundaries` (odsF, oisF, AP of maps)
 """
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ _EXPORTS = {
         "DepthMetric",
         "NormalsMetric",
         "EdgesMetric",
+        "BoundaryOdsF",
+        "SaliencyMetric",
         "MultiTaskMetrics",
         "multitask_delta",
     ),
+    "uda.boundary": ("evaluate_boundaries",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
