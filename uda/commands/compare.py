@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by",
         choices=("name", "folder"),
         default="name",
-        help="what makes runs one row (their seeds): the config's name (default; e.g. synthia-mteb), or the run "
-        "folder's name without a trailing -s<seed> (runs of one recipe and arch that differ in other keys, "
-        "e.g. runs/atrc-global and runs/atrc-local)",
+        help="what makes runs one row (their seeds): the config's name (e.g. synthia-mteb), or the run folder's "
+        "name without a trailing -s<seed> (runs of one recipe and arch that differ in other keys, e.g. "
+        "runs/atrc-global and runs/atrc-local) (default: name)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="also write the table (Markdown) here (default: print only)"
