@@ -56,21 +56,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def protocol_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The arguments uda-evaluate's protocol resolution reads: ours where given, the run's otherwise."""
-    return argparse.Namespace(
-        dataset=args.dataset,
-        split=args.split,
-        label_set=None,
-        size=None,
-        median_scaling=None,
-        min_depth=None,
-        max_depth=None,
-        label_resolution=None,
-        scale=None,
-        data_root=args.data_root,
-        batch_size=args.batch_size,
-        num_workers=0,
-    )
+    """The arguments uda-evaluate's protocol resolution reads: its own defaults (the run's protocol), with our
+    dataset, split, data root and batch size where given."""
+    from uda.commands.evaluate import parser as evaluate_parser
+
+    resolved = evaluate_parser().parse_args([str(args.run)])
+    resolved.dataset, resolved.split, resolved.data_root = args.dataset, args.split, args.data_root
+    resolved.batch_size, resolved.num_workers = args.batch_size, 0
+    return resolved
 
 
 def matrix_markdown(tasks: list[str], blocks: dict[str, dict[str, Any]]) -> str:
