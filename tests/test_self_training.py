@@ -369,3 +369,33 @@ def test_confidence_gate_keeps_geometry_labels_only_where_the_teacher_is_sure():
     ungated, _ = objective()
     ungated.teacher = Teacher()
     assert bool((ungated.pseudo_labels(image)[0]["depth"][0] > 0).all())  # flip agreement alone keeps all
+
+
+def test_class_balanced_selection_keeps_the_most_confident_share_of_every_class():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 16, 20, generator=g) * 1.5
+    logits[:, 0] += 1.5  # a dominant class: most pixels, mostly confident (no ties at probability 1)
+    obj, _ = objective(class_portion=0.3)
+    ids, weight, logs = _semseg_label_of(obj, logits)
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    for c in pred.unique().tolist():
+        of_c = pred == c
+        values = np.sort(conf[of_c].numpy())
+        cut = values[int(math.floor((len(values) - 1) * 0.7))]  # the "lower" (1 - p) quantile
+        kept = ids[of_c] == c
+        assert torch.equal(kept, conf[of_c] >= torch.tensor(cut))
+        # every class keeps its most confident ~30 %, however few pixels it has
+        assert abs(float(kept.float().mean()) - 0.3) <= 2.0 / len(values)
+    assert bool((ids[~(ids == pred)] == IGNORE_INDEX).all())
+    assert torch.equal(weight, (ids != IGNORE_INDEX).float())
+    assert math.isclose(float(logs["st/kept"]), float((ids != IGNORE_INDEX).float().mean()))
+    assert (pred == 0).float().mean() > 0.5 and len(pred.unique()) == 4  # the test covers an imbalance
+    with pytest.raises(Exception, match="class_portion"):
+        SelfTrainingConfig(class_portion=1.5)
+
+
+def _semseg_label_of(obj, logits):
+    from uda.objectives.self_training import PSEUDO_LABELS
+
+    return PSEUDO_LABELS["semseg"].label(logits, None, obj.run.space, obj.cfg)

@@ -358,6 +358,9 @@ class SelfTrainingConfig:
     alpha: float = 0.99  # EMA: teacher = alpha * teacher + (1 - alpha) * student after each applied step
     ema_ramp: bool = True  # alpha_t = min(1 - 1/(t + 1), alpha) (mean teacher's warm-up; false: alpha)
     threshold: float = 0.968  # semseg quality weight = share of pixels whose max probability exceeds this
+    # > 0: class-balanced pseudo-labels instead (CBST): per class, this most confident share of the batch's
+    # pixels predicted as that class is labelled (weight 1), the rest not.
+    class_portion: float = 0.0
     depth_agreement: float = 0.1  # reliable depth: |d - d_flip| / mean(d, d_flip) below this
     normals_agreement: float = 11.25  # reliable normals: angle to the flipped prediction below (degrees)
     # Geometry pseudo-labels (depth, normals) also only where the teacher's semseg confidence > threshold.
@@ -394,6 +397,11 @@ class SelfTrainingConfig:
             raise ConfigError(f"self_training.alpha={self.alpha}: must be in [0, 1) (0.99 = slow teacher)")
         if self.rcs_temperature <= 0:
             raise ConfigError(f"self_training.rcs_temperature={self.rcs_temperature}: must be > 0 (0.01)")
+        if not 0.0 <= self.class_portion <= 1.0:
+            raise ConfigError(
+                f"self_training.class_portion={self.class_portion}: must be in [0, 1] (0 = DACS quality weight, "
+                "0.5 = half of each class's pixels)"
+            )
 
 
 @dataclass

@@ -7,7 +7,9 @@ Each step:
 2. **Pseudo-labels** per task (`PSEUDO_LABELS`, keyed by task name: the per-task part lives here until the task
    definitions in uda.tasks carry it):
    - semseg: the teacher's argmax, every pixel weighted by the image's quality q = share of its pixels whose
-     max softmax probability exceeds `threshold` (DACS / DAFormer, tau = 0.968);
+     max softmax probability exceeds `threshold` (DACS / DAFormer, tau = 0.968); or, with `class_portion` p > 0,
+     CBST's class-balanced selection: per class, the p most confident of the batch's pixels predicted as that
+     class, weight 1, the others unlabelled;
    - depth: the mean of the teacher's depth on the image and on the flip (flipped back), kept where the two
      agree, |d - d_flip| / mean < `depth_agreement` (0 = no label elsewhere);
    - normals: the normalised mean of the two predictions (the flipped one flipped back, x negated), kept where
@@ -74,9 +76,32 @@ def _flip_back_normals(output: Tensor) -> Tensor:
     return out
 
 
+def class_balanced_selection(logits: Tensor, portion: float) -> Tensor:
+    """CBST's class-balanced selection (Zou et al., ECCV 2018), per batch: for every class c, the pixels predicted
+    as c whose max softmax probability is at least the (1 - portion) quantile of the confidences of the pixels
+    predicted as c. Returns the kept mask [B,H,W]. A dominant class cannot take the pixels it is least sure of
+    (often those of a rarer class that looks like it in the target domain), and every predicted class keeps
+    the same share of its pixels."""
+    probs = logits.float().softmax(dim=1)
+    confidence, ids = probs.max(dim=1)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    for c in ids.unique().tolist():
+        of_c = ids == c
+        values = confidence[of_c]
+        if values.numel() > 16_000_000:  # torch.quantile's input limit: an even subsample
+            values = values[:: math.ceil(values.numel() / 16_000_000)]
+        cut = torch.quantile(values, 1.0 - portion, interpolation="lower")
+        keep |= of_c & (confidence >= cut)
+    return keep
+
+
 def _semseg_label(direct: Tensor, flipped: Tensor | None, space: OutputSpace, cfg: SelfTrainingConfig):
-    q = quality_weight(direct, cfg.threshold)
     ids = direct.argmax(dim=1)
+    if cfg.class_portion > 0:
+        keep = class_balanced_selection(direct, cfg.class_portion)
+        ids = torch.where(keep, ids, torch.full_like(ids, IGNORE_INDEX))
+        return ids, keep.float(), {"st/kept": keep.float().mean()}
+    q = quality_weight(direct, cfg.threshold)
     weight = q[:, None, None].expand_as(ids).float()
     return ids, weight, {"st/quality": q.mean()}
 
