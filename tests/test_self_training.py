@@ -26,13 +26,8 @@ from uda.mixing import IGNORE_INDEX, class_mix_mask
 from uda.models import build_model
 from uda.models.multitask import intermediate_scales
 from uda.objectives import RunContext, Step
-from uda.objectives.self_training import (
-    SelfTraining,
-    _depth_label,
-    quality_weight,
-    weighted_cross_entropy,
-)
-from uda.tasks import output_space, task_channels
+from uda.objectives.self_training import SelfTraining, weighted_cross_entropy
+from uda.tasks import TASK_DEFS, output_space, quality_weight, task_channels
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 16
@@ -155,7 +150,7 @@ def test_depth_pseudo_label_kept_where_the_flip_agrees():
     g = torch.Generator().manual_seed(0)
     direct = torch.rand(2, 1, 8, 8, generator=g) * 30 + 5  # raw inverse normalised depth d_far / d
     flipped = direct * (1 + (torch.rand(2, 1, 8, 8, generator=g) - 0.5) * 0.4)
-    label, weight, logs = _depth_label(direct, flipped, space, obj.cfg)
+    label, weight, logs = TASK_DEFS["depth"].pseudo_label(direct, flipped, space, obj.cfg)
     d1, d2 = space.depth_metres(direct), space.depth_metres(flipped)
     ok = (d1 - d2).abs() / (0.5 * (d1 + d2)) < obj.cfg.depth_agreement
     assert 0 < ok.float().mean() < 1 and weight is None
@@ -376,7 +371,7 @@ def test_class_balanced_selection_keeps_the_most_confident_share_of_every_class(
     logits = torch.randn(2, 4, 16, 20, generator=g) * 1.5
     logits[:, 0] += 1.5  # a dominant class: most pixels, mostly confident (no ties at probability 1)
     obj, _ = objective(class_portion=0.3)
-    ids, weight, logs = _semseg_label_of(obj, logits)
+    ids, weight, logs = TASK_DEFS["semseg"].pseudo_label(logits, None, obj.run.space, obj.cfg)
     probs = logits.softmax(1)
     conf, pred = probs.max(1)
     for c in pred.unique().tolist():
@@ -393,9 +388,3 @@ def test_class_balanced_selection_keeps_the_most_confident_share_of_every_class(
     assert (pred == 0).float().mean() > 0.5 and len(pred.unique()) == 4  # the test covers an imbalance
     with pytest.raises(Exception, match="class_portion"):
         SelfTrainingConfig(class_portion=1.5)
-
-
-def _semseg_label_of(obj, logits):
-    from uda.objectives.self_training import PSEUDO_LABELS
-
-    return PSEUDO_LABELS["semseg"].label(logits, None, obj.run.space, obj.cfg)

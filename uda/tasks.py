@@ -2,16 +2,18 @@
 what the task contributes to the other objectives (the map a domain discriminator sees, the representation a
 task-transfer network consumes and is compared in).
 
-Objectives and evaluation look a task up in `TASK_DEFS` instead of branching on its name. How raw network
+Objectives and evaluation look a task up in `TASK_DEFS` instead of branching on its name. Self-training asks a
+task for its pseudo-label from a teacher's predictions (`pseudo_label`, `flip_back`, `no_label`). How raw network
 outputs relate to sample units in a run (the depth parametrisation and the ranges that normalise depth) is
 an `OutputSpace`, built once per run by `output_space`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from torch import Tensor
 from uda.geometry import D_FAR, depth_to_inverse_normalised, disparity_to_depth, inverse_normalised_to_depth
 from uda.losses.adversarial import entropy_map, normalise_depth_for_discriminator
 from uda.losses.tasks import (
+    IGNORE_INDEX,
     _zero_with_graph,
     depth_loss,
     edges_loss,
@@ -29,6 +32,9 @@ from uda.losses.tasks import (
     saliency_loss,
     semseg_loss,
 )
+
+if TYPE_CHECKING:
+    from uda.config import SelfTrainingConfig
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,30 @@ def l1_inverse_depth(pred: Tensor, depth_m: Tensor, space: OutputSpace) -> Tenso
     return (g - depth_to_inverse_normalised(depth_m, space.d_far))[valid].abs().mean()
 
 
+def quality_weight(logits: Tensor, threshold: float) -> Tensor:
+    """DACS/DAFormer quality weight per image [B]: share of pixels whose max softmax probability > threshold."""
+    confidence = logits.float().softmax(dim=1).amax(dim=1)
+    return (confidence > threshold).float().mean(dim=(1, 2))
+
+
+def class_balanced_selection(logits: Tensor, portion: float) -> Tensor:
+    """CBST's class-balanced selection (Zou et al., ECCV 2018), per batch: for every class c, the pixels predicted
+    as c whose max softmax probability is at least the (1 - portion) quantile of the confidences of the pixels
+    predicted as c. Returns the kept mask [B,H,W]. A dominant class cannot take the pixels it is least sure of
+    (often those of a rarer class that looks like it in the target domain), and every predicted class keeps
+    the same share of its pixels."""
+    confidence, ids = logits.float().softmax(dim=1).max(dim=1)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    for c in ids.unique().tolist():
+        of_c = ids == c
+        values = confidence[of_c]
+        if values.numel() > 16_000_000:  # torch.quantile's input limit: an even subsample
+            values = values[:: math.ceil(values.numel() / 16_000_000)]
+        cut = torch.quantile(values, 1.0 - portion, interpolation="lower")
+        keep |= of_c & (confidence >= cut)
+    return keep
+
+
 class TaskDef:
     """One dense task. Subclasses set `name`, `losses` (name -> loss; the first is the default) and implement
     the maps below."""
@@ -126,6 +156,22 @@ class TaskDef:
         """Distance of a task-transfer network's raw output to this task's labels."""
         raise NotImplementedError
 
+    # Self-training (uda.objectives.self_training): how a teacher's predictions become this task's label.
+    pseudo_labelled: ClassVar[bool] = False  # the task has `pseudo_label`
+    flip_used: ClassVar[bool] = True  # `pseudo_label` uses the prediction on the mirrored image
+    no_label: ClassVar[float] = 0.0  # the label value that means "no label" (depth 0, normals 0)
+
+    def flip_back(self, output: Tensor) -> Tensor:
+        """A raw output of the mirrored image, in the image's frame."""
+        return output.flip(-1)
+
+    def pseudo_label(
+        self, direct: Tensor, flipped: Tensor | None, space: OutputSpace, cfg: SelfTrainingConfig
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """The teacher's raw output on the image and on its mirror (flipped back; None unless `flip_used`) ->
+        (label in sample units, `no_label` where unreliable; per-pixel weight or None; logs)."""
+        raise NotImplementedError
+
 
 class Segmentation(TaskDef):
     name = "semseg"
@@ -152,6 +198,20 @@ class Segmentation(TaskDef):
 
     def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
         return semseg_loss(transferred.float(), label)
+
+    pseudo_labelled = True
+    flip_used = False
+    no_label = IGNORE_INDEX
+
+    def pseudo_label(self, direct, flipped, space, cfg):
+        # The argmax weighted by the image's quality (DACS/DAFormer), or CBST's class-balanced selection.
+        ids = direct.argmax(dim=1)
+        if cfg.class_portion > 0:
+            keep = class_balanced_selection(direct, cfg.class_portion)
+            ids = torch.where(keep, ids, torch.full_like(ids, IGNORE_INDEX))
+            return ids, keep.float(), {"st/kept": keep.float().mean()}
+        q = quality_weight(direct, cfg.threshold)
+        return ids, q[:, None, None].expand_as(ids).float(), {"st/quality": q.mean()}
 
 
 class Depth(TaskDef):
@@ -188,6 +248,16 @@ class Depth(TaskDef):
             return _zero_with_graph(transferred)
         return (transferred - space.normalised_depth_label(label))[valid].abs().mean()
 
+    pseudo_labelled = True
+
+    def pseudo_label(self, direct, flipped, space, cfg):
+        # The mean of the two predictions, kept where they agree within cfg.depth_agreement (relative).
+        d1, d2 = space.depth_metres(direct), space.depth_metres(flipped)
+        mean = 0.5 * (d1 + d2)
+        ok = torch.isfinite(mean) & (mean > 0)
+        ok &= (d1 - d2).abs() < cfg.depth_agreement * mean
+        return torch.where(ok, mean, torch.zeros_like(mean)), None, {"st/depth_reliable": ok.float().mean()}
+
 
 class Normals(TaskDef):
     name = "normals"
@@ -209,6 +279,21 @@ class Normals(TaskDef):
 
     def alignment_loss(self, transferred: Tensor, label: Tensor, space: OutputSpace) -> Tensor:
         return normals_loss(transferred.float(), label)
+
+    pseudo_labelled = True
+
+    def flip_back(self, output: Tensor) -> Tensor:
+        # A mirrored image has mirrored normals: the x component changes sign.
+        out = output.flip(-1).clone()
+        out[:, 0] = -out[:, 0]
+        return out
+
+    def pseudo_label(self, direct, flipped, space, cfg):
+        # The mean direction, kept where the two predictions are within cfg.normals_agreement degrees.
+        n1, n2 = F.normalize(direct, dim=1), F.normalize(flipped, dim=1)
+        ok = (n1 * n2).sum(dim=1, keepdim=True) > math.cos(math.radians(cfg.normals_agreement))
+        label = torch.where(ok, F.normalize(n1 + n2, dim=1), torch.zeros_like(n1))
+        return label, None, {"st/normals_reliable": ok.float().mean()}
 
 
 class Edges(TaskDef):
@@ -253,6 +338,8 @@ class Parts(Segmentation):
 
     name = "parts"
     losses = {"ce": lambda pred, label, space: parts_loss(pred, label)}
+
+    pseudo_labelled = False  # self-training mixes and weighs by semantic classes; parts have no such label
 
     def channels(self, num_classes: int) -> int:
         return num_parts()

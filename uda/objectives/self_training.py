@@ -4,8 +4,7 @@ Each step:
 1. The **teacher**, an exponential moving average of the whole model (encoder, decoders and exchange blocks;
    a deep copy made at `bind`), predicts on the target images and on their horizontal flips (one forward of
    both, in eval mode, without gradients).
-2. **Pseudo-labels** per task (`PSEUDO_LABELS`, keyed by task name: the per-task part lives here until the task
-   definitions in uda.tasks carry it):
+2. **Pseudo-labels** per task, each defined by its task (`TaskDef.pseudo_label` in uda.tasks):
    - semseg: the teacher's argmax, every pixel weighted by the image's quality q = share of its pixels whose
      max softmax probability exceeds `threshold` (DACS / DAFormer, tau = 0.968); or, with `class_portion` p > 0,
      CBST's class-balanced selection: per class, the p most confident of the batch's pixels predicted as that
@@ -43,8 +42,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,90 +51,17 @@ from uda.config import SelfTrainingConfig
 from uda.losses.tasks import resize_to
 from uda.mixing import IGNORE_INDEX, class_mix_mask, depth_mix_mask, mix
 from uda.objectives.base import Objective, ObjectiveError, RunContext, Step, StreamNeeds, Terms
-from uda.tasks import TASK_DEFS, OutputSpace
+from uda.tasks import TASK_DEFS, class_balanced_selection, quality_weight
+
+__all__ = [
+    "SelfTraining",
+    "class_balanced_selection",
+    "quality_weight",
+    "strong_augmentation",
+    "weighted_cross_entropy",
+]
 
 # ------------------------------------------------------------------------------------------------ pseudo-labels
-
-
-def quality_weight(logits: Tensor, threshold: float) -> Tensor:
-    """DACS/DAFormer quality weight per image [B]: share of pixels whose max softmax probability > threshold."""
-    confidence = logits.float().softmax(dim=1).amax(dim=1)
-    return (confidence > threshold).float().mean(dim=(1, 2))
-
-
-def _flip_back(output: Tensor) -> Tensor:
-    return output.flip(-1)
-
-
-def _flip_back_normals(output: Tensor) -> Tensor:
-    # A mirrored image has mirrored normals: the x component changes sign.
-    out = output.flip(-1).clone()
-    out[:, 0] = -out[:, 0]
-    return out
-
-
-def class_balanced_selection(logits: Tensor, portion: float) -> Tensor:
-    """CBST's class-balanced selection (Zou et al., ECCV 2018), per batch: for every class c, the pixels predicted
-    as c whose max softmax probability is at least the (1 - portion) quantile of the confidences of the pixels
-    predicted as c. Returns the kept mask [B,H,W]. A dominant class cannot take the pixels it is least sure of
-    (often those of a rarer class that looks like it in the target domain), and every predicted class keeps
-    the same share of its pixels."""
-    probs = logits.float().softmax(dim=1)
-    confidence, ids = probs.max(dim=1)
-    keep = torch.zeros_like(ids, dtype=torch.bool)
-    for c in ids.unique().tolist():
-        of_c = ids == c
-        values = confidence[of_c]
-        if values.numel() > 16_000_000:  # torch.quantile's input limit: an even subsample
-            values = values[:: math.ceil(values.numel() / 16_000_000)]
-        cut = torch.quantile(values, 1.0 - portion, interpolation="lower")
-        keep |= of_c & (confidence >= cut)
-    return keep
-
-
-def _semseg_label(direct: Tensor, flipped: Tensor | None, space: OutputSpace, cfg: SelfTrainingConfig):
-    ids = direct.argmax(dim=1)
-    if cfg.class_portion > 0:
-        keep = class_balanced_selection(direct, cfg.class_portion)
-        ids = torch.where(keep, ids, torch.full_like(ids, IGNORE_INDEX))
-        return ids, keep.float(), {"st/kept": keep.float().mean()}
-    q = quality_weight(direct, cfg.threshold)
-    weight = q[:, None, None].expand_as(ids).float()
-    return ids, weight, {"st/quality": q.mean()}
-
-
-def _depth_label(direct: Tensor, flipped: Tensor, space: OutputSpace, cfg: SelfTrainingConfig):
-    d1, d2 = space.depth_metres(direct), space.depth_metres(flipped)
-    mean = 0.5 * (d1 + d2)
-    ok = torch.isfinite(mean) & (mean > 0)
-    ok &= (d1 - d2).abs() < cfg.depth_agreement * mean
-    label = torch.where(ok, mean, torch.zeros_like(mean))
-    return label, None, {"st/depth_reliable": ok.float().mean()}
-
-
-def _normals_label(direct: Tensor, flipped: Tensor, space: OutputSpace, cfg: SelfTrainingConfig):
-    n1, n2 = F.normalize(direct, dim=1), F.normalize(flipped, dim=1)
-    ok = (n1 * n2).sum(dim=1, keepdim=True) > math.cos(math.radians(cfg.normals_agreement))
-    label = torch.where(ok, F.normalize(n1 + n2, dim=1), torch.zeros_like(n1))
-    return label, None, {"st/normals_reliable": ok.float().mean()}
-
-
-@dataclass(frozen=True)
-class PseudoLabel:
-    """How a task's pseudo-label comes from the teacher: `label(direct, flipped_back, space, cfg)` -> (label in
-    sample units with the task's "no label" value where unreliable, per-pixel weight or None, logs);
-    `flip_back` maps an output of the flipped image into the image's frame; `none`: the "no label" value."""
-
-    label: Callable
-    flip_back: Callable[[Tensor], Tensor] | None  # None: the flipped prediction is not used
-    none: float
-
-
-PSEUDO_LABELS: dict[str, PseudoLabel] = {
-    "semseg": PseudoLabel(_semseg_label, None, IGNORE_INDEX),
-    "depth": PseudoLabel(_depth_label, _flip_back, 0.0),
-    "normals": PseudoLabel(_normals_label, _flip_back_normals, 0.0),
-}
 
 
 def weighted_cross_entropy(logits: Tensor, label: Tensor, weight: Tensor) -> Tensor:
@@ -175,11 +99,11 @@ class SelfTraining(Objective):
         super().__init__(run, cfg)
         exp = run.cfg
         main = [t for t in run.tasks if t not in exp.model.aux_tasks]
-        self.tasks = tuple(t for t in cfg.tasks if t in main and t in PSEUDO_LABELS)
+        self.tasks = tuple(t for t in cfg.tasks if t in main and TASK_DEFS[t].pseudo_labelled)
         if not self.tasks:
             raise ObjectiveError(
                 f"self_training.tasks={cfg.tasks}: none of them is a pseudo-labelled task of this run "
-                f"{tuple(main)}; pseudo-labels exist for {', '.join(PSEUDO_LABELS)}"
+                f"{tuple(main)}; pseudo-labels exist for {', '.join(t for t, d in TASK_DEFS.items() if d.pseudo_labelled)}"
             )
         if cfg.mix != "none":
             if "semseg" not in run.tasks:
@@ -281,16 +205,16 @@ class SelfTraining(Objective):
     ) -> tuple[dict[str, tuple[Tensor, Tensor | None]], Tensor | None, dict]:
         """Teacher pseudo-labels of target images [B,3,H,W]: {task: (label, weight)}, the teacher's flip-averaged
         depth in metres (for depth-aware mixing; None without depth) and logs."""
-        flip = any(PSEUDO_LABELS[t].flip_back is not None for t in self.tasks) or self.cfg.mix == "depthmix"
+        flip = any(TASK_DEFS[t].flip_used for t in self.tasks) or self.cfg.mix == "depthmix"
         batch = torch.cat([image, image.flip(-1)]) if flip else image
         outputs = self.teacher(batch)
         n, size = image.shape[0], image.shape[-2:]
         labels, logs, ordering = {}, {}, None
         for task in self.tasks:
             out = resize_to(outputs[task][0].float(), size)
-            spec = PSEUDO_LABELS[task]
-            flipped = spec.flip_back(out[n:]) if spec.flip_back is not None else None
-            label, weight, task_logs = spec.label(out[:n], flipped, self.run.space, self.cfg)
+            spec = TASK_DEFS[task]
+            flipped = spec.flip_back(out[n:]) if spec.flip_used else None
+            label, weight, task_logs = spec.pseudo_label(out[:n], flipped, self.run.space, self.cfg)
             labels[task] = (label, weight)
             logs.update(task_logs)
         if self.cfg.confidence_gate and "semseg" in outputs:
@@ -302,14 +226,15 @@ class SelfTraining(Objective):
                 if task != "semseg":
                     label, weight = labels[task]
                     labels[task] = (
-                        torch.where(sure, label, torch.full_like(label, PSEUDO_LABELS[task].none)),
+                        torch.where(sure, label, torch.full_like(label, TASK_DEFS[task].no_label)),
                         weight,
                     )
             logs["st/confident"] = sure.float().mean()
         if self.cfg.mix == "depthmix":
             out = resize_to(outputs["depth"][0].float(), size)
             ordering = 0.5 * (
-                self.run.space.depth_metres(out[:n]) + self.run.space.depth_metres(_flip_back(out[n:]))
+                self.run.space.depth_metres(out[:n])
+                + self.run.space.depth_metres(TASK_DEFS["depth"].flip_back(out[n:]))
             )
         return labels, ordering, logs
 
@@ -328,7 +253,7 @@ class SelfTraining(Objective):
             for t in labels:
                 src = source.get(t)
                 if src is None:  # a task the source stream has no labels of
-                    src = torch.full_like(labels[t], PSEUDO_LABELS[t].none)
+                    src = torch.full_like(labels[t], TASK_DEFS[t].no_label)
                 labels[t] = mix(mask, src.to(labels[t].dtype), labels[t])
             if weight is not None:
                 weight = mix(mask, torch.ones_like(weight), weight)
