@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda.models.multiscale import SharedBackboneModel
+from uda.models.multiscale import MultiScaleModel, upsample_concat
 
 CONTEXTS = ("global", "local", "tlabel", "slabel", "none")
 SEARCH = "search"  # model.atrc_contexts=search: the supernet of the context-type search
@@ -548,44 +548,25 @@ def normal_labels(normals: Tensor, centroids: Tensor) -> Tensor:
 AUX_KEY = "aux"  # outputs[task]["aux"]: the auxiliary logits [B,R,h,w] of a task a label context needs
 
 
-class ATRCModel(SharedBackboneModel):
-    """ATRC on a multi-scale backbone (arch "atrc"): the HRNet head of `MultiScaleModel` (backbone maps upsampled
-    to stride 4 and concatenated, per task a 3x3 conv-BN-ReLU to a quarter of the channels), the ATRC module on
-    those task features, a 1x1 prediction, bilinear to the input size. No pre-module (intermediate) prediction,
-    as the authors' code. forward -> {task: {0: [B,C,H,W]}} plus {"aux": [B,R,H/4,W/4]} for the tasks whose
-    auxiliary prediction a label context uses.
+class ATRCModel(MultiScaleModel):
+    """ATRC on a multi-scale backbone (arch "atrc"): `MultiScaleModel` (backbone maps upsampled to stride 4 and
+    concatenated, per task a 3x3 conv-BN-ReLU to a quarter of the channels, a 1x1 prediction, bilinear to the
+    input size) with the ATRC module as its exchange, on the task features and the concatenated backbone maps.
+    No pre-module (intermediate) prediction, as the authors' code. forward -> {task: {0: [B,C,H,W]}} plus
+    {"aux": [B,R,H/4,W/4]} for the tasks whose auxiliary prediction a label context uses.
     """
 
+    initial_predictions = False
+
     def __init__(self, tasks: Mapping[str, int], cfg):
-        super().__init__()
-        from uda.models.decoder import output_head
-        from uda.models.multiscale import build_backbone, task_head
-        from uda.models.multitask import _head_bias, _head_scale, _sigmoid_head
+        super().__init__(tasks, cfg, exchange="atrc")
 
-        self.tasks = tuple(tasks)
-        self.encoder = build_backbone(cfg)
-        fused = sum(self.encoder.channels)
-        self.features = nn.ModuleDict({t: task_head(cfg.backbone, self.encoder.channels) for t in self.tasks})
-        width = self.features[self.tasks[0]].width
-        self.atrc = ATRCHead(self.tasks, width, fused, cfg, tasks.get("semseg"))
-        self.head = nn.ModuleDict(
-            {
-                t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg), _head_scale(t, cfg))
-                for t, n in tasks.items()
-            }
-        )
+    def build_exchange(self, exchange: str, tasks: Mapping[str, int], cfg) -> None:
+        self.atrc = ATRCHead(self.tasks, self.width, sum(self.encoder.channels), cfg, tasks.get("semseg"))
 
-    def forward(self, image: Tensor) -> dict[str, dict]:
-        """image [B,3,H,W] in [0,1] -> {task: {0: prediction, ["aux": aux logits]}}."""
-        from uda.models.multiscale import upsample_concat, upsample_to
-
-        maps = self.encoder(image)
-        x = {t: self.features[t](maps) for t in self.tasks}
+    def exchange_features(self, x, maps):
         x, aux = self.atrc(x, upsample_concat(maps))
-        out: dict[str, dict] = {t: {0: upsample_to(self.head[t](x[t]), image.shape[-2:])} for t in self.tasks}
-        for t, a in aux.items():
-            out[t][AUX_KEY] = a
-        return out
+        return x, {t: {AUX_KEY: a} for t, a in aux.items()}
 
 
 def search_modules(model: nn.Module) -> list[ATRCModule]:

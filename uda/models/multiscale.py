@@ -15,6 +15,7 @@ MTI-Net decodes its FPN rows (`task_head`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -228,15 +229,14 @@ class MultiScaleModel(SharedBackboneModel):
 
     def __init__(self, tasks: Mapping[str, int], cfg: ModelConfig, exchange: str = "none"):
         super().__init__()
-        from uda.models.exchange import EXCHANGE_BLOCKS
         from uda.models.multitask import _head_bias, _head_scale, _sigmoid_head
 
         self.tasks = tuple(tasks)
         self.encoder = build_backbone(cfg)  # named as the ResNet models' (STLModel reads it)
         self.features = nn.ModuleDict({t: task_head(cfg.backbone, self.encoder.channels) for t in self.tasks})
         width = self.width = self.features[self.tasks[0]].width
-        self.exchange = EXCHANGE_BLOCKS[exchange].from_config(self.tasks, width, cfg, FEATURE_SCALE)
-        self.intermediate = exchange != "none"
+        self.build_exchange(exchange, tasks, cfg)
+        self.intermediate = exchange != "none" and self.initial_predictions
         heads = lambda: nn.ModuleDict(  # noqa: E731
             {
                 t: output_head(width, n, _sigmoid_head(t, cfg), _head_bias(t, cfg), _head_scale(t, cfg))
@@ -246,15 +246,33 @@ class MultiScaleModel(SharedBackboneModel):
         self.head = heads()
         self.initial_head = heads() if self.intermediate else nn.ModuleDict()
 
+    # Subclasses with their own exchange (ATRC) override these three.
+    initial_predictions: ClassVar[bool] = True  # deeply supervised predictions before an exchange block
+
+    def build_exchange(self, exchange: str, tasks: Mapping[str, int], cfg: ModelConfig) -> None:
+        """Build the module(s) that exchange information between the task features."""
+        from uda.models.exchange import EXCHANGE_BLOCKS
+
+        self.exchange = EXCHANGE_BLOCKS[exchange].from_config(self.tasks, self.width, cfg, FEATURE_SCALE)
+
+    def exchange_features(
+        self, x: dict[str, Tensor], maps: Sequence[Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, dict]]:
+        """Task features (and the backbone maps) -> (exchanged task features, extra outputs {task: {key: out}})."""
+        return self.exchange(x), {}
+
     def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
-        """image [B,3,H,W] in [0,1] -> {task: {0: [B,C,H,W]}} (+ {2: [B,C,H/4,W/4]} with an exchange block)."""
+        """image [B,3,H,W] in [0,1] -> {task: {0: [B,C,H,W]}} (+ {2: [B,C,H/4,W/4]} with an exchange block, and
+        what `exchange_features` adds)."""
         maps = self.encoder(image)
         x = {t: self.features[t](maps) for t in self.tasks}
-        out: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
+        out: dict[str, dict] = {t: {} for t in self.tasks}
         if self.intermediate:
             for t in self.tasks:
                 out[t][FEATURE_SCALE] = self.initial_head[t](x[t])
-        x = self.exchange(x)
+        x, extra = self.exchange_features(x, maps)
         for t in self.tasks:
             out[t][0] = upsample_to(self.head[t](x[t]), image.shape[-2:])
+        for t, per in extra.items():
+            out[t].update(per)
         return out
