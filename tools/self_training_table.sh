@@ -2,8 +2,8 @@
 # The toy self-training table of issue 17 (README "Self-training"): SYNTHIA -> Cityscapes on the built-in toy data.
 #
 # Protocol (warm start): per seed, a source-only start of ITERATIONS steps for each architecture (MTL, mTEB;
-# pre-*), then every row continues its start for ITERATIONS more steps with its method: source only, adversarial
-# (MTL, mTEB), self-training (MTL, mTEB), self-training + adversarial (mTEB), oracle (target labels). Every row
+# pre-*), then every row continues its start for ITERATIONS more steps with its method: source only (MTL, mTEB),
+# adversarial (MTL, mTEB), self-training (MTL, mTEB), self-training + adversarial (mTEB), oracle (target labels). Every row
 # thus sees 2 x ITERATIONS steps and the same start. Self-training needs the warm start: from scratch, the
 # teacher of a toy model without ImageNet weights is almost never confident within the toy schedule (README).
 #
@@ -12,8 +12,8 @@
 # Environment: OUT, SEEDS, ITERATIONS as above; PYTHON (default .venv/bin/python); UDA_THREADS (threads per run,
 # e.g. 1 when several runs share a machine); ST (the self-training overrides of the table, default
 # "self_training.class_portion=0.5 self_training.confidence_gate=true"); EXTRA (more key=value overrides for
-# every run); ROWS (the rows to run, default all: source-mtl uda-mtl uda-mteb st-mtl st-mteb st-adv-mteb
-# oracle-mtl; their starts run as needed). Runs that finished already (their metrics.json exists) are skipped, so the script can be rerun
+# every run); ROWS (the rows to run, default all: source-mtl source-mteb uda-mtl uda-mteb st-mtl st-mteb
+# st-adv-mteb oracle-mtl; their starts run as needed). Runs that finished already (their metrics.json exists) are skipped, so the script can be rerun
 # after an interruption, or run once per seed in parallel (SEEDS=1, SEEDS=2, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ ITERATIONS=${ITERATIONS:-150}
 PYTHON=${PYTHON:-.venv/bin/python}
 ST=${ST:-"self_training.class_portion=0.5 self_training.confidence_gate=true"}
 EXTRA=${EXTRA:-}
-ROWS=${ROWS:-"source-mtl uda-mtl uda-mteb st-mtl st-mteb st-adv-mteb oracle-mtl"}
+ROWS=${ROWS:-"source-mtl source-mteb uda-mtl uda-mteb st-mtl st-mteb st-adv-mteb oracle-mtl"}
 
 run() {  # run NAME ARGS...: one recipe run into $OUT/NAME-s$seed unless it finished or is not in ROWS
   local name=$1
@@ -54,6 +54,7 @@ for seed in $SEEDS; do
   # shellcheck disable=SC2086  # ST is a list of overrides
   {
     run source-mtl --model mtl --no-adapt "$from_mtl"
+    run source-mteb --model mteb --no-adapt "$from_mteb"
     run uda-mtl --model mtl --method adversarial "$from_mtl"
     run uda-mteb --model mteb --method adversarial "$from_mteb"
     run st-mtl --model mtl --method self-training $ST "$from_mtl"
@@ -62,5 +63,8 @@ for seed in $SEEDS; do
     run oracle-mtl --model mtl --oracle "$from_mtl"
   }
 done
-# shellcheck disable=SC2046  # the finished rows (not the pre-* starts)
-"$PYTHON" tools/compare.py $(ls -d "$OUT"/*/ | grep -v '/pre-') --split target --baseline synthia2cityscapes-source-mtl
+rows=()  # the finished rows, not the pre-* starts
+for metrics in "$OUT"/*/metrics.json; do
+  [[ $metrics == */pre-* ]] || rows+=("$(dirname "$metrics")")
+done
+"$PYTHON" tools/compare.py "${rows[@]}" --split target --baseline synthia2cityscapes-source-mtl
