@@ -88,9 +88,10 @@ def test_xtam_correlation_branch_is_silent_at_init_but_alpha_learns():
         for proj in (xtam.query, xtam.key, xtam.value):
             proj[0].weight.add_(torch.randn_like(proj[0].weight))
     assert torch.equal(xtam(f_i, f_j), out)
-    xtam.correlation = lambda f, g: torch.zeros_like(f)  # the branch removed altogether
+    plain = xtam.correlation_tokens
+    xtam.correlation_tokens = lambda f, g: torch.zeros_like(plain(f, g))  # the branch removed altogether
     assert torch.equal(xtam(f_i, f_j), out)
-    del xtam.correlation
+    del xtam.correlation_tokens
     xtam.zero_grad()
     xtam(f_i, f_j).square().mean().backward()
     assert xtam.alpha.grad.abs().sum() > 0
@@ -130,6 +131,38 @@ def test_xtam_correlation_matches_the_formula_in_outputs_and_gradients(attention
     assert any(t.abs().sum() > 0 for t in explicit[1:])
     for a, b in zip(fused, explicit, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(12, 20), (13, 21)])
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_xtam_projects_the_correlation_at_token_resolution_exactly(size, self_attention):
+    # The forward applies P's 1x1 weights to the correlation branch before its nearest upsampling; it must
+    # equal the paper's order P(cat[alpha * up(x), self(g)]) in outputs and in every gradient (train mode:
+    # BatchNorm from the batch), also where the size is not a multiple of the downscale. In float64, so that
+    # the only difference left, the order of the sums, stays far below the tolerance.
+    torch.manual_seed(0)
+    xtam = XTAM(8, downscale=4, attention="both", self_attention=self_attention).train().double()
+    with torch.no_grad():
+        xtam.alpha.normal_()  # the correlation branch on
+    f_i = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
+    f_j = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 8, *size, dtype=torch.float64)
+
+    def paper_order(f_i, f_j):
+        g = xtam.extract(f_j)
+        parts = [xtam.alpha * xtam.correlation(f_i, g)]
+        if xtam.self_attention is not None:
+            parts.append(xtam.self_attention(g))
+        return xtam.proj(torch.cat(parts, dim=1))
+
+    results = []
+    for forward in (xtam, paper_order):
+        out = forward(f_i, f_j)
+        grads = torch.autograd.grad((out * weight).sum(), [f_i, f_j, *xtam.parameters()])
+        results.append([out.detach(), *grads])
+    assert xtam.alpha.abs().sum() > 0 and results[1][3].abs().sum() > 0
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 class LargestTensor(TorchDispatchMode):

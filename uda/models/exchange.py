@@ -100,6 +100,10 @@ class XTAM(nn.Module):
 
     def correlation(self, f_i: Tensor, g: Tensor) -> Tensor:
         """Correlation-guided attention (before alpha): target f_i, extracted source g -> [B,C,H,W]."""
+        return F.interpolate(self.correlation_tokens(f_i, g), size=f_i.shape[-2:], mode="nearest")
+
+    def correlation_tokens(self, f_i: Tensor, g: Tensor) -> Tensor:
+        """The correlation-guided attention at token resolution [B,C,ceil(H/s),ceil(W/s)], before upsampling."""
         b, c, h, w = f_i.shape
         tokens = (math.ceil(h / self.downscale), math.ceil(w / self.downscale))
         q = self.query(F.interpolate(f_i, size=tokens, mode="nearest")).flatten(2)  # [B,C,N]
@@ -117,7 +121,7 @@ class XTAM(nn.Module):
             out = out + F.scaled_dot_product_attention(
                 q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
             ).squeeze(1)
-        return F.interpolate(out.view(b, c, *tokens), size=(h, w), mode="nearest")
+        return out.view(b, c, *tokens)
 
     def forward(self, f_i: Tensor, f_j: Tensor) -> Tensor:
         """f_i: target task features, f_j: source task features, both [B,C,H,W] -> f_{j->i} [B,C,H,W]."""
@@ -126,10 +130,17 @@ class XTAM(nn.Module):
                 f"xTAM needs features of equal shape, got {tuple(f_i.shape)} and {tuple(f_j.shape)}"
             )
         g = self.extract(f_j)
-        parts = [self.alpha * self.correlation(f_i, g)]
+        # P(cat[alpha * up(x), s]) = ReLU(BN(up(W_x (alpha * x)) + W_s s)): P's 1x1 convolution is linear and
+        # per pixel, so it commutes with the nearest upsampling of the correlation branch x. Its share W_x runs
+        # at token resolution (1/downscale^2 of the pixels), and neither the upsampled branch nor the
+        # concatenation is ever held at full resolution (less memory and time; same values, tested).
+        conv, bn, relu = self.proj
+        c = self.alpha.shape[1]
+        x = F.conv2d(self.alpha * self.correlation_tokens(f_i, g), conv.weight[:, :c])
+        pre = F.interpolate(x, size=f_i.shape[-2:], mode="nearest")
         if self.self_attention is not None:
-            parts.append(self.self_attention(g))
-        return self.proj(torch.cat(parts, dim=1))
+            pre = pre + F.conv2d(self.self_attention(g), conv.weight[:, c:])
+        return relu(bn(pre))
 
 
 class ExchangeBlock(nn.Module):
