@@ -3,6 +3,7 @@ precision chosen by the device. Each must train exactly (or within float toleran
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -151,25 +152,62 @@ AVX2 = frozenset({"avx", "avx2", "fma"})
 AVX512_BF16 = AVX2 | {"avx512f", "avx512_bf16"}
 
 
+AMX = AVX512_BF16 | {"amx_bf16", "amx_tile"}
+
+
 @pytest.mark.parametrize(
-    "flags,requested,chosen,says",
+    "flags,ratio,requested,chosen,says",
     [
-        (AVX2, "auto", "no", "fp32 (the CPU has no AMX-BF16)"),
-        # AVX-512 BF16 without AMX: bf16 autocast measured 1.36x the fp32 step (tools/benchmark.py), so fp32
-        (AVX512_BF16, "auto", "no", "fp32 (the CPU has no AMX-BF16)"),
-        (AVX512_BF16 | {"amx_bf16", "amx_tile"}, "auto", "bf16", "bf16 (the CPU has AMX-BF16)"),
-        (AVX2, "bf16", "bf16", "CPU with no AVX-512 BF16 or AMX: bf16 autocast measured 16x"),
-        (AVX512_BF16, "bf16", "bf16", "CPU with AVX-512 BF16 but no AMX: bf16 autocast measured 1.36x"),
-        (AVX512_BF16 | {"amx_bf16"}, "bf16", "bf16", None),
-        (AVX2, "no", "no", None),
-        (AVX2, "fp16", "fp16", "no CPU autocast"),
+        (AVX2, None, "auto", "no", "fp32 (the CPU has no AVX-512 BF16 or AMX;"),
+        # AVX-512 BF16 without AMX: the probe decides (measured 1.36x the fp32 step on a Xeon, 0.55x on an EPYC)
+        (AVX512_BF16, 1.36, "auto", "no", "fp32 (AVX-512 BF16 without AMX; bf16 autocast measured 1.36x"),
+        (AVX512_BF16, 0.55, "auto", "bf16", "bf16 (AVX-512 BF16 without AMX; bf16 autocast measured 0.55x"),
+        (AVX512_BF16, 0.8, "auto", "bf16", "bf16 ("),
+        (AVX512_BF16, 0.81, "auto", "no", "fp32 ("),
+        (AMX, None, "auto", "bf16", "bf16 (the CPU has AMX-BF16)"),
+        (
+            AVX2,
+            None,
+            "bf16",
+            "bf16",
+            "slow here (the CPU has no AVX-512 BF16 or AMX; bf16 autocast measured 16x",
+        ),
+        (AVX512_BF16, 1.36, "bf16", "bf16", "bf16 autocast measured 1.36x the fp32 time on this CPU); use"),
+        (AVX512_BF16, 0.55, "bf16", "bf16", None),
+        (AMX, None, "bf16", "bf16", None),
+        (AVX2, None, "no", "no", None),
+        (AVX512_BF16, None, "no", "no", None),
+        (AVX2, None, "fp16", "fp16", "no CPU autocast"),
     ],
 )
-def test_mixed_precision_follows_the_cpu(flags, requested, chosen, says, monkeypatch):
+def test_mixed_precision_follows_the_cpu(flags, ratio, requested, chosen, says, monkeypatch):
+    def probe():
+        assert ratio is not None, (
+            "the bf16 probe runs only on AVX-512 BF16 CPUs without AMX, for auto and bf16"
+        )
+        return ratio
+
     monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "bf16_probe_ratio", probe)
     precision, message = hardware.choose_mixed_precision(requested, torch.device("cpu"))
     assert precision == chosen
-    assert (message is None) if says is None else (says in message)
+    assert (message is None) if says is None else (says in message), message
+
+
+def test_the_bf16_probe_measures_once_per_machine_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("UDA_CACHE_DIR", str(tmp_path))
+    cache = tmp_path / hardware.PROBE_FILE
+    cache.write_text("{not json")  # a damaged cache is measured again and rewritten
+    ratio = hardware.bf16_probe_ratio()
+    assert 0 < ratio < 1000
+    assert json.loads(cache.read_text()) == {hardware._probe_key(): ratio}
+    monkeypatch.setattr(hardware, "_conv_step_times", lambda: pytest.fail("measured again"))
+    assert hardware.bf16_probe_ratio() == ratio
+    other_threads = torch.get_num_threads() + 1  # another thread count is another measurement
+    monkeypatch.setattr(hardware, "_conv_step_times", lambda: (3.0, 2.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: other_threads)
+    assert hardware.bf16_probe_ratio() == 1.5
+    assert len(json.loads(cache.read_text())) == 2
 
 
 @pytest.mark.parametrize("bf16,chosen", [(True, "bf16"), (False, "fp16")])
@@ -184,6 +222,6 @@ def test_mixed_precision_auto_on_gpus(bf16, chosen, monkeypatch):
 def test_the_run_trains_with_the_chosen_precision_and_says_it(toy_root, tmp_path, capsys, fresh_accelerator):
     cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl", mixed_precision="auto")
     trainer = Trainer(cfg)
-    expected = "bf16" if hardware.cpu_supports_bf16() else "no"
+    expected = hardware.choose_mixed_precision("auto", torch.device("cpu"))[0]
     assert trainer.accelerator.mixed_precision == expected
     assert "train.mixed_precision=auto: " in capsys.readouterr().out

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
 
-# The fp32 step time that bf16 autocast costs on CPUs without AMX (tools/benchmark.py, step bench):
-# a 2-core AMD EPYC with AVX2 only: 12-16x (ResNet-18 toy step; the convolutions fall to a slow reference kernel);
-# a 2-core Intel Xeon with AVX-512 BF16 but no AMX: 1.36x (ResNet-101 mTEB S-D step at 256x512, batch 2).
+# bf16 autocast on CPUs without AMX: on AVX2 alone the convolutions fall to a slow reference kernel (a 2-core
+# AMD EPYC: 12-16x the fp32 step, ResNet-18 toy step); there auto keeps fp32 without measuring. With AVX-512 BF16
+# the cost depends on the processor (ResNet-101 mTEB S-D step at 256x512, batch 2, tools/benchmark.py step bench:
+# 1.36x on a 2-core Intel Xeon, 0.55x on a 2-core AMD EPYC, 0.44x there with channels-last), so auto measures it:
+# `bf16_probe_ratio`, once per CPU, torch version and thread count, cached.
 BF16_SLOWDOWN_AVX2 = 16
-BF16_SLOWDOWN_AVX512_BF16 = 1.36
+BF16_PAYS = 0.8  # auto takes bf16 on an AVX-512 BF16 CPU where the probe's bf16/fp32 time is at most this
+PROBE_FILE = "precision_probe.json"
 
 
 @functools.cache
@@ -55,16 +61,80 @@ def cpu_model() -> str:
 
 
 def cpu_supports_bf16(flags: frozenset[str] | None = None) -> bool:
-    """True where bf16 autocast pays on this CPU: it has AMX-BF16 tiles (oneDNN's bf16 convolutions and
-    matrix products). AVX-512 BF16 alone computes bf16 but measured slower than fp32 (1.36x the step)."""
+    """True where bf16 autocast pays on this CPU: it has AMX-BF16 tiles, or AVX-512 BF16 and `bf16_probe_ratio`
+    measured bf16 at most BF16_PAYS of the fp32 time. AVX2 alone: False (a slow reference kernel, 12-16x)."""
     flags = cpu_flags() if flags is None else flags
-    return "amx_bf16" in flags
+    if "amx_bf16" in flags:
+        return True
+    return "avx512_bf16" in flags and bf16_probe_ratio() <= BF16_PAYS
+
+
+def _probe_key() -> str:
+    flags = " ".join(sorted(f for f in cpu_flags() if "bf16" in f or f.startswith(("amx", "avx512f"))))
+    return f"{cpu_model()} [{flags}] torch {torch.__version__} threads {torch.get_num_threads()}"
+
+
+def _conv_step_times(rounds: int = 5) -> tuple[float, float]:
+    """Best times (s) in bf16 autocast and in fp32 of a forward+backward pass of two 3x3 conv + BN + ReLU layers
+    (64 channels, 2 x 64 x 64 x 128: the kind of work that is 73 % of a training step). One warm-up pass each
+    (oneDNN creates its primitives), then `rounds` alternating pairs, so that a load that comes and goes
+    touches both."""
+    from torch import nn
+
+    net = nn.Sequential(
+        *[
+            m
+            for _ in range(2)
+            for m in (nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        ]
+    )
+    x = torch.randn(2, 64, 64, 128, generator=torch.Generator().manual_seed(0))
+    best = {True: math.inf, False: math.inf}
+    for i in range(rounds + 1):
+        for bf16 in (True, False):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = net(x)
+            y.float().square().mean().backward()
+            if i:
+                best[bf16] = min(best[bf16], time.perf_counter() - start)
+    return best[True], best[False]
+
+
+def bf16_probe_ratio() -> float:
+    """The bf16-autocast / fp32 time of a convolution training step on this CPU (`_conv_step_times`; under a
+    second with AVX-512 BF16). Measured once per CPU model and flags, torch version and thread count, then read
+    from `<cache>/precision_probe.json` (cache: $UDA_CACHE_DIR, else ~/.cache/uda), so every run and every
+    process on a machine takes the same decision. It tracks the step: 0.60 here where the ResNet-101 step
+    measured 0.55x."""
+    from uda.data.sampling import cache_dir
+
+    path, key = cache_dir() / PROBE_FILE, _probe_key()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached.get(key), (int, float)):
+        return float(cached[key])
+    bf16, fp32 = _conv_step_times()
+    ratio = round(bf16 / fp32, 3)
+    cached = cached if isinstance(cached, dict) else {}
+    cached[key] = ratio
+    try:  # atomic: another process reads either the old file or the new one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the next run measures again
+    return ratio
 
 
 def choose_mixed_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
     """The precision to train with for `requested` ("auto", "no", "fp16", "bf16") on `device`, and a message:
-    what auto chose and why, or a warning for a request that will be slow. auto: bf16 on GPUs and CPUs that
-    support it, fp16 (with a gradient scaler) on older GPUs, fp32 ("no") otherwise."""
+    what auto chose and why, or a warning for a request that will be slow. auto: bf16 on GPUs and CPUs where it
+    pays (AMX-BF16, or AVX-512 BF16 measured faster than fp32), fp16 (with a gradient scaler) on older GPUs,
+    fp32 ("no") otherwise."""
     if device.type == "cuda":
         if requested != "auto":
             return requested, None
@@ -76,26 +146,36 @@ def choose_mixed_precision(requested: str, device: torch.device) -> tuple[str, s
             if requested == "auto"
             else (requested, None)
         )
-    flags = cpu_flags()
-    native = cpu_supports_bf16(flags)
-    if requested == "auto":
-        why = "the CPU has AMX-BF16" if native else "the CPU has no AMX-BF16"
-        return (
-            "bf16" if native else "no"
-        ), f"train.mixed_precision=auto: {'bf16' if native else 'fp32'} ({why})"
-    if requested == "bf16" and not native:
-        cost = BF16_SLOWDOWN_AVX512_BF16 if "avx512_bf16" in flags else BF16_SLOWDOWN_AVX2
-        kind = "AVX-512 BF16 but no AMX" if "avx512_bf16" in flags else "no AVX-512 BF16 or AMX"
-        return requested, (
-            f"warning: train.mixed_precision=bf16 on a CPU with {kind}: bf16 autocast measured {cost}x the fp32 "
-            "step time on such a CPU; use train.mixed_precision=auto or no"
-        )
     if requested == "fp16":
         return (
             requested,
             "warning: train.mixed_precision=fp16 has no CPU autocast in accelerate: the run is fp32",
         )
-    return requested, None
+    if requested not in ("auto", "bf16"):
+        return requested, None
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        why, native = "the CPU has AMX-BF16", True
+    elif "avx512_bf16" in flags:
+        ratio = bf16_probe_ratio()
+        native = ratio <= BF16_PAYS
+        why = f"AVX-512 BF16 without AMX; bf16 autocast measured {ratio:.2f}x the fp32 time on this CPU"
+    else:
+        native = False
+        why = (
+            f"the CPU has no AVX-512 BF16 or AMX; bf16 autocast measured {BF16_SLOWDOWN_AVX2}x the fp32 step "
+            "on such a CPU"
+        )
+    if requested == "auto":
+        return (
+            "bf16" if native else "no"
+        ), f"train.mixed_precision=auto: {'bf16' if native else 'fp32'} ({why})"
+    if native:
+        return requested, None
+    return (
+        requested,
+        f"warning: train.mixed_precision=bf16 is slow here ({why}); use train.mixed_precision=auto or no",
+    )
 
 
 # accelerate's trackers: train.log_with name -> (module that must import, pip package).
