@@ -3,7 +3,7 @@
 #
 # Protocol (warm start): per seed, a source-only start of ITERATIONS steps for each architecture (MTL, mTEB;
 # pre-*), then every row continues its start for ITERATIONS more steps with its method: source only (MTL, mTEB),
-# adversarial (MTL, mTEB), self-training (MTL, mTEB), self-training + adversarial (mTEB), oracle (target labels). Every row
+# adversarial (MTL, mTEB), self-training (MTL, mTEB), self-training + adversarial (mTEB), self-training + photometric target depth (mTEB), oracle (target labels). Every row
 # thus sees 2 x ITERATIONS steps and the same start. Self-training needs the warm start: from scratch, the
 # teacher of a toy model without ImageNet weights is almost never confident within the toy schedule (README).
 #
@@ -13,7 +13,7 @@
 # e.g. 1 when several runs share a machine); ST (the self-training overrides of the table, default
 # "self_training.class_portion=0.5 self_training.confidence_gate=true"); EXTRA (more key=value overrides for
 # every run); ROWS (the rows to run, default all: source-mtl source-mteb uda-mtl uda-mteb st-mtl st-mteb
-# st-adv-mteb oracle-mtl; their starts run as needed). Runs that finished already (their metrics.json exists) are skipped, so the script can be rerun
+# st-adv-mteb st-photo-mteb oracle-mtl; their starts run as needed). Runs that finished already (their metrics.json exists) are skipped, so the script can be rerun
 # after an interruption, or run once per seed in parallel (SEEDS=1, SEEDS=2, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,13 +23,15 @@ ITERATIONS=${ITERATIONS:-150}
 PYTHON=${PYTHON:-.venv/bin/python}
 ST=${ST:-"self_training.class_portion=0.5 self_training.confidence_gate=true"}
 EXTRA=${EXTRA:-}
-ROWS=${ROWS:-"source-mtl source-mteb uda-mtl uda-mteb st-mtl st-mteb st-adv-mteb oracle-mtl"}
+ROWS=${ROWS:-"source-mtl source-mteb uda-mtl uda-mteb st-mtl st-mteb st-adv-mteb st-photo-mteb oracle-mtl"}
 
 run() {  # run NAME ARGS...: one recipe run into $OUT/NAME-s$seed unless it finished or is not in ROWS
   local name=$1
   shift
-  if [[ $name != pre-* && " $ROWS " != *" $name "* ]]; then
-    return
+  if [[ $name == pre-* ]]; then  # a start runs only if a requested row continues it
+    [[ " $ROWS " == *"${name#pre}"[\ ]* ]] || return 0
+  elif [[ " $ROWS " != *" $name "* ]]; then
+    return 0
   fi
   local out="$OUT/$name-s$seed"
   if [[ -f "$out/metrics.json" ]]; then
@@ -60,6 +62,7 @@ for seed in $SEEDS; do
     run st-mtl --model mtl --method self-training $ST "$from_mtl"
     run st-mteb --model mteb --method self-training $ST "$from_mteb"
     run st-adv-mteb --model mteb --method self-training+adversarial $ST "$from_mteb"
+    run st-photo-mteb --model mteb --method self-training --target-depth photometric $ST "$from_mteb"
     run oracle-mtl --model mtl --oracle "$from_mtl"
   }
 done
