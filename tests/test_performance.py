@@ -197,7 +197,10 @@ def test_mixed_precision_follows_the_cpu(flags, ratio, requested, chosen, says, 
 def test_the_bf16_probe_measures_once_per_machine_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("UDA_CACHE_DIR", str(tmp_path))
     cache = tmp_path / hardware.PROBE_FILE
-    cache.write_text("{not json")  # a damaged cache is measured again and rewritten
+    cache.write_text("[1, 2]")  # JSON of another shape is measured again and rewritten
+    hardware.bf16_probe_ratio()
+    assert isinstance(json.loads(cache.read_text()), dict)
+    cache.write_text("{not json")  # so is a damaged cache
     ratio = hardware.bf16_probe_ratio()
     assert 0 < ratio < 1000
     assert json.loads(cache.read_text()) == {hardware._probe_key(): ratio}

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 # bf16 autocast on CPUs without AMX: on AVX2 alone the convolutions fall to a slow reference kernel (a 2-core
 # AMD EPYC: 12-16x the fp32 step, ResNet-18 toy step); there auto keeps fp32 without measuring. With AVX-512 BF16
@@ -60,15 +61,6 @@ def cpu_model() -> str:
     return cpu_info().get("model name") or platform.processor()
 
 
-def cpu_supports_bf16(flags: frozenset[str] | None = None) -> bool:
-    """True where bf16 autocast pays on this CPU: it has AMX-BF16 tiles, or AVX-512 BF16 and `bf16_probe_ratio`
-    measured bf16 at most BF16_PAYS of the fp32 time. AVX2 alone: False (a slow reference kernel, 12-16x)."""
-    flags = cpu_flags() if flags is None else flags
-    if "amx_bf16" in flags:
-        return True
-    return "avx512_bf16" in flags and bf16_probe_ratio() <= BF16_PAYS
-
-
 def _probe_key() -> str:
     flags = " ".join(sorted(f for f in cpu_flags() if "bf16" in f or f.startswith(("amx", "avx512f"))))
     return f"{cpu_model()} [{flags}] torch {torch.__version__} threads {torch.get_num_threads()}"
@@ -79,8 +71,6 @@ def _conv_step_times(rounds: int = 5) -> tuple[float, float]:
     (64 channels, 2 x 64 x 64 x 128: the kind of work that is 73 % of a training step). One warm-up pass each
     (oneDNN creates its primitives), then `rounds` alternating pairs, so that a load that comes and goes
     touches both."""
-    from torch import nn
-
     net = nn.Sequential(
         *[
             m
@@ -103,11 +93,11 @@ def _conv_step_times(rounds: int = 5) -> tuple[float, float]:
 
 def bf16_probe_ratio() -> float:
     """The bf16-autocast / fp32 time of a convolution training step on this CPU (`_conv_step_times`; under a
-    second with AVX-512 BF16). Measured once per CPU model and flags, torch version and thread count, then read
-    from `<cache>/precision_probe.json` (cache: $UDA_CACHE_DIR, else ~/.cache/uda), so later runs on a
-    machine take the same decision. Processes started together before the first write each measure; the ratios
-    seen (0.52-0.67 on an EPYC, 1.36x steps on a Xeon) lie far from the 0.8 threshold. It tracks the step: 0.60 here where the ResNet-101 step
-    measured 0.55x."""
+    second with AVX-512 BF16; 0.52-0.67 on a 2-core EPYC whose ResNet-101 step measured 0.55x). Measured once per
+    CPU model and flags, torch version and thread count, then read from `<cache>/precision_probe.json` (cache:
+    $UDA_CACHE_DIR, else ~/.cache/uda), so later runs on a machine take the same decision. Processes started
+    together before the first write each measure; the ratios seen (0.52-0.67 on the EPYC, a 1.36x step on a
+    Xeon) lie far from the BF16_PAYS threshold."""
     from uda.data.sampling import cache_dir
 
     path, key = cache_dir() / PROBE_FILE, _probe_key()
@@ -115,11 +105,12 @@ def bf16_probe_ratio() -> float:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
+    if not isinstance(cached, dict):  # valid JSON of another shape: measured again and rewritten
+        cached = {}
     if isinstance(cached.get(key), (int, float)):
         return float(cached[key])
     bf16, fp32 = _conv_step_times()
     ratio = round(bf16 / fp32, 3)
-    cached = cached if isinstance(cached, dict) else {}
     cached[key] = ratio
     try:  # atomic: another process reads either the old file or the new one
         path.parent.mkdir(parents=True, exist_ok=True)
