@@ -25,6 +25,7 @@ METHODS = {
     "adversarial": (True, False, "uda"),
     "self-training": (False, True, "st"),
     "self-training+adversarial": (True, True, "st-adv"),
+    "adabn": (False, False, "adabn"),  # source labels; target images only move target BatchNorm statistics
     "none": (False, False, "target"),
 }
 # VKITTI2 (1242x375) as the authors' VK -> CS code feeds it: resized to 1696x512 (aspect ratio kept,
@@ -57,7 +58,8 @@ def adaptation_parser(description: str) -> argparse.ArgumentParser:
         help="how the model adapts to the unlabelled target: output-level adversarial alignment (the paper's; "
         "default), self-training (EMA teacher, pseudo-labels for every task, ClassMix; tune with "
         "self_training.* keys, e.g. self_training.mix=depthmix self_training.rare_class_sampling=true), both, "
-        "or none (only --target-depth photometric adapts, if set)",
+        "adabn (no target loss: target images only give BatchNorm its target statistics, train.bn_mode=domain, "
+        "which the other methods take as an option), or none (only --target-depth photometric adapts, if set)",
     )
     parser.add_argument(
         "--target-depth",
@@ -118,6 +120,8 @@ def adaptation_config(
     adversarial, self_training, name = METHODS[method or "adversarial"]
     if not adversarial:
         cfg = replace(cfg, adapt=None)
+    if method == "adabn":
+        cfg = replace(cfg, train=replace(cfg.train, bn_mode="domain"))
     if self_training:
         cfg = replace(cfg, self_training=SelfTrainingConfig())
     if args.target_depth != "adversarial":

@@ -200,10 +200,15 @@ class TrainConfig:
     deterministic: bool = False
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     # How BatchNorm sees the domains of a mixed batch: "separate" = one forward per domain (per-domain batch
-    # statistics, as the DenseMTL code); "joint" = one forward over the concatenated batch (equal image sizes).
-    bn_mode: Literal["separate", "joint"] = "separate"
+    # statistics, as the DenseMTL code); "joint" = one forward over the concatenated batch (equal image sizes);
+    # "domain" = separate forwards and separate running statistics per domain, the target's used wherever the
+    # network sees the target (AdaBN; uda.models.domain_bn). Runs without target images have one domain.
+    bn_mode: Literal["separate", "joint", "domain"] = "separate"
     val_batches: int | None = None  # limit validation batches (None = the whole split)
     init_from: str | None = None  # run or checkpoint folder whose weights initialise the model (and pose net)
+    # bn_mode=domain from weights without target statistics (init_from a source-only run): target training
+    # images, spread over the split, whose BatchNorm statistics start the target's (AdaBN); 0 = the source's.
+    adabn_images: int = 64
     # Micro-batches per iteration: their gradients are summed (each loss / grad_accum) before the one optimiser
     # step of the iteration, so an iteration sees grad_accum x batch_size samples per domain.
     grad_accum: int = 1
@@ -217,6 +222,8 @@ class TrainConfig:
             raise ConfigError(f"train.grad_accum={self.grad_accum}: must be >= 1 (1 = no accumulation)")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+        if self.adabn_images < 0:
+            raise ConfigError(f"train.adabn_images={self.adabn_images}: must be >= 0 (0 = keep the source's)")
 
 
 @dataclass

@@ -71,13 +71,16 @@ def evaluate(
     max_batches: int | None = None,
     progress: bool = False,
     on_first_batch: Callable[[Mapping[str, Any], dict[str, torch.Tensor]], None] | None = None,
+    domain: int = 0,
 ) -> dict[str, float]:
     """Run the model over batches and return flat metrics ("semseg/miou", "depth/rmse", ...); `space` says how
-    the raw outputs map to sample units (class count, depth parametrisation).
+    the raw outputs map to sample units (class count, depth parametrisation). `domain` 1: the batches are of the
+    run's target domain (its BatchNorm target statistics normalise them when it keeps them, train.bn_mode=domain).
 
     `reduce` sums the metric state across processes (e.g. lambda s: accelerator.reduce(s, "sum")).
     """
     from uda.data.loader import move_to
+    from uda.models.domain_bn import bn_domain
 
     was_training = model.training
     model.eval()
@@ -93,7 +96,8 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         batch = move_to(batch, device)
-        outputs = model(batch["image"])
+        with bn_domain(model, domain):
+            outputs = model(batch["image"])
         preds = to_predictions(outputs, eval_cfg.scale, space)
         metrics.update(preds, batch)
         if unscaled is not None:
@@ -250,6 +254,10 @@ def load_trained_model(path: str | Path) -> tuple[Any, torch.nn.Module, Path]:
         raise ValueError(
             f"{weights}: cannot read weights ({exc}); the checkpoint is damaged, use an older one"
         ) from None
+    if cfg.train.bn_mode == "domain" and any(k.endswith(".target_running_mean") for k in tensors):
+        from uda.models.domain_bn import add_domain_statistics
+
+        add_domain_statistics(model)  # the run kept target BatchNorm statistics (it trained on target images)
     check_state_dict(model, tensors, weights)
     model.load_state_dict(tensors)
     return cfg, model, ckpt

@@ -66,6 +66,7 @@ def validate_run(trainer, final: bool = False) -> dict[str, Any]:
             device=acc.device,
             max_batches=max_batches,
             on_first_batch=write_images,
+            domain=domain,
         )
         protocols[name] = protocol(
             eval_cfg, data.dataset, data.val_split, data.label_set, f"step {trainer.step} (last)"

@@ -308,6 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         device=acc.device,
         progress=acc.is_main_process,
         on_first_batch=write_images,
+        domain=domain,
     )
     if acc.is_main_process:
         name = f"{data.dataset}/{data.val_split}"

@@ -22,7 +22,8 @@ Each step:
 4. **Strong augmentation** of the (mixed) image: colour jitter and Gaussian blur per image, by kornia on the
    batched tensor on the device (albumentations, also a dependency, works on one numpy image at a time on
    the CPU; here the images already are a batch on the accelerator). Photometric only: labels stay.
-5. The **student** (the model, `Step.model`) predicts on the result; its final (scale 0) outputs are trained on
+5. The **student** (the model, `Step.model`) predicts on the result (teacher and student with the BatchNorm
+   statistics of the target under `train.bn_mode=domain`); its final (scale 0) outputs are trained on
    the mixed labels: semseg by the weighted cross-entropy mean over labelled pixels, the other tasks by their
    run's supervised loss (`loss.functions`). The terms go into `Terms.tasks`, times `weight`: the run's task
    weighting combines them with each task's supervised terms (pseudo-labels are labels of that task).
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 from uda.config import SelfTrainingConfig
 from uda.losses.tasks import resize_to
 from uda.mixing import IGNORE_INDEX, class_mix_mask, depth_mix_mask, mix
+from uda.models.domain_bn import bn_domain
 from uda.objectives.base import Objective, ObjectiveError, RunContext, Step, StreamNeeds, Terms
 from uda.tasks import TASK_DEFS, class_balanced_selection, quality_weight
 
@@ -207,7 +209,8 @@ class SelfTraining(Objective):
         depth in metres (for depth-aware mixing; None without depth) and logs."""
         flip = any(TASK_DEFS[t].flip_used for t in self.tasks) or self.cfg.mix == "depthmix"
         batch = torch.cat([image, image.flip(-1)]) if flip else image
-        outputs = self.teacher(batch)
+        with bn_domain(self.teacher, 1):  # target images: target statistics with train.bn_mode=domain
+            outputs = self.teacher(batch)
         n, size = image.shape[0], image.shape[-2:]
         labels, logs, ordering = {}, {}, None
         for task in self.tasks:
@@ -280,7 +283,8 @@ class SelfTraining(Objective):
         with torch.autocast(image.device.type, enabled=False):  # photometric ops in float32
             image = self.augment(image.float())
         fmt = torch.channels_last if self.run.cfg.train.channels_last else torch.contiguous_format
-        outputs = step.model(image.to(memory_format=fmt))
+        with bn_domain(step.model, 1):  # mixed images are target images with pasted source objects
+            outputs = step.model(image.to(memory_format=fmt))
         terms: dict[str, list[Tensor]] = {}
         for t in self.tasks:
             pred = outputs[t][0]
