@@ -92,6 +92,27 @@ def test_a_state_without_target_statistics_gives_its_source_statistics_to_both()
 
 
 @torch.no_grad()
+def test_untracked_forward_normalises_by_the_batch_and_keeps_the_running_statistics():
+    """track=False (self-training's mixed images): same training-mode output, no statistic or counter moves;
+    a model without target statistics (bn_mode=separate) keeps tracking as before."""
+    net = a_net()
+    add_domain_statistics(net)
+    x = torch.randn(4, 3, 8, 8) * 2 + 1
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with bn_domain(net, 1, track=False):
+        untracked = net(x)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert net[1].momentum == 0.1
+    with bn_domain(net, 1):
+        assert torch.equal(net(x), untracked)
+    assert int(net[1].target_num_batches_tracked) == 1
+    plain = a_net()
+    with bn_domain(plain, 1, track=False):
+        plain(x)
+    assert int(plain[1].num_batches_tracked) == 1
+
+
+@torch.no_grad()
 def test_target_statistics_are_measured_exactly_and_leave_the_random_stream_alone():
     net = a_net()
     add_domain_statistics(net)

@@ -119,20 +119,26 @@ def _swap(layers: list[_BatchNorm]) -> None:
 
 
 @contextlib.contextmanager
-def bn_domain(model: nn.Module, domain: int) -> Iterator[None]:
+def bn_domain(model: nn.Module, domain: int, track: bool = True) -> Iterator[None]:
     """Forward `model` with the BatchNorm statistics of `domain` (0 source, 1 target) inside the block: in
-    training mode the batch is normalised by its own statistics and moves that domain's running ones; in eval
-    mode that domain's running statistics normalise it. Nothing happens for a model without target statistics;
-    blocks nest (the inner one wins, the outer one's domain comes back at its end)."""
+    training mode the batch is normalised by its own statistics and moves that domain's running ones (unless
+    `track` is False: images that are not purely of the domain, e.g. self-training's mixed images, leave them
+    as they are); in eval mode that domain's running statistics normalise it. A model without target
+    statistics ignores both arguments; blocks nest (the inner one wins, the outer one's domain comes back at its
+    end)."""
     if domain not in (0, 1):
         raise ValueError(f"bn_domain: domain must be 0 (source) or 1 (target), got {domain}")
-    layers = [
-        m
-        for m in _layers(model)
-        if hasattr(m, "target_running_mean") and getattr(m, "_bn_domain", 0) != domain
-    ]
+    split = [m for m in _layers(model) if hasattr(m, "target_running_mean")]
+    layers = [m for m in split if getattr(m, "_bn_domain", 0) != domain]
     _swap(layers)
+    # momentum 0 keeps the running statistics exactly; the batch counter is put back after
+    kept = [] if track else [(m, m.momentum, m.num_batches_tracked.clone()) for m in split]
+    for m, _, _ in kept:
+        m.momentum = 0.0
     try:
         yield
     finally:
+        for m, momentum, count in kept:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
         _swap(layers)

@@ -283,7 +283,9 @@ class SelfTraining(Objective):
         with torch.autocast(image.device.type, enabled=False):  # photometric ops in float32
             image = self.augment(image.float())
         fmt = torch.channels_last if self.run.cfg.train.channels_last else torch.contiguous_format
-        with bn_domain(step.model, 1):  # mixed images are target images with pasted source objects
+        # Mixed images are target images with pasted source objects: normalised as target images, but (with
+        # train.bn_mode=domain) the target's running statistics are measured on target images alone.
+        with bn_domain(step.model, 1, track=self.cfg.mix == "none"):
             outputs = step.model(image.to(memory_format=fmt))
         terms: dict[str, list[Tensor]] = {}
         for t in self.tasks:
