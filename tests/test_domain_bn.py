@@ -265,6 +265,18 @@ def test_adabn_method_trains_on_source_labels_and_moves_only_target_statistics_w
 
     cfg = recipe_config(toy_root, tmp_path / "adabn", "adabn")
     assert cfg.train.bn_mode == "domain" and cfg.adapt is None and cfg.self_training is None
+    # The self-training methods keep target statistics too (an override takes them away); the paper's
+    # adversarial recipe keeps the authors' shared statistics.
+    for method, mode in (
+        ("self-training", "domain"),
+        ("self-training+adversarial", "domain"),
+        ("adversarial", "separate"),
+    ):
+        assert recipe_config(toy_root, tmp_path / "x", method).train.bn_mode == mode, method
+    assert (
+        recipe_config(toy_root, tmp_path / "x", "self-training", "train.bn_mode=separate").train.bn_mode
+        == "separate"
+    )
     assert cfg.name.startswith("synthia2cityscapes-adabn")
     trainer = Trainer(cfg)
     assert [o.section for o in trainer.objectives] == ["loss"] and trainer.data.uses_domain(1)

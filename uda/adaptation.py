@@ -59,7 +59,8 @@ def adaptation_parser(description: str) -> argparse.ArgumentParser:
         "default), self-training (EMA teacher, pseudo-labels for every task, ClassMix; tune with "
         "self_training.* keys, e.g. self_training.mix=depthmix self_training.rare_class_sampling=true), both, "
         "adabn (no target loss: target images only give BatchNorm its target statistics, train.bn_mode=domain, "
-        "which the other methods take as an option), or none (only --target-depth photometric adapts, if set)",
+        "which the self-training methods use too and the adversarial one takes as an option), or none (only "
+        "--target-depth photometric adapts, if set)",
     )
     parser.add_argument(
         "--target-depth",
@@ -120,7 +121,9 @@ def adaptation_config(
     adversarial, self_training, name = METHODS[method or "adversarial"]
     if not adversarial:
         cfg = replace(cfg, adapt=None)
-    if method == "adabn":
+    if self_training or method == "adabn":
+        # Self-training's teacher labels target images: with the source's BatchNorm statistics a toy source-only
+        # start calls the target's vegetation building, and the pseudo-labels teach it (README, self-training).
         cfg = replace(cfg, train=replace(cfg.train, bn_mode="domain"))
     if self_training:
         cfg = replace(cfg, self_training=SelfTrainingConfig())
