@@ -22,22 +22,16 @@ from tqdm import tqdm
 from uda import checkpoint
 from uda.config import ExperimentConfig, save_config, to_dict
 from uda.data.labels import get_label_set
-from uda.data.loader import MixedBatches, eval_loader, move_to
+from uda.data.loader import MixedBatches, move_to
 from uda.data.streams import RunData
 from uda.hardware import make_accelerator
 from uda.models import build_model
-from uda.models.domain_bn import (
-    add_domain_statistics,
-    bn_domain,
-    estimate_target_statistics,
-    needs_target_statistics,
-)
+from uda.models.domain_bn import bn_domain, keep_target_statistics, measure_target_statistics
 from uda.models.multitask import intermediate_scales
 from uda.objectives import (
     ObjectiveError,
     RunContext,
     Step,
-    StreamNeeds,
     attach_prepared,
     attach_prepared_joint,
     build_objectives,
@@ -105,20 +99,13 @@ class Trainer:
         except ObjectiveError as exc:
             raise TrainingError(str(exc)) from None
         needs = [[n for o in self.objectives if (n := o.needs(d)) is not None] for d in (0, 1)]
-        adabn = cfg.target is not None and cfg.target.dataset != cfg.data.dataset  # not the oracle
-        if cfg.train.bn_mode == "domain" and adabn and not needs[1]:
-            needs[1].append(StreamNeeds())  # target images for their BatchNorm statistics alone (AdaBN)
         self.data = RunData(cfg, needs)
         if self.data.uses_domain(1) and cfg.train.bn_mode == "joint" and cfg.target.size != cfg.data.size:
             raise TrainingError(
                 f"train.bn_mode=joint needs equal image sizes, got data.size={cfg.data.size} and "
                 f"target.size={cfg.target.size}; set train.bn_mode=separate or equal sizes"
             )
-        if self.data.uses_domain(1) and cfg.train.bn_mode == "domain":
-            # Target statistics in every BatchNorm layer (uda.models.domain_bn); a source-only start loaded by
-            # init_from gives its source statistics to both domains.
-            layers = add_domain_statistics(model)
-            self.log.info(f"train.bn_mode=domain: {layers} BatchNorm layers keep separate target statistics")
+        keep_target_statistics(model, self.data, self.log)  # train.bn_mode=domain (uda.models.domain_bn)
         if cfg.train.init_from:
             try:
                 checkpoint.initialise_from(cfg.train.init_from, model, [n for n, _ in self.joint_networks()])
@@ -150,10 +137,7 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        if cfg.train.adabn_images > 0 and needs_target_statistics(model):
-            self.estimate_target_statistics(
-                acc.unwrap_model(self.model)
-            )  # before the teacher copies the model
+        measure_target_statistics(model, cfg, self.data, acc, self.log)  # if init_from had none; before bind
         try:
             for objective in self.objectives:
                 objective.bind(acc.unwrap_model(self.model))
@@ -204,25 +188,6 @@ class Trainer:
         own = [net for o in self.objectives for net, _ in o.own_networks().values()]
         return [self.model, *own, *(net for net, _ in self.joint_networks())]
 
-    def estimate_target_statistics(self, model: nn.Module) -> None:
-        """train.bn_mode=domain from weights without target statistics: measure them on train.adabn_images
-        target training images spread over the split, the same ones on every process (uda.models.domain_bn)."""
-        cfg, acc = self.cfg, self.accelerator
-        data = cfg.target
-        dataset = self.data.dataset(data, data.train_split, (), train=False, domain=1)
-        count = min(cfg.train.adabn_images, len(dataset))
-        picked = [i * len(dataset) // count for i in range(count)]
-        loader = eval_loader(
-            torch.utils.data.Subset(dataset, picked), data.batch_size, 0, 1, data.num_workers
-        )
-        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        images = (b["image"].to(acc.device, memory_format=fmt) for b in loader)
-        with acc.autocast():
-            seen = estimate_target_statistics(model, images)
-        self.log.info(
-            f"train.bn_mode=domain: target BatchNorm statistics measured on {seen} {data.dataset} images"
-        )
-
     def batches(self, start_step: int) -> MixedBatches:
         """The endless mixed training stream of this process, positioned at start_step."""
         acc = self.accelerator
@@ -256,10 +221,9 @@ class Trainer:
                 "source": unwrap_outputs(outputs, 0, n),
                 "target": unwrap_outputs(outputs, n, n + target.shape[0]),
             }
-        outputs = {"source": self.model(source)}
+        outputs = self.model(source)  # first: the source's statistics move before the target's, as always
         with bn_domain(self.model, 1):  # target statistics with train.bn_mode=domain; else a no-op
-            outputs["target"] = self.model(target)
-        return outputs
+            return {"source": outputs, "target": self.model(target)}
 
     def weighting_context(self) -> WeightingContext:
         """What the task weighting may use: the step, the model's last shared layer, the process reduction."""

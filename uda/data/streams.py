@@ -18,10 +18,28 @@ class RunData:
     def __init__(self, cfg: ExperimentConfig, needs: Sequence[Sequence]) -> None:
         self.cfg = cfg
         self.needs = needs
+        # train.bn_mode=domain reads target images for their BatchNorm statistics even when no objective trains
+        # on them (AdaBN); not for the oracle, whose data is the target.
+        target = cfg.target
+        self.target_statistics = (
+            cfg.train.bn_mode == "domain" and target is not None and target.dataset != cfg.data.dataset
+        )
 
     def uses_domain(self, domain: int) -> bool:
         """Whether a training stream of `domain` is loaded (the source always is)."""
-        return domain == 0 or bool(self.needs[domain])
+        return domain == 0 or bool(self.needs[domain]) or (domain == 1 and self.target_statistics)
+
+    def spread_images(self, data: DataConfig, count: int):
+        """A loader over `count` images of data's training split spread evenly over it (evaluation transform, no
+        labels; the same images on every process)."""
+        import torch
+
+        from uda.data.loader import eval_loader
+
+        dataset = self.dataset(data, data.train_split, (), train=False, domain=1)
+        count = min(count, len(dataset))
+        picked = [i * len(dataset) // count for i in range(count)]
+        return eval_loader(torch.utils.data.Subset(dataset, picked), data.batch_size, 0, 1, data.num_workers)
 
     def label_tasks(self, domain: int) -> tuple[str, ...]:
         """The labels a training stream loads: none on the target; not those an objective learns otherwise."""

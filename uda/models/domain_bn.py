@@ -36,6 +36,8 @@ __all__ = [
     "bn_domain",
     "estimate_target_statistics",
     "has_domain_statistics",
+    "keep_target_statistics",
+    "measure_target_statistics",
     "needs_target_statistics",
 ]
 
@@ -142,3 +144,28 @@ def bn_domain(model: nn.Module, domain: int, track: bool = True) -> Iterator[Non
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
         _swap(layers)
+
+
+def keep_target_statistics(model: nn.Module, data, log) -> None:
+    """The engine's model under train.bn_mode=domain with target images to train on (data: the run's
+    uda.data.streams.RunData, `target_statistics`): add the target statistics, before init_from loads weights."""
+    if data.target_statistics:
+        log.info(
+            f"train.bn_mode=domain: {add_domain_statistics(model)} BatchNorm layers keep target statistics"
+        )
+
+
+def measure_target_statistics(model: nn.Module, cfg, data, accelerator, log) -> None:
+    """The engine's start under train.bn_mode=domain from weights without target statistics (init_from a
+    source-only run): estimate them on cfg.train.adabn_images target training images spread over the split
+    (data: the run's uda.data.streams.RunData), before the teacher copies the model. Otherwise nothing."""
+    if cfg.train.adabn_images == 0 or not needs_target_statistics(model):
+        return
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    loader = data.spread_images(cfg.target, cfg.train.adabn_images)
+    images = (b["image"].to(accelerator.device, memory_format=fmt) for b in loader)
+    with accelerator.autocast():
+        seen = estimate_target_statistics(model, images)
+    log.info(
+        f"train.bn_mode=domain: target BatchNorm statistics measured on {seen} {cfg.target.dataset} images"
+    )
