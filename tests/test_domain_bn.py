@@ -245,6 +245,13 @@ def test_self_training_run_keeps_target_statistics_resumes_and_evaluates_with_th
     on_target = evaluate(loaded, [batch], *args, domain=1)
     assert on_target == evaluate(swapped, [batch], *args, domain=0)
     assert on_target != evaluate(loaded, [batch], *args, domain=0)
+    # uda-evaluate on the target split: the target statistics too.
+    from uda.commands.evaluate import metrics
+    from uda.data.loader import eval_loader
+
+    cli = metrics([str(saved), "--no-images", "--num-workers", "0", "--out", str(tmp_path / "eval")])
+    whole = list(eval_loader(dataset, data.batch_size))
+    assert cli == evaluate(loaded, whole, *args, domain=1) != evaluate(loaded, whole, *args, domain=0)
 
 
 def test_bn_mode_domain_is_a_config_choice():
