@@ -245,6 +245,15 @@ def test_self_training_run_keeps_target_statistics_resumes_and_evaluates_with_th
     on_target = evaluate(loaded, [batch], *args, domain=1)
     assert on_target == evaluate(swapped, [batch], *args, domain=0)
     assert on_target != evaluate(loaded, [batch], *args, domain=0)
+    # uda-export writes one set, the target's by default: the exported model predicts as the run on that domain.
+    from uda.models.pretrained import export_pretrained, load_pretrained
+
+    for which, domain in (("target", 1), ("source", 0)):
+        exported = load_pretrained(export_pretrained(saved, tmp_path / f"export-{which}", which))
+        assert exported.pretrained_config["bn_statistics"] == which
+        with torch.no_grad(), bn_domain(loaded.eval(), domain):
+            expected, got = loaded(batch["image"]), exported(batch["image"])
+        assert all(torch.equal(got[t][0], expected[t][0]) for t in cfg.tasks), which
     # uda-evaluate on the target split: the target statistics too.
     from uda.commands.evaluate import metrics
     from uda.data.loader import eval_loader

@@ -25,6 +25,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("run", help="run folder (its newest complete checkpoint) or a checkpoint folder")
     parser.add_argument("out", help="folder to write model.safetensors and config.json into")
+    parser.add_argument(
+        "--statistics",
+        choices=["target", "source"],
+        default="target",
+        help="a run with per-domain BatchNorm statistics (train.bn_mode=domain): export the target's (default, "
+        "what its target evaluation used) or the source's",
+    )
     return parser.parse_args(argv)
 
 
@@ -34,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from uda.models.pretrained import export_pretrained
 
     try:
-        out = export_pretrained(args.run, args.out)
+        out = export_pretrained(args.run, args.out, args.statistics)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -15,15 +15,18 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def export_pretrained(run: str | Path, out: str | Path) -> Path:
+def export_pretrained(run: str | Path, out: str | Path, statistics: str = "target") -> Path:
     """Write the model of a run or checkpoint folder (its newest complete checkpoint) to `out`: model.safetensors
     (weights only) and config.json (model config, tasks and output channels, label set and class names, depth
-    parametrisation, the checkpoint it came from). Returns `out`."""
+    parametrisation, the checkpoint it came from). A run with per-domain BatchNorm statistics
+    (train.bn_mode=domain) is exported with one set, `statistics` "target" (what its target evaluation used)
+    or "source", named in config.json as bn_statistics. Returns `out`."""
     from safetensors.torch import save_file
 
     from uda.config import to_dict
     from uda.data.labels import get_label_set
     from uda.evaluate import load_trained_model
+    from uda.models.domain_bn import STATS, has_domain_statistics
     from uda.tasks import task_channels
 
     cfg, model, ckpt = load_trained_model(run)
@@ -43,7 +46,17 @@ def export_pretrained(run: str | Path, out: str | Path) -> Path:
         "checkpoint": f"{ckpt.parent.parent.name}/{ckpt.parent.name}/{ckpt.name}",
         "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if statistics not in ("source", "target"):
+        raise ValueError(f"statistics={statistics!r}: choose source or target")
+    state = model.state_dict()
+    if has_domain_statistics(model):
+        config["bn_statistics"] = statistics
+        for key in [k for k in state if any(k.endswith("." + target) for _, target in STATS)]:
+            head, _, leaf = key.rpartition(".")
+            value = state.pop(key)
+            if statistics == "target":
+                state[f"{head}.{leaf.removeprefix('target_')}"] = value
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
