@@ -92,19 +92,19 @@ def evaluate(
         args = (eval_cfg.min_depth, eval_cfg.max_depth)
         unscaled = DepthMetric(*args, False, eval_cfg.per_image, torch.device(device))
         constant = DepthMetric(*args, True, eval_cfg.per_image, torch.device(device))
-    for i, batch in enumerate(tqdm(batches, desc="evaluate", leave=False, disable=not progress)):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = move_to(batch, device)
-        with bn_domain(model, domain):
+    with bn_domain(model, domain):  # the whole split is of one domain
+        for i, batch in enumerate(tqdm(batches, desc="evaluate", leave=False, disable=not progress)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = move_to(batch, device)
             outputs = model(batch["image"])
-        preds = to_predictions(outputs, eval_cfg.scale, space)
-        metrics.update(preds, batch)
-        if unscaled is not None:
-            unscaled.update(preds["depth"], batch["depth"])
-            constant.update(torch.ones_like(preds["depth"]), batch["depth"])
-        if i == 0 and on_first_batch is not None:
-            on_first_batch(batch, preds)
+            preds = to_predictions(outputs, eval_cfg.scale, space)
+            metrics.update(preds, batch)
+            if unscaled is not None:
+                unscaled.update(preds["depth"], batch["depth"])
+                constant.update(torch.ones_like(preds["depth"]), batch["depth"])
+            if i == 0 and on_first_batch is not None:
+                on_first_batch(batch, preds)
     if reduce is not None:
         metrics.sync(reduce)
         if unscaled is not None:

@@ -5,8 +5,8 @@ and contrast every BatchNorm layer then shifts the target's features, and a whol
 (on the toy SYNTHIA -> Cityscapes data the source-only mTEB model labels 94-99 % of the target's vegetation
 "building"; the same weights with target statistics label most of it vegetation). With per-domain statistics
 every BatchNorm layer keeps a second set of running statistics, moved only by target images (the target
-stream, self-training's mixed target images) and used whenever the network sees the target (the teacher's
-pseudo-labels, validation and `uda-evaluate` on the target). The affine parameters stay shared, as in AdaBN
+stream; self-training's mixed images, half source, are normalised as target images but move nothing) and used
+whenever the network sees the target (the teacher's pseudo-labels, validation, `uda-evaluate` and `uda-export`). The affine parameters stay shared, as in AdaBN
 (DSBN, Chang et al. 2019, also splits them).
 
     add_domain_statistics(model)        # every BatchNorm layer gets target_running_mean/var/num_batches_tracked
@@ -16,9 +16,10 @@ pseudo-labels, validation and `uda-evaluate` on the target). The affine paramete
 The target statistics start as copies of the source ones. A state dict without them (a source-only run used as
 `train.init_from`) fills them from its source statistics, and the engine then measures them on target training
 images before the first step (`estimate_target_statistics`, `train.adabn_images`): otherwise they would need
-tens of steps to leave the source values, and an EMA teacher, which averages them too, hundreds. Within `bn_domain(model, 1)` the two sets swap
-places in each layer's buffers, so any BatchNorm class (torch's, SyncBatchNorm, timm's BatchNormAct2d) runs its
-own forward unchanged, and nothing is paid per layer outside the context.
+tens of steps to leave the source values, and an EMA teacher, which averages them too, hundreds. Within
+`bn_domain(model, 1)` the two sets swap places in each layer's buffers, so any BatchNorm class (torch's,
+SyncBatchNorm, timm's BatchNormAct2d) runs its own forward unchanged, and nothing is paid per layer outside the
+context.
 """
 
 from __future__ import annotations
