@@ -135,17 +135,22 @@ def test_xtam_correlation_matches_the_formula_in_outputs_and_gradients(attention
 
 @pytest.mark.parametrize("size", [(12, 20), (13, 21)])
 @pytest.mark.parametrize("self_attention", [True, False])
-def test_xtam_projects_the_correlation_at_token_resolution_exactly(size, self_attention):
-    # The forward applies P's 1x1 weights to the correlation branch before its nearest upsampling; it must
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_xtam_projects_the_correlation_at_token_resolution_exactly(size, self_attention, layout):
+    # The forward applies P's 1x1 weights to the correlation branch before its nearest upsampling (and adds
+    # it by broadcasting over each block of pixels where the size is a multiple of the downscale); it must
     # equal the paper's order P(cat[alpha * up(x), self(g)]) in outputs and in every gradient (train mode:
-    # BatchNorm from the batch), also where the size is not a multiple of the downscale. In float64, so that
-    # the only difference left, the order of the sums, stays far below the tolerance.
+    # BatchNorm from the batch), also where the size is not a multiple of the downscale, and in channels-last.
+    # In float64, so that the only difference left, the order of the sums, stays far below the tolerance.
     torch.manual_seed(0)
     xtam = XTAM(8, downscale=4, attention="both", self_attention=self_attention).train().double()
+    xtam = xtam.to(memory_format=layout)
     with torch.no_grad():
         xtam.alpha.normal_()  # the correlation branch on
-    f_i = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
-    f_j = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
+    f_i, f_j = (
+        torch.randn(2, 8, *size, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+        for _ in range(2)
+    )
     weight = torch.randn(2, 8, *size, dtype=torch.float64)
 
     def paper_order(f_i, f_j):

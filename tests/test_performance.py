@@ -148,6 +148,60 @@ def test_checkpointing_and_compile_are_refused_together_in_one_line(toy_root, tm
         replace(cfg, model=replace(cfg.model, checkpointing=True), train=replace(cfg.train, compile=True))
 
 
+@pytest.mark.parametrize(
+    "budget,compile,says",
+    [
+        (0.0, True, r"^train.compile_memory_budget=0.0: must lie in \(0, 1\]"),
+        (1.5, True, r"^train.compile_memory_budget=1.5: must lie in \(0, 1\]"),
+        (
+            0.5,
+            False,
+            r"^train.compile_memory_budget=0.5 acts on the compiled model only; set train.compile=true",
+        ),
+    ],
+)
+def test_a_compile_memory_budget_outside_its_range_or_without_compile_is_refused(budget, compile, says):
+    from uda.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=says):
+        TrainConfig(compile=compile, compile_memory_budget=budget)
+    assert TrainConfig(compile=True, compile_memory_budget=0.5).compile_memory_budget == 0.5
+
+
+def test_the_compile_memory_budget_makes_the_compiled_graph_keep_fewer_activations():
+    # The same small convolutional network compiled twice: with a budget of 0.1 the partitioner must keep
+    # fewer bytes for the backward pass than with 1 (torch's default), and give the same gradients.
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    from uda.hardware import set_compile_memory_budget
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        *[
+            m
+            for _ in range(3)
+            for m in (torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        ]
+    )
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    kept, grads = {}, {}
+    try:
+        for budget in (1.0, 0.1):
+            torch._dynamo.reset()
+            set_compile_memory_budget(budget)
+            out, kept[budget] = saved_activation_bytes(torch.compile(net), x)
+            out.sum().backward()
+            grads[budget] = x.grad.clone()
+            x.grad = None
+    finally:
+        set_compile_memory_budget(1.0)
+        torch._dynamo.reset()
+    assert functorch_config.activation_memory_budget == 1.0
+    assert 0 < kept[0.1] < kept[1.0], kept
+    torch.testing.assert_close(grads[0.1], grads[1.0], rtol=1e-4, atol=1e-5)
+
+
 AVX2 = frozenset({"avx", "avx2", "fma"})
 AVX512_BF16 = AVX2 | {"avx512f", "avx512_bf16"}
 

@@ -3,7 +3,8 @@
     python tools/benchmark.py [--benches step exchange adapt selfsup data context odsf]
                               [--archs stl mtl 3ways-padnet mteb padnet] [--tasks SD SDN] [--backbone resnet101] [--decoder 3ways|deeplab]
                               [--size 512 1024] [--batch-size 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
-                              [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--fused] [--checkpointing] [--baseline]
+                              [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--memory-budget 0.5] [--fused]
+                              [--checkpointing] [--baseline]
                               [--exchange-size 512 1024] [--data-root datasets/toy] [--data-batches 20]
                               [--threads N] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
     python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
@@ -44,10 +45,12 @@ optimiser state; warm-up included). VmHWM rather than getrusage's ru_maxrss: on 
 starts at the parent's peak (it survives fork/exec), so it is also reported (`ru_maxrss_mib`) but not used.
 Data-loader worker processes are not counted.
 
-Options of the step bench (`--mixed-precision`, `--channels-last`, `--compile`, `--fused` Adam, `--checkpointing` of
+Options of the step bench (`--mixed-precision`, `--channels-last`, `--compile`, `--memory-budget B` (a compiled
+variant keeping the share B of the activations, train.compile_memory_budget), `--fused` Adam, `--checkpointing` of
 ModelConfig; a one-line error where ModelConfig has no such field): each requested option runs as its own variant
 next to plain fp32 (and all requested options together when more than one is given); the table names them
-fp32, bf16/fp16, cl, compile, fused, ckpt ('+'-joined) and shows each variant's time relative to plain fp32.
+fp32, bf16/fp16, cl, compile, budgetB, fused, ckpt ('+'-joined) and shows each variant's time relative to plain
+fp32. The exchange bench takes the same options except `--fused` (the block alone has no optimiser).
 
 The JSON (`--json`) holds `machine` (CPU model and flags, threads, GPU, versions, date), `settings` and
 `results` (one row per configuration, with its process id). `--compare OLD.json` prints, per configuration
@@ -346,16 +349,26 @@ def bench_exchange(spec: dict, device: torch.device) -> dict:
     channels = cfg.decoder_channels[scale]
     h, w = exchange_features(tuple(spec["size"]), scale)
     block = MTEB.from_config(tasks, channels, cfg, scale).to(device).train()
-    if spec.get("checkpointing"):
+    if spec.get("checkpointing"):  # what model.checkpointing does to the block
         from uda.models import XTAM
         from uda.models.checkpointing import enable_checkpointing
 
         enable_checkpointing(block, (XTAM,))
-    feats = {t: torch.randn(spec["batch"], channels, h, w, device=device, requires_grad=True) for t in tasks}
+    layout = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
+    block = block.to(memory_format=layout)
+    feats = {
+        t: torch.randn(spec["batch"], channels, h, w, device=device)
+        .contiguous(memory_format=layout)
+        .requires_grad_()
+        for t in tasks
+    }
+    net = torch.compile(block) if spec.get("compile") else block
+    dtype = AMP_DTYPES[spec.get("amp", "no")]
 
     def step() -> None:
-        out = block(feats)
-        torch.stack([o.square().mean() for o in out.values()]).sum().backward()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = net(feats)
+        torch.stack([o.float().square().mean() for o in out.values()]).sum().backward()
         block.zero_grad(set_to_none=True)
         for f in feats.values():
             f.grad = None
@@ -566,9 +579,10 @@ BENCH_FUNCTIONS = {
 
 
 def use_baseline_attention() -> None:
-    """--baseline: xTAM's correlation attention as before issue 12, with q/k/v passed to
-    scaled_dot_product_attention as transposed views, which sends it to the math kernel that holds the N x N
-    matrix (forward and backward). Everything else is today's code."""
+    """--baseline: xTAM as it was when issue 12 was filed (everything else is today's code). Its correlation
+    attention passed q/k/v to scaled_dot_product_attention as transposed views, which sends it to the math
+    kernel that holds the N x N matrix (forward and backward), and its projection P ran on the full-resolution
+    concatenation [alpha * up(x), self(g)]. Same values as today's xTAM (tested)."""
     import torch.nn.functional as F
 
     from uda.models.exchange import XTAM
@@ -585,7 +599,15 @@ def use_baseline_attention() -> None:
         out = F.scaled_dot_product_attention(qt, kt, vt).squeeze(1).transpose(1, 2)
         return F.interpolate(out.reshape(b, c, *tokens), size=(h, w), mode="nearest")
 
+    def forward(self, f_i: torch.Tensor, f_j: torch.Tensor) -> torch.Tensor:
+        g = self.extract(f_j)
+        parts = [self.alpha * self.correlation(f_i, g)]
+        if self.self_attention is not None:
+            parts.append(self.self_attention(g))
+        return self.proj(torch.cat(parts, dim=1))
+
     XTAM.correlation = correlation
+    XTAM.forward = forward
 
 
 def run_one(spec: dict) -> dict:
@@ -594,6 +616,10 @@ def run_one(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     if spec.get("baseline"):
         use_baseline_attention()
+    if spec.get("memory_budget"):
+        from uda.hardware import set_compile_memory_budget
+
+        set_compile_memory_budget(spec["memory_budget"])
     torch.manual_seed(0)
     device = torch.device(spec["device"])
     row = dict(spec)
@@ -639,6 +665,7 @@ def options_label(spec: dict) -> str:
         for key, name in (
             ("channels_last", "cl"),
             ("compile", "compile"),
+            ("memory_budget", f"budget{spec.get('memory_budget')}"),
             ("fused", "fused"),
             ("checkpointing", "ckpt"),
             ("baseline", "baseline"),
@@ -648,12 +675,17 @@ def options_label(spec: dict) -> str:
     return "+".join(parts) or "fp32"
 
 
-def option_variants(args: argparse.Namespace) -> list[dict]:
-    """Plain fp32, each requested option alone and, with several, all of them together."""
+def option_variants(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> list[dict]:
+    """Plain fp32, each requested option alone and, with several, all of them together (options in `exclude`
+    left out)."""
     chosen = [{"amp": args.amp}] if args.amp != "no" else []
     chosen += [
-        {key: True} for key in ("channels_last", "compile", "fused", "checkpointing") if getattr(args, key)
+        {key: True}
+        for key in ("channels_last", "compile", "fused", "checkpointing")
+        if getattr(args, key) and key not in exclude
     ]
+    if args.memory_budget is not None and "compile" not in exclude:
+        chosen.append({"compile": True, "memory_budget": args.memory_budget})
     variants = [dict(PLAIN)] + [PLAIN | c for c in chosen]
     if len(chosen) > 1:
         variants.append(PLAIN | {k: v for c in chosen for k, v in c.items()})
@@ -685,10 +717,8 @@ def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
                             common | variant | {"bench": "step", "arch": arch, "tasks": tasks, "flops": flops}
                         )
         elif bench == "exchange":
-            # Plain, and with --checkpointing the block's xTAMs checkpointed (the other options are model-wide).
-            exchange_variants = [PLAIN] + ([PLAIN | {"checkpointing": True}] if args.checkpointing else [])
-            if args.baseline:
-                exchange_variants.insert(0, PLAIN | {"baseline": True})
+            # The step's option variants except fused Adam (the block alone has no optimiser).
+            exchange_variants = option_variants(args, exclude=("fused",))
             for tasks in (t for t in args.tasks if len(TASK_SETS[t]) >= 2):
                 for variant in exchange_variants:
                     specs.append(
@@ -951,6 +981,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile(model)")
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        help="also a compiled variant keeping this share (0, 1] of the activations (train.compile_memory_budget)",
+    )
     parser.add_argument("--fused", action="store_true", help="Adam(fused=True)")
     parser.add_argument("--checkpointing", action="store_true", help="ModelConfig(checkpointing=True)")
     parser.add_argument(
@@ -1008,6 +1044,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.tasks = ["SD"] if args.params else ["SD", "SDN"]
     if args.benches is None:
         args.benches = ["step"] if args.check else list(BENCHES)
+    if args.memory_budget is not None and not 0.0 < args.memory_budget <= 1.0:
+        parser.error(f"--memory-budget {args.memory_budget}: must lie in (0, 1]")
     if args.checkpointing and "checkpointing" not in {f.name for f in dataclasses.fields(ModelConfig)}:
         parser.error("--checkpointing: uda.config.ModelConfig has no `checkpointing` field in this version")
     return args

@@ -196,6 +196,9 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     channels_last: bool = False  # channels-last memory format for the model and its inputs
     compile: bool = False  # torch.compile the model (through accelerate's dynamo plugin, inductor backend)
+    # With compile: the share of the activations the compiled graph keeps for the backward pass (torch's
+    # activation_memory_budget); below 1 it recomputes cheap operations instead of keeping their outputs.
+    compile_memory_budget: float = 1.0
     seed: int = 42
     deterministic: bool = False
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
@@ -224,6 +227,16 @@ class TrainConfig:
             raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
         if self.adabn_images < 0:
             raise ConfigError(f"train.adabn_images={self.adabn_images}: must be >= 0 (0 = keep the source's)")
+        if not 0.0 < self.compile_memory_budget <= 1.0:
+            raise ConfigError(
+                f"train.compile_memory_budget={self.compile_memory_budget}: must lie in (0, 1] (1 = keep every "
+                "activation the compiled graph would keep; 0.5 measured in README's speed section)"
+            )
+        if self.compile_memory_budget < 1.0 and not self.compile:
+            raise ConfigError(
+                f"train.compile_memory_budget={self.compile_memory_budget} acts on the compiled model only; set "
+                "train.compile=true as well, or leave the budget at 1"
+            )
 
 
 @dataclass

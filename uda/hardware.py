@@ -236,12 +236,23 @@ def make_accelerator(train, project_dir: str):
         for line in (launched, message):
             if line:
                 log_line(line)
+    if train.compile:
+        set_compile_memory_budget(train.compile_memory_budget)
     return Accelerator(
         mixed_precision=precision,
         log_with=log_with or None,
         project_dir=project_dir,
         dynamo_backend="inductor" if train.compile else None,
     )
+
+
+def set_compile_memory_budget(budget: float) -> None:
+    """The share (0, 1] of the activations that torch.compile's graphs keep for the backward pass; below 1 its
+    partitioner recomputes the cheapest operations (by estimated FLOPs) instead of keeping their outputs.
+    Process-wide (torch._functorch.config), read when a graph is compiled."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = budget
 
 
 def log_line(message: str) -> None:
