@@ -100,6 +100,34 @@ def test_benchmark_reports_every_arch(tmp_path, capsys):
     assert capsys.readouterr().out.count("2.000!") == 2
 
 
+def test_benchmark_rounds_give_medians_and_ratios_paired_by_round():
+    # Three rounds on a machine whose speed drifts (the second round 4x slower than the first): the variant is
+    # twice as fast in two rounds, slower in one. Paired by round the ratio is 0.5; the ratio of the medians
+    # over rounds would say 1.0. Memory is the median over the rounds.
+    def row(options, ms, step_mib, pid):
+        return (
+            {"bench": "step", "arch": "mteb", "tasks": "SD", "options": options, "batch": 2, "pid": pid}
+            | {"ms_median": ms, "ms_min": ms * 0.9, "ms_max": ms * 1.1, "step_rss_increase_mib": step_mib}
+            | {"peak_rss_mib": step_mib + 1000, "peak_mib": step_mib + 1000, "images_per_s": 2000 / ms}
+        )
+
+    base = benchmark.merge_rounds(
+        [row("baseline", 100, 400, 1), row("baseline", 400, 420, 2), row("baseline", 200, 410, 3)]
+    )
+    fast = benchmark.merge_rounds(
+        [row("fp32", 50, 200, 4), row("fp32", 200, 100, 5), row("fp32", 300, 150, 6)]
+    )
+    assert base["rounds_ms"] == [100, 400, 200] and base["ms_median"] == 200 and base["ms_min"] == 90
+    assert base["step_rss_increase_mib"] == 410 and base["pids"] == [1, 2, 3] and base["images_per_s"] == 10
+    assert benchmark.time_ratio(fast, base) == 0.5  # per round 0.5, 0.5, 1.5
+    assert fast["ms_median"] / base["ms_median"] == 1.0
+    failed = benchmark.merge_rounds([row("fp32", 50, 200, 4), {"error": "boom", "pid": 7}])
+    assert failed["error"] == "boom"
+    printed = benchmark.table([base, fast])
+    line = printed.splitlines()[-1]
+    assert "fp32" in line and "0.50/0.37" in line  # vs baseline: time / step memory (150 / 410)
+
+
 def test_benchmark_benches_measure_exchange_adapt_selfsup_and_data(tmp_path, request, fresh_accelerator):
     from uda.data.toy import make_toy_data
 

@@ -6,7 +6,7 @@
                               [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--memory-budget 0.5] [--fused]
                               [--checkpointing] [--baseline]
                               [--exchange-size 512 1024] [--data-root datasets/toy] [--data-batches 20]
-                              [--threads N] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
+                              [--threads N] [--rounds 1] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
     python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
     python tools/benchmark.py --params [--backbone resnet101] [--tasks SD] [--json out.json]
 
@@ -36,7 +36,10 @@ Benches (default: all six; `--check` alone runs `step` only):
 Each configuration runs in a fresh `python tools/benchmark.py --one '<json spec>'` process that prints one
 JSON line, so memory figures belong to that configuration alone. `--warmup` untimed steps (at least 2 with
 --compile: they include compilation), then `--repeats` timed steps: median, min and max. img/s = batch /
-median step time (data: samples / total time of the timed batches, workers prefetching).
+median step time (data: samples / total time of the timed batches, workers prefetching). `--rounds N` runs the
+whole list N times in turn (A B C, A B C, ...) and reports medians over the rounds; the time ratios (vs fp32,
+vs baseline) are then medians of the per-round ratios, so a drift of a shared machine's speed hits both sides.
+With `--baseline` the table adds each step and exchange row's time / step memory relative to the baseline row.
 
 Memory: on CUDA the peak allocated by torch (`max_memory_allocated`, reset after warm-up). On CPU the peak
 resident set size of the configuration's process (`peak_rss_mib`, from VmHWM in /proc/self/status) and its
@@ -795,34 +798,74 @@ def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One configuration's rows of several rounds as one row: medians over the rounds of the step time and the
+    memory figures, the extremes of the timed steps, each round's median in `rounds_ms` (an error row if a
+    round failed)."""
+    failed = [r for r in rounds if "error" in r]
+    if failed or len(rounds) == 1:
+        return (failed or rounds)[0]
+    row = dict(rounds[0])
+    row.update(
+        rounds=len(rounds),
+        rounds_ms=[r["ms_median"] for r in rounds],
+        ms_median=statistics.median(r["ms_median"] for r in rounds),
+        ms_min=min(r["ms_min"] for r in rounds),
+        ms_max=max(r["ms_max"] for r in rounds),
+        pids=[r["pid"] for r in rounds],
+    )
+    for key in ("peak_rss_mib", "step_rss_increase_mib", "peak_mib", "cuda_peak_mib", "ru_maxrss_mib"):
+        if key in row:
+            row[key] = statistics.median(r[key] for r in rounds)
+    row["ms_per_step"] = row["ms_median"]
+    row["images_per_s"] = row["batch"] / (row["ms_median"] / 1000)
+    return row
+
+
+def time_ratio(row: dict, reference: dict) -> float:
+    """row's step time over reference's: the median of the per-round ratios when both ran in the same rounds
+    (pairing keeps the ratio steady while the machine's speed drifts), else the ratio of the medians."""
+    a, b = row.get("rounds_ms"), reference.get("rounds_ms")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return row["ms_median"] / reference["ms_median"]
+
+
 def table(rows: list[dict]) -> str:
-    """One line per configuration."""
-    plain = {
-        (r["arch"], r["tasks"]): r["ms_median"]
+    """One line per configuration; the step and exchange rows with their time relative to plain fp32 and, with
+    --baseline, their time and step memory relative to the baseline."""
+    compared = ("step", "exchange")
+    refs = {
+        (r["bench"], r["arch"], r["tasks"], r.get("options")): r
         for r in rows
-        if r["bench"] == "step" and r.get("options") == "fp32" and "error" not in r
+        if r["bench"] in compared and r.get("options") in ("fp32", "baseline") and "error" not in r
     }
     head = (
-        f"{'bench':<8} {'arch':<13} {'tasks':<5} {'options':<22} {'ms median [min-max]':>27} {'vs fp32':>7} "
-        f"{'img/s':>8} {'peak MiB':>9} {'+step MiB':>9} {'GMACs':>8} {'params':>9}"
+        f"{'bench':<8} {'arch':<13} {'tasks':<5} {'options':<28} {'ms median [min-max]':>27} {'vs fp32':>7} "
+        f"{'img/s':>8} {'peak MiB':>9} {'+step MiB':>9} {'vs baseline':>11} {'GMACs':>8} {'params':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         label = r["options"]
         if r["bench"] in ("exchange", "context") and "features" in r:
             label = f"{r['options']} " + "x".join(map(str, r["features"][1:]))
-        start = f"{r['bench']:<8} {r['arch']:<13} {r['tasks']:<5} {label:<22}"
+        start = f"{r['bench']:<8} {r['arch']:<13} {r['tasks']:<5} {label:<28}"
         if "error" in r:
             lines.append(f"{start} ERROR: {r['error']}")
             continue
         spread = f"{r['ms_median']:.1f} [{r['ms_min']:.1f}-{r['ms_max']:.1f}]"
-        base = plain.get((r["arch"], r["tasks"])) if r["bench"] == "step" and label != "fp32" else None
-        ratio = f"{r['ms_median'] / base:.2f}x" if base else ""
+        plain = refs.get((r["bench"], r["arch"], r["tasks"], "fp32"))
+        ratio = f"{time_ratio(r, plain):.2f}x" if plain and r is not plain else ""
         params = f"{r['params'] / 1e6:.2f} M" if "params" in r else "-"
         increase = r.get("step_rss_increase_mib") if "cuda_peak_mib" not in r else None
+        base = refs.get((r["bench"], r["arch"], r["tasks"], "baseline"))
+        versus = ""
+        if base and r is not base:
+            memory = "peak_mib" if increase is None else "step_rss_increase_mib"
+            versus = f"{time_ratio(r, base):.2f}/{r[memory] / base[memory]:.2f}"
         lines.append(
             f"{start} {spread:>27} {ratio:>7} {r['images_per_s']:>8.2f} {r['peak_mib']:>9.1f} "
-            f"{fmt(increase):>9} {fmt(r.get('gmacs'), '.2f'):>8} {params:>9}"
+            f"{fmt(increase):>9} {versus:>11} {fmt(r.get('gmacs'), '.2f'):>8} {params:>9}"
         )
     return "\n".join(lines)
 
@@ -920,9 +963,9 @@ def check(rows: list[dict], device: torch.device, tasks: str) -> None:
     }
     if not {"mtl", "mteb"} <= set(by):
         raise SystemExit("--check needs the step bench with --archs including mtl and mteb (both finished)")
-    time_ratio = by["mteb"]["ms_median"] / by["mtl"]["ms_median"]
-    print(f"mTEB / MTL step time: {time_ratio:.3f} (target <= {MAX_TIME_RATIO})")
-    failed = time_ratio > MAX_TIME_RATIO
+    ratio = time_ratio(by["mteb"], by["mtl"])
+    print(f"mTEB / MTL step time: {ratio:.3f} (target <= {MAX_TIME_RATIO})")
+    failed = ratio > MAX_TIME_RATIO
     if device.type == "cuda":
         mem_ratio = by["mteb"]["peak_mib"] / by["mtl"]["peak_mib"]
         print(f"mTEB / MTL peak memory: {mem_ratio:.3f} (target <= {MAX_MEMORY_RATIO})")
@@ -981,6 +1024,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile(model)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole list of configurations this many times in turn (A B C A B C ...); medians over the "
+        "rounds, ratios paired by round",
+    )
     parser.add_argument(
         "--memory-budget",
         type=float,
@@ -1044,6 +1094,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.tasks = ["SD"] if args.params else ["SD", "SDN"]
     if args.benches is None:
         args.benches = ["step"] if args.check else list(BENCHES)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be >= 1")
     if args.memory_budget is not None and not 0.0 < args.memory_budget <= 1.0:
         parser.error(f"--memory-budget {args.memory_budget}: must lie in (0, 1]")
     if args.checkpointing and "checkpointing" not in {f.name for f in dataclasses.fields(ModelConfig)}:
@@ -1075,17 +1127,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="benchmark-toy-") as tmp:
         data_root = toy_synthia(args.data_root, tmp) if "data" in args.benches else None
         specs = build_specs(args, data_root)
-        rows = []
-        for index, spec in enumerate(specs, 1):
-            start = time.perf_counter()
-            row = run_isolated(spec)
-            rows.append(row)
-            result = f"ERROR {row['error']}" if "error" in row else f"{row['ms_median']:.1f} ms median"
-            print(
-                f"[{index}/{len(specs)}] {spec['bench']} {spec['arch']} {spec['tasks']} {spec['options']}: "
-                f"{result} (pid {row['pid']}, {time.perf_counter() - start:.1f} s)",
-                flush=True,
-            )
+        runs: list[list[dict]] = [[] for _ in specs]
+        for turn in range(args.rounds):  # A B C, A B C, ...: a drift of the machine's speed hits every config
+            for index, spec in enumerate(specs, 1):
+                start = time.perf_counter()
+                row = run_isolated(spec)
+                runs[index - 1].append(row)
+                result = f"ERROR {row['error']}" if "error" in row else f"{row['ms_median']:.1f} ms median"
+                where = f"round {turn + 1}/{args.rounds} " if args.rounds > 1 else ""
+                print(
+                    f"{where}[{index}/{len(specs)}] {spec['bench']} {spec['arch']} {spec['tasks']} "
+                    f"{spec['options']}: {result} (pid {row['pid']}, {time.perf_counter() - start:.1f} s)",
+                    flush=True,
+                )
+        rows = [merge_rounds(rounds) for rounds in runs]
     macs = {(r["arch"], r["tasks"]): r["gmacs"] for r in rows if r["bench"] == "step" and "gmacs" in r}
     for r in rows:  # the options do not change the multiply-adds: shown on every variant
         if r["bench"] == "step" and "error" not in r and (r["arch"], r["tasks"]) in macs:
