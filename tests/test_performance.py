@@ -98,8 +98,16 @@ def test_channels_last_and_fused_optimiser_train_like_the_plain_path(toy_root, t
 def test_compile_option_compiles_the_model_and_checkpoints_keep_their_keys(
     toy_root, tmp_path, fresh_accelerator
 ):
+    import torch._functorch.config as functorch_config
+
+    from uda.hardware import set_compile_memory_budget
+
     cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl")
-    trainer = Trainer(replace(cfg, train=replace(cfg.train, compile=True)))
+    try:
+        trainer = Trainer(replace(cfg, train=replace(cfg.train, compile=True, compile_memory_budget=0.5)))
+        assert functorch_config.activation_memory_budget == 0.5  # read when the graphs compile, at step 1
+    finally:
+        set_compile_memory_budget(1.0)
     assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)  # compiled lazily, at step 1
     from safetensors.torch import load_file
 
