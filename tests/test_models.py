@@ -137,8 +137,7 @@ def test_xtam_correlation_matches_the_formula_in_outputs_and_gradients(attention
 @pytest.mark.parametrize("self_attention", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_xtam_projects_the_correlation_at_token_resolution_exactly(size, self_attention, layout):
-    # The forward applies P's 1x1 weights to the correlation branch before its nearest upsampling (and adds
-    # it by broadcasting over each block of pixels where the size is a multiple of the downscale); it must
+    # The forward applies P's 1x1 weights to the correlation branch before its nearest upsampling; it must
     # equal the paper's order P(cat[alpha * up(x), self(g)]) in outputs and in every gradient (train mode:
     # BatchNorm from the batch), also where the size is not a multiple of the downscale, and in channels-last.
     # In float64, so that the only difference left, the order of the sums, stays far below the tolerance.

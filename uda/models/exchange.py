@@ -137,21 +137,10 @@ class XTAM(nn.Module):
         conv, bn, relu = self.proj
         c = self.alpha.shape[1]
         x = F.conv2d(self.alpha * self.correlation_tokens(f_i, g), conv.weight[:, :c])
-        if self.self_attention is None:
-            return relu(bn(F.interpolate(x, size=f_i.shape[-2:], mode="nearest")))
-        return relu(bn(add_nearest(F.conv2d(self.self_attention(g), conv.weight[:, c:]), x)))
-
-
-def add_nearest(full: Tensor, tokens: Tensor) -> Tensor:
-    """full + nearest upsampling of `tokens` to full's size, [B,C,H,W] + [B,C,h,w] -> [B,C,H,W].
-
-    Where h divides H and w divides W, the tokens are broadcast over each block of full's pixels, so the
-    upsampled map is never held (one full-size tensor less in the forward pass; same values)."""
-    (h, w), (H, W) = tokens.shape[-2:], full.shape[-2:]
-    if H % h or W % w:
-        return full + F.interpolate(tokens, size=(H, W), mode="nearest")
-    blocks = full.unflatten(3, (w, W // w)).unflatten(2, (h, H // h))  # [B,C,h,H/h,w,W/w]
-    return (blocks + tokens[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
+        pre = F.interpolate(x, size=f_i.shape[-2:], mode="nearest")
+        if self.self_attention is not None:
+            pre = pre + F.conv2d(self.self_attention(g), conv.weight[:, c:])
+        return relu(bn(pre))
 
 
 class ExchangeBlock(nn.Module):
