@@ -1042,8 +1042,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--baseline",
         action="store_true",
-        help="also run the step and exchange benches with xTAM's attention as before issue 12 (transposed q/k/v: "
-        "the math kernel holding the N x N matrix), the reference of the memory and time targets",
+        help="also run the step and exchange benches with xTAM as it was when issue 12 was filed (attention on "
+        "transposed q/k/v: the math kernel holding the N x N matrix; projection at full resolution), the "
+        "reference of the memory and time targets",
     )
     parser.add_argument(
         "--exchange-size",
