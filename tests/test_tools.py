@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
+from tests.test_models import LargestTensor
 from uda.commands import compare
 from uda.engine import Trainer
 from uda.metrics import multitask_delta
@@ -181,18 +182,6 @@ def test_benchmark_benches_measure_exchange_adapt_selfsup_and_data(tmp_path, req
         | {"bench": "exchange", "arch": "mteb-block", "flops": False, "channels_last": True, "amp": "bf16"}
     )
     assert exchange_cl["features"] == [2, 128, 16, 32] and exchange_cl["ms_median"] > 0
-
-
-class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the number of elements of the largest tensor any operation produces."""
-
-    numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        leaves = torch.utils._pytree.tree_leaves(out)
-        self.numel = max([self.numel, *(t.numel() for t in leaves if isinstance(t, torch.Tensor))])
-        return out
 
 
 def test_benchmark_baseline_is_the_xtam_of_issue_12_with_the_same_values(monkeypatch):

@@ -6,8 +6,8 @@ and contrast every BatchNorm layer then shifts the target's features, and a whol
 "building"; the same weights with target statistics label most of it vegetation). With per-domain statistics
 every BatchNorm layer keeps a second set of running statistics, moved only by target images (the target
 stream; self-training's mixed images, half source, are normalised as target images but move nothing) and used
-whenever the network sees the target (the teacher's pseudo-labels, validation, `uda-evaluate` and `uda-export`). The affine parameters stay shared, as in AdaBN
-(DSBN, Chang et al. 2019, also splits them).
+whenever the network sees the target (the teacher's pseudo-labels, validation, `uda-evaluate` and
+`uda-export`). The affine parameters stay shared, as in AdaBN (DSBN, Chang et al. 2019, also splits them).
 
     add_domain_statistics(model)        # every BatchNorm layer gets target_running_mean/var/num_batches_tracked
     with bn_domain(model, 1):           # target statistics for this forward (train: updated; eval: used)

@@ -29,6 +29,8 @@ def export_pretrained(run: str | Path, out: str | Path, statistics: str = "targe
     from uda.models.domain_bn import STATS, has_domain_statistics
     from uda.tasks import task_channels
 
+    if statistics not in ("source", "target"):
+        raise ValueError(f"statistics={statistics!r}: choose source or target")
     cfg, model, ckpt = load_trained_model(run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,8 +48,6 @@ def export_pretrained(run: str | Path, out: str | Path, statistics: str = "targe
         "checkpoint": f"{ckpt.parent.parent.name}/{ckpt.parent.name}/{ckpt.name}",
         "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
     }
-    if statistics not in ("source", "target"):
-        raise ValueError(f"statistics={statistics!r}: choose source or target")
     state = model.state_dict()
     if has_domain_statistics(model):
         config["bn_statistics"] = statistics
