@@ -4,7 +4,11 @@ precision chosen by the device. Each must train exactly (or within float toleran
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from uda.engine import Trainer
 from uda.models import build_model
 
 SMALL = (16, 32, 32, 64, 64)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def saved_activation_bytes(model: torch.nn.Module, image: torch.Tensor) -> tuple[dict, int]:
@@ -290,3 +295,53 @@ def test_the_run_trains_with_the_chosen_precision_and_says_it(toy_root, tmp_path
     expected = hardware.choose_mixed_precision("auto", torch.device("cpu"))[0]
     assert trainer.accelerator.mixed_precision == expected
     assert "train.mixed_precision=auto: " in capsys.readouterr().out
+
+
+PAGE_FAULTS = """
+import resource, sys, torch
+from uda.hardware import keep_freed_memory
+
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+
+
+def faults_of_a_64_mib_activation():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 << 20)  # 64 MiB of float32, freed at once
+    del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+faults_of_a_64_mib_activation()  # the first one maps new memory either way
+print(applied, faults_of_a_64_mib_activation())
+"""
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc parameters"
+)
+def test_kept_memory_is_reused_without_page_faults():
+    def second_allocation(mode: str) -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.split()
+        return out[-2], int(out[-1])
+
+    applied, kept = second_allocation("keep")
+    default_applied, default = second_allocation("default")
+    assert applied == "True" and default_applied == "False"
+    # By default the freed 64 MiB went back to the system and is faulted in again (16384 pages of 4 KiB);
+    # kept, it is reused as it is.
+    assert default > 4000 and kept < default / 20, (kept, default)
+
+
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(tmp_path, monkeypatch, fresh_accelerator):
+    from uda.config import TrainConfig
+
+    calls = []
+    monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append(1) or True)
+    hardware.make_accelerator(TrainConfig(log_with="none", mixed_precision="no"), str(tmp_path))
+    assert calls == [1]
+    hardware.make_accelerator(
+        TrainConfig(log_with="none", mixed_precision="no", keep_cpu_memory=False), str(tmp_path)
+    )
+    assert calls == [1]

@@ -4,7 +4,7 @@
                               [--archs stl mtl 3ways-padnet mteb padnet] [--tasks SD SDN] [--backbone resnet101] [--decoder 3ways|deeplab]
                               [--size 512 1024] [--batch-size 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
                               [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--memory-budget 0.5] [--fused]
-                              [--checkpointing] [--baseline]
+                              [--checkpointing] [--keep-memory] [--baseline]
                               [--exchange-size 512 1024] [--data-root datasets/toy] [--data-batches 20]
                               [--threads N] [--rounds 1] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
     python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
@@ -50,9 +50,11 @@ Data-loader worker processes are not counted.
 
 Options of the step bench (`--mixed-precision`, `--channels-last`, `--compile`, `--memory-budget B` (a compiled
 variant keeping the share B of the activations, train.compile_memory_budget), `--fused` Adam, `--checkpointing` of
-ModelConfig; a one-line error where ModelConfig has no such field): each requested option runs as its own variant
+ModelConfig (a one-line error where ModelConfig has no such field), `--keep-memory` (CPU: the memory a step frees
+stays in the process instead of being page-faulted in again next step, train.keep_cpu_memory, which the trainer
+does by default on a CPU; every other row runs with the C library's defaults)): each requested option runs as its own variant
 next to plain fp32 (and all requested options together when more than one is given); the table names them
-fp32, bf16/fp16, cl, compile, budgetB, fused, ckpt ('+'-joined) and shows each variant's time relative to plain
+fp32, bf16/fp16, cl, compile, budgetB, fused, ckpt, keep ('+'-joined) and shows each variant's time relative to plain
 fp32. The exchange bench takes the same options except `--fused` (the block alone has no optimiser).
 
 The JSON (`--json`) holds `machine` (CPU model and flags, threads, GPU, versions, date), `settings` and
@@ -125,7 +127,14 @@ DEFAULT_ARCHS = ["stl", "mtl", "3ways-padnet", "mteb", "padnet"]
 DATA_WORKERS = (0, 1, 2)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PLAIN = {"amp": "no", "channels_last": False, "compile": False, "fused": False, "checkpointing": False}
+PLAIN = {
+    "amp": "no",
+    "channels_last": False,
+    "compile": False,
+    "fused": False,
+    "checkpointing": False,
+    "keep_memory": False,
+}
 RESULT_MARK = "BENCH_RESULT "  # prefix of the child's result line on stdout
 # Fields that identify a configuration across runs (--compare).
 KEY_FIELDS = ("bench", "arch", "tasks", "decoder", "backbone", "size", "batch", "options", "device")
@@ -619,6 +628,10 @@ def run_one(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     if spec.get("baseline"):
         use_baseline_attention()
+    if spec.get("keep_memory"):
+        from uda.hardware import keep_freed_memory
+
+        keep_freed_memory()
     if spec.get("memory_budget"):
         from uda.hardware import set_compile_memory_budget
 
@@ -661,7 +674,7 @@ def run_isolated(spec: dict) -> dict:
 
 def options_label(spec: dict) -> str:
     """Short name of a spec's step options: 'fp32' when plain, else '+'-joined bf16/fp16, cl (channels-last),
-    compile, fused (Adam), ckpt (activation checkpointing)."""
+    compile, fused (Adam), ckpt (activation checkpointing), keep (freed memory kept, CPU)."""
     parts = [spec["amp"]] if spec.get("amp", "no") != "no" else []
     parts += [
         name
@@ -671,6 +684,7 @@ def options_label(spec: dict) -> str:
             ("memory_budget", f"budget{spec.get('memory_budget')}"),
             ("fused", "fused"),
             ("checkpointing", "ckpt"),
+            ("keep_memory", "keep"),
             ("baseline", "baseline"),
         )
         if spec.get(key)
@@ -684,7 +698,7 @@ def option_variants(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> 
     chosen = [{"amp": args.amp}] if args.amp != "no" else []
     chosen += [
         {key: True}
-        for key in ("channels_last", "compile", "fused", "checkpointing")
+        for key in ("channels_last", "compile", "fused", "checkpointing", "keep_memory")
         if getattr(args, key) and key not in exclude
     ]
     if args.memory_budget is not None and "compile" not in exclude:
@@ -1039,6 +1053,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--fused", action="store_true", help="Adam(fused=True)")
     parser.add_argument("--checkpointing", action="store_true", help="ModelConfig(checkpointing=True)")
+    parser.add_argument(
+        "--keep-memory",
+        action="store_true",
+        help="CPU: freed memory stays in the process (train.keep_cpu_memory, the trainer's default on a CPU; the "
+        "other rows use the C library's defaults)",
+    )
     parser.add_argument(
         "--baseline",
         action="store_true",

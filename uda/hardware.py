@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
@@ -238,12 +239,42 @@ def make_accelerator(train, project_dir: str):
                 log_line(line)
     if train.compile:
         set_compile_memory_budget(train.compile_memory_budget)
+    if use_cpu and train.keep_cpu_memory:
+        keep_freed_memory()
     return Accelerator(
         mixed_precision=precision,
         log_with=log_with or None,
         project_dir=project_dir,
         dynamo_backend="inductor" if train.compile else None,
     )
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let the process keep the memory it frees for its next allocations (glibc malloc; True when applied).
+
+    By default glibc serves every block over 32 MiB with its own mmap and unmaps it on free; a training step on
+    the CPU allocates and frees such activations by the dozen (a 64-channel map of a 256x512 batch of 2 is 64 MiB),
+    so every step the kernel page-faults them in again, zeroing 4 KiB at a time: on a 2-core EPYC that is
+    about a fifth of a ResNet-101 S-D step at 256x512 (fills and padding of the full-resolution maps running
+    at well under 1 GB/s). With mmap off for large blocks (M_MMAP_MAX 0) and no trimming of the heap's top
+    (M_TRIM_THRESHOLD -1) freed blocks stay mapped and are reused: 0.8x the step time at the same peak memory
+    (README's speed section). The memory then goes back to the system only when the process ends, as GPU
+    caching allocators do. Process-wide and irreversible here; other C libraries (musl, macOS, Windows):
+    nothing is changed (False).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
 
 
 def set_compile_memory_budget(budget: float) -> None:
