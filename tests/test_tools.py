@@ -184,6 +184,35 @@ def test_benchmark_benches_measure_exchange_adapt_selfsup_and_data(tmp_path, req
     assert exchange_cl["features"] == [2, 128, 16, 32] and exchange_cl["ms_median"] > 0
 
 
+def test_benchmark_variants_are_named_as_the_table_names_them(capsys, monkeypatch, request):
+    labels = ["baseline", "fp32", "cl+keep", "bf16+cl+compile+budget0.5", "fused+ckpt"]
+    args = benchmark.parse_args(["--variants", *labels, "--benches", "step", "exchange"])
+    assert [benchmark.options_label(v) for v in benchmark.option_variants(args)] == labels
+    # The exchange bench has no optimiser: a fused variant is left out there.
+    assert [
+        benchmark.options_label(v) for v in benchmark.option_variants(args, exclude=("fused",))
+    ] == labels[:4]
+    assert benchmark.parse_variant("budget0.25") == benchmark.PLAIN | {"compile": True, "memory_budget": 0.25}
+    assert benchmark.parse_variant("keep") == benchmark.PLAIN | {"keep_memory": True}
+    for argv, says in (
+        (["--variants", "cl+kep"], "--variants cl+kep: unknown part 'kep'"),
+        (["--variants", "budget1.5"], "--variants budget1.5: unknown part 'budget1.5'"),
+        (["--variants", "cl", "--compile", "--keep-memory"], "drop --compile --keep-memory"),
+    ):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(argv)
+        assert says in capsys.readouterr().err.splitlines()[-1]
+    # A keep variant keeps the freed memory of its process, as the trainer does on a CPU.
+    calls = []
+    monkeypatch.setattr("uda.hardware.keep_freed_memory", lambda: calls.append(1) or True)
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    spec = {"backbone": "resnet18", "size": [32, 64], "batch": 2, "warmup": 0, "repeats": 1, "device": "cpu"}
+    spec |= benchmark.parse_variant("keep") | {"decoder": "3ways", "tasks": "SD", "threads": 1}
+    row = benchmark.run_one(spec | {"bench": "exchange", "arch": "mteb-block", "flops": False})
+    assert calls == [1] and row["ms_median"] > 0 and benchmark.options_label(row) == "keep"
+
+
 def test_benchmark_baseline_is_the_xtam_of_issue_12_with_the_same_values(monkeypatch):
     # --baseline must reproduce the xTAM the performance targets are measured against: the same function (outputs
     # and gradients), computed the old way, holding the N x N attention matrix that today's xTAM never holds

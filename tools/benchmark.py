@@ -4,7 +4,7 @@
                               [--archs stl mtl 3ways-padnet mteb padnet] [--tasks SD SDN] [--backbone resnet101] [--decoder 3ways|deeplab]
                               [--size 512 1024] [--batch-size 2] [--warmup 2] [--repeats 10] [--device cuda|cpu]
                               [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--memory-budget 0.5] [--fused]
-                              [--checkpointing] [--keep-memory] [--baseline]
+                              [--checkpointing] [--keep-memory] [--baseline] [--variants V ...]
                               [--exchange-size 512 1024] [--data-root datasets/toy] [--data-batches 20]
                               [--threads N] [--rounds 1] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
     python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
@@ -51,11 +51,13 @@ Data-loader worker processes are not counted.
 Options of the step bench (`--mixed-precision`, `--channels-last`, `--compile`, `--memory-budget B` (a compiled
 variant keeping the share B of the activations, train.compile_memory_budget), `--fused` Adam, `--checkpointing` of
 ModelConfig (a one-line error where ModelConfig has no such field), `--keep-memory` (CPU: the memory a step frees
-stays in the process instead of being page-faulted in again next step, train.keep_cpu_memory, which the trainer
-does by default on a CPU; every other row runs with the C library's defaults)): each requested option runs as its own variant
-next to plain fp32 (and all requested options together when more than one is given); the table names them
-fp32, bf16/fp16, cl, compile, budgetB, fused, ckpt, keep ('+'-joined) and shows each variant's time relative to plain
-fp32. The exchange bench takes the same options except `--fused` (the block alone has no optimiser).
+stays in the process instead of being page-faulted in again the next step: train.keep_cpu_memory, which the
+trainer does by default on a CPU; every other row runs with the C library's defaults)): each requested option
+runs as its own variant next to plain fp32 (and all requested options together when more than one is given); the
+table names them fp32, bf16/fp16, cl, compile, budgetB, fused, ckpt, keep ('+'-joined) and shows each variant's
+time relative to plain fp32. `--variants V ...` runs exactly the variants named so (e.g. `baseline fp32 cl+keep
+bf16+cl+keep`) instead of the option flags. The exchange bench takes the same options except `--fused` (the
+block alone has no optimiser).
 
 The JSON (`--json`) holds `machine` (CPU model and flags, threads, GPU, versions, date), `settings` and
 `results` (one row per configuration, with its process id). `--compare OLD.json` prints, per configuration
@@ -692,9 +694,47 @@ def options_label(spec: dict) -> str:
     return "+".join(parts) or "fp32"
 
 
+VARIANT_PARTS = {
+    "bf16": {"amp": "bf16"},
+    "fp16": {"amp": "fp16"},
+    "cl": {"channels_last": True},
+    "compile": {"compile": True},
+    "fused": {"fused": True},
+    "ckpt": {"checkpointing": True},
+    "keep": {"keep_memory": True},
+    "baseline": {"baseline": True},
+}
+
+
+def parse_variant(label: str) -> dict:
+    """The options of a variant named as the table names it: 'fp32', or '+'-joined parts of VARIANT_PARTS and
+    budgetB (compile keeping the share B of the activations), e.g. 'cl+keep', 'bf16+cl+compile+budget0.5'."""
+    options = dict(PLAIN)
+    if label == "fp32":
+        return options
+    for part in label.split("+"):
+        if part in VARIANT_PARTS:
+            options |= VARIANT_PARTS[part]
+            continue
+        try:
+            budget = float(part.removeprefix("budget")) if part.startswith("budget") else None
+        except ValueError:
+            budget = None
+        if budget is None or not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"--variants {label}: unknown part {part!r}; a variant is fp32 or parts joined by '+' "
+                f"({', '.join(VARIANT_PARTS)}, budgetB with B in (0, 1])"
+            )
+        options |= {"compile": True, "memory_budget": budget}
+    return options
+
+
 def option_variants(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> list[dict]:
-    """Plain fp32, each requested option alone and, with several, all of them together (options in `exclude`
-    left out)."""
+    """The variants of `--variants` as listed, else plain fp32, each requested option alone and, with several,
+    all of them together; variants with an option in `exclude` are left out."""
+    if args.variants:
+        variants = [parse_variant(label) for label in args.variants]
+        return [v for v in variants if not any(v.get(key) for key in exclude)]
     chosen = [{"amp": args.amp}] if args.amp != "no" else []
     chosen += [
         {key: True}
@@ -1060,6 +1100,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "other rows use the C library's defaults)",
     )
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="V",
+        help="run exactly these option variants of the step and exchange benches, named as the table names them "
+        "(fp32, bf16, cl+keep, cl+compile+budget0.5+keep, baseline, ...) instead of the option flags",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="also run the step and exchange benches with xTAM as it was when issue 12 was filed (attention on "
@@ -1117,9 +1165,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.benches = ["step"] if args.check else list(BENCHES)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: must be >= 1")
+    if args.variants:
+        flags = [
+            f
+            for f, on in (
+                ("--mixed-precision", args.amp != "no"),
+                ("--channels-last", args.channels_last),
+                ("--compile", args.compile),
+                ("--memory-budget", args.memory_budget is not None),
+                ("--fused", args.fused),
+                ("--checkpointing", args.checkpointing),
+                ("--keep-memory", args.keep_memory),
+                ("--baseline", args.baseline),
+            )
+            if on
+        ]
+        if flags:
+            parser.error(
+                f"--variants lists the variants itself; drop {' '.join(flags)} (add them to a variant)"
+            )
+        try:
+            checkpointing = any(parse_variant(label)["checkpointing"] for label in args.variants)
+        except ValueError as err:
+            parser.error(str(err))
+    else:
+        checkpointing = args.checkpointing
     if args.memory_budget is not None and not 0.0 < args.memory_budget <= 1.0:
         parser.error(f"--memory-budget {args.memory_budget}: must lie in (0, 1]")
-    if args.checkpointing and "checkpointing" not in {f.name for f in dataclasses.fields(ModelConfig)}:
+    if checkpointing and "checkpointing" not in {f.name for f in dataclasses.fields(ModelConfig)}:
         parser.error("--checkpointing: uda.config.ModelConfig has no `checkpointing` field in this version")
     return args
 

@@ -200,8 +200,8 @@ class TrainConfig:
     # activation_memory_budget); below 1 it recomputes cheap operations instead of keeping their outputs.
     compile_memory_budget: float = 1.0
     # CPU runs: freed memory stays in the process for the next step instead of going back to the system and being
-    # page-faulted in again every step (glibc; uda.hardware.keep_freed_memory): 0.8x the fp32 step time at the
-    # same peak memory. Process-wide; false = the C library's defaults.
+    # page-faulted in again every step (glibc; uda.hardware.keep_freed_memory): 0.76x the fp32 step time, same
+    # peak memory at 256x512; it can raise peak memory elsewhere. Process-wide; false = the C library's defaults.
     keep_cpu_memory: bool = True
     seed: int = 42
     deterministic: bool = False

@@ -259,13 +259,13 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every block over 32 MiB with its own mmap and unmaps it on free; a training step on
     the CPU allocates and frees such activations by the dozen (a 64-channel map of a 256x512 batch of 2 is 64 MiB),
-    so every step the kernel page-faults them in again, zeroing 4 KiB at a time: on a 2-core EPYC that is
-    about a fifth of a ResNet-101 S-D step at 256x512 (fills and padding of the full-resolution maps running
-    at well under 1 GB/s). With mmap off for large blocks (M_MMAP_MAX 0) and no trimming of the heap's top
-    (M_TRIM_THRESHOLD -1) freed blocks stay mapped and are reused: 0.8x the step time at the same peak memory
-    (README's speed section). The memory then goes back to the system only when the process ends, as GPU
-    caching allocators do. Process-wide and irreversible here; other C libraries (musl, macOS, Windows):
-    nothing is changed (False).
+    so every step the kernel page-faults them in again, zeroing 4 KiB at a time. With mmap off for large blocks
+    (M_MMAP_MAX 0) and no trimming of the heap's top (M_TRIM_THRESHOLD -1), freed blocks stay mapped and are
+    reused: the ResNet-101 mTEB S-D step at 256x512 took 0.76x the time at the same peak memory on a 2-core EPYC.
+    Blocks freed into the heap cannot always be reused by blocks of other sizes, so peak memory can grow (the
+    exchange block alone at 512x1024: 1.4x its step memory; README's speed section). The memory goes back to the
+    system when the process ends, as with GPU caching allocators. Process-wide and not undone here; with another C
+    library (musl, macOS, Windows) nothing is changed (False).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
