@@ -304,17 +304,17 @@ from uda.hardware import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 
 
-def faults_of_64_mib_activations(steps):
+def faults_of_a_64_mib_activation():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(steps):
-        x = torch.ones(16 << 20)  # 64 MiB of float32, freed at once
-        del x
+    x = torch.ones(16 << 20)  # 64 MiB of float32, freed at once
+    del x
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 # The first ones map new memory either way (kept, until freed blocks fit the next ones: a few steps).
-faults_of_64_mib_activations(8)
-print(applied, faults_of_64_mib_activations(8))
+for _ in range(8):
+    faults_of_a_64_mib_activation()
+print(applied, *(faults_of_a_64_mib_activation() for _ in range(16)))
 """
 
 
@@ -322,18 +322,19 @@ print(applied, faults_of_64_mib_activations(8))
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc parameters"
 )
 def test_kept_memory_is_reused_without_page_faults():
-    def second_allocation(mode: str) -> tuple[str, int]:
+    def faults(mode: str) -> tuple[str, list[int]]:
         out = subprocess.run(
             [sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True, cwd=REPO
         ).stdout.split()
-        return out[-2], int(out[-1])
+        return out[-17], [int(n) for n in out[-16:]]
 
-    applied, kept = second_allocation("keep")
-    default_applied, default = second_allocation("default")
+    applied, kept = faults("keep")
+    default_applied, default = faults("default")
     assert applied == "True" and default_applied == "False"
     # By default each freed 64 MiB went back to the system and is faulted in again (16384 pages of 4 KiB
-    # each time); kept, the blocks are reused as they are.
-    assert default > 8 * 4000 and kept < default / 20, (kept, default)
+    # each time); kept, the blocks are reused as they are. (Alone, 0 faults kept in every run; within the whole
+    # suite a block now and then was faulted in again, so the bound leaves room for the kernel's own moves.)
+    assert min(default) > 4000 and sum(kept) < sum(default) / 4, (kept, default)
 
 
 def test_cpu_runs_keep_freed_memory_unless_told_not_to(tmp_path, monkeypatch, fresh_accelerator):
