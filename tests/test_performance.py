@@ -332,8 +332,8 @@ def test_kept_memory_is_reused_without_page_faults():
     default_applied, default = faults("default")
     assert applied == "True" and default_applied == "False"
     # By default each freed 64 MiB went back to the system and is faulted in again (16384 pages of 4 KiB
-    # each time); kept, the blocks are reused as they are. (Alone, 0 faults kept in every run; within the whole
-    # suite a block now and then was faulted in again, so the bound leaves room for the kernel's own moves.)
+    # each time); kept, the blocks are reused as they are. The heap sometimes needs a block or two more than the
+    # warm-up to settle (15 runs: 0 or 1 of the 16 blocks faulted in again), hence a bound and not zero.
     assert min(default) > 4000 and sum(kept) < sum(default) / 4, (kept, default)
 
 
