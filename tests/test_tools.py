@@ -66,6 +66,7 @@ def test_benchmark_reports_every_arch(tmp_path, capsys):
     out = tmp_path / "b.json"
     rows = benchmark.main(
         [*TINY_BENCH, "--benches", "step", "--archs", "mtl", "mteb", "--tasks", "SD", "--json", str(out)]
+        + ["--peak-tflops", "0.5"]
     )
     assert [(r["bench"], r["arch"], r["options"]) for r in rows] == [
         ("step", "mtl", "fp32"),
@@ -80,12 +81,17 @@ def test_benchmark_reports_every_arch(tmp_path, capsys):
     assert (
         mteb["params"] > mtl["params"] and mteb["gmacs"] > mtl["gmacs"] > 0
     )  # mTEB adds weights and compute
+    for r in rows:  # MFU: 6 FLOPs per multiply-add and image (forward + backward), over the given peak
+        assert r["peak_kind"] == "given" and r["mfu"] == pytest.approx(
+            6 * r["gmacs"] * 1e9 / (r["ms_median"] / 1000) / 0.5e12
+        )
     doc = json.loads(out.read_text())
     machine = doc["machine"]
     assert machine["cpu_count"] == os.cpu_count() and machine["torch"] == torch.__version__
     assert set(machine["cpu_flags"]) >= {"avx2", "avx512f", "amx_tile"} and machine["date"]
     printed = capsys.readouterr().out
     assert "machine:" in printed and "ms median [min-max]" in printed and "[2/2] step mteb SD fp32" in printed
+    assert f"{100 * mteb['mfu']:.1f}%" in printed
 
     # --compare: a run against itself is 1.0 everywhere; a 2x slower copy is flagged.
     same = benchmark.main(["--compare", str(out), str(out)])
@@ -99,6 +105,39 @@ def test_benchmark_reports_every_arch(tmp_path, capsys):
     ratios = benchmark.main(["--compare", str(out), str(tmp_path / "slow.json")])
     assert [r["time_ratio"] for r in ratios] == [2.0, 2.0]
     assert capsys.readouterr().out.count("2.000!") == 2
+
+
+def test_benchmark_mfu_takes_the_peak_of_the_gpu_and_compute_type():
+    peak = benchmark.gpu_peak_tflops
+    assert peak("NVIDIA H200", "bf16") == 989.5 and peak("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert peak("NVIDIA H100 PCIe", "bf16") == 756.5 and peak("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert peak("Tesla V100-SXM2-16GB", "bf16") is None and peak("Tesla T4", "fp16") is None
+    assert peak(None, "bf16") is None
+
+    def row(options, **extra):
+        plain = {"bench": "step", "arch": "mteb", "tasks": "SD", "amp": "no", "device": "cuda"}
+        return plain | {"options": options, "gmacs": 100.0, "ms_median": 500.0} | extra
+
+    rows = [
+        row("fp32"),
+        row("bf16+cl", amp="bf16"),
+        row("baseline", baseline=True, gmacs=None),
+        row("fp32", device="cpu"),
+        row("fp32", error="boom"),
+    ]
+    benchmark.attach_mfu(rows, "NVIDIA H200", None, tf32=True)
+    fp32, bf16, baseline, cpu, failed = rows
+    # 6 x 100 GMACs every 0.5 s = 1.2 TFLOP/s, over H200's dense TF32 and bf16 peaks
+    assert fp32["peak_kind"] == "tf32" and fp32["mfu"] == pytest.approx(1.2 / 494.7)
+    assert bf16["peak_kind"] == "bf16" and bf16["mfu"] == pytest.approx(1.2 / 989.5)
+    assert not any("mfu" in r for r in (baseline, cpu, failed))
+    benchmark.attach_mfu(rows[:1], "NVIDIA H200", None, tf32=False)
+    assert rows[0]["peak_kind"] == "fp32" and rows[0]["mfu"] == pytest.approx(1.2 / 66.9)
+    assert benchmark.counted_variant(
+        [benchmark.PLAIN | {"baseline": True}, benchmark.parse_variant("bf16")]
+    ) == (benchmark.parse_variant("bf16"))
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--peak-tflops", "0"])
 
 
 def test_benchmark_rounds_give_medians_and_ratios_paired_by_round():

@@ -6,7 +6,7 @@
                               [--mixed-precision no|bf16|fp16] [--channels-last] [--compile] [--memory-budget 0.5] [--fused]
                               [--checkpointing] [--keep-memory] [--baseline] [--variants V ...]
                               [--exchange-size 512 1024] [--data-root datasets/toy] [--data-batches 20]
-                              [--threads N] [--rounds 1] [--no-flops] [--json out.json] [--compare OLD.json] [--check]
+                              [--threads N] [--rounds 1] [--no-flops] [--peak-tflops T] [--json out.json] [--compare OLD.json] [--check]
     python tools/benchmark.py --compare OLD.json NEW.json        (ratios new/old, nothing is run)
     python tools/benchmark.py --params [--backbone resnet101] [--tasks SD] [--json out.json]
 
@@ -59,6 +59,14 @@ time relative to plain fp32. `--variants V ...` runs exactly the variants named 
 bf16+cl+keep`) instead of the option flags. The exchange bench takes the same options except `--fused` (the
 block alone has no optimiser).
 
+Model FLOP utilisation (column MFU, `mfu` in the JSON), for the step and exchange rows: a training step costs
+about three forwards (the forward, and the backward's two products per layer, for inputs and for weights) of
+2 FLOPs per multiply-add, so MFU = 6 x the forward's multiply-adds of the batch / step time / the device's peak.
+The peak is `--peak-tflops` when given, else the data-sheet dense peak of known GPUs (H200, H100, A100, V100) in
+the row's compute type: bf16 or fp16 under autocast, TF32 in fp32 (cuDNN's convolutions use TensorFloat-32 by
+default; fp32 when `torch.backends.cudnn.allow_tf32` is off). Multiply-adds are counted once per arch and shared
+by its variants (the baseline's are not counted: its projection has more); none with `--no-flops`.
+
 The JSON (`--json`) holds `machine` (CPU model and flags, threads, GPU, versions, date), `settings` and
 `results` (one row per configuration, with its process id). `--compare OLD.json` prints, per configuration
 present in both, new/old ratios of median time and memory, flagging those above 1 + `--tolerance`.
@@ -85,6 +93,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -140,6 +149,16 @@ PLAIN = {
 RESULT_MARK = "BENCH_RESULT "  # prefix of the child's result line on stdout
 # Fields that identify a configuration across runs (--compare).
 KEY_FIELDS = ("bench", "arch", "tasks", "decoder", "backbone", "size", "batch", "options", "device")
+# Dense (no sparsity) peak throughput of GPUs in TFLOP/s by compute type, from NVIDIA's data sheets; the first
+# pattern found in torch's device name wins (so the PCIe and NVL H100s before the SXM one). --peak-tflops overrides.
+GPU_PEAK_TFLOPS = (
+    (r"\bH200\b", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.7, "fp32": 66.9}),
+    (r"\bH100\b.*\bPCIe\b", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
+    (r"\bH100\b.*\bNVL\b", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    (r"\bH100\b", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.7, "fp32": 66.9}),
+    (r"\bA100\b", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    (r"\bV100\b", {"fp16": 125.0, "fp32": 15.7}),
+)
 
 
 # --------------------------------------------------------------------------- machine and memory facts
@@ -751,6 +770,14 @@ def option_variants(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> 
     return variants
 
 
+def counted_variant(variants: list[dict]) -> dict | None:
+    """The variant whose multiply-adds are counted (the others share them): plain fp32 when listed, else the
+    first one that is not the baseline (whose full-resolution projection has more)."""
+    return next(
+        (v for v in variants if v == PLAIN), next((v for v in variants if not v.get("baseline")), None)
+    )
+
+
 def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
     """The configurations to run, in order."""
     common = {
@@ -768,14 +795,18 @@ def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
         if bench == "step":
             for tasks in args.tasks:
                 for arch in args.archs:
-                    for variant in option_variants(args):
-                        flops = variant == PLAIN and not args.no_flops  # the options keep the MACs
+                    variants = option_variants(args)
+                    for variant in variants:
+                        flops = (
+                            variant is counted_variant(variants) and not args.no_flops
+                        )  # options keep the MACs
                         specs.append(
                             common | variant | {"bench": "step", "arch": arch, "tasks": tasks, "flops": flops}
                         )
         elif bench == "exchange":
             # The step's option variants except fused Adam (the block alone has no optimiser).
             exchange_variants = option_variants(args, exclude=("fused",))
+            counted = counted_variant(exchange_variants)
             for tasks in (t for t in args.tasks if len(TASK_SETS[t]) >= 2):
                 for variant in exchange_variants:
                     specs.append(
@@ -786,7 +817,7 @@ def build_specs(args: argparse.Namespace, data_root: str | None) -> list[dict]:
                             "arch": "mteb-block",
                             "tasks": tasks,
                             "size": list(args.exchange_size),
-                            "flops": not args.no_flops and variant == PLAIN,
+                            "flops": not args.no_flops and variant is counted,
                         }
                     )
         elif bench == "context":
@@ -885,6 +916,38 @@ def time_ratio(row: dict, reference: dict) -> float:
     return row["ms_median"] / reference["ms_median"]
 
 
+def compute_type(row: dict, tf32: bool) -> str:
+    """What the row's convolutions and matrix products run in: its autocast type, else tf32 where cuDNN may use
+    TensorFloat-32 (torch's default for convolutions, the bulk of these models), else fp32."""
+    amp = row.get("amp", "no")
+    return amp if amp != "no" else ("tf32" if tf32 else "fp32")
+
+
+def gpu_peak_tflops(name: str | None, kind: str) -> float | None:
+    """The dense peak TFLOP/s of the GPU called `name` in compute type `kind`; None when not in the table."""
+    for pattern, peaks in GPU_PEAK_TFLOPS:
+        if name and re.search(pattern, name):
+            return peaks.get(kind)
+    return None
+
+
+def attach_mfu(rows: list[dict], gpu: str | None, peak_tflops: float | None, tf32: bool) -> None:
+    """Add the model FLOP utilisation to every step and exchange row with multiply-adds: a training step costs
+    3 forwards (forward, and the backward's two products per layer) of 2 FLOPs per multiply-add, so
+    mfu = 6 x GMACs of the batch's forward / step time / peak. The peak is `peak_tflops` when given, else the
+    GPU's for the row's compute type (`GPU_PEAK_TFLOPS`); rows without either get none."""
+    for r in rows:
+        if r["bench"] not in ("step", "exchange") or "error" in r or not r.get("gmacs"):
+            continue
+        kind = compute_type(r, tf32)
+        peak = peak_tflops or (gpu_peak_tflops(gpu, kind) if r.get("device", "").startswith("cuda") else None)
+        if peak:
+            achieved = 6 * r["gmacs"] * 1e9 / (r["ms_median"] / 1000)
+            r.update(
+                peak_tflops=peak, peak_kind="given" if peak_tflops else kind, mfu=achieved / (peak * 1e12)
+            )
+
+
 def table(rows: list[dict]) -> str:
     """One line per configuration; the step and exchange rows with their time relative to plain fp32 and, with
     --baseline, their time and step memory relative to the baseline."""
@@ -896,7 +959,7 @@ def table(rows: list[dict]) -> str:
     }
     head = (
         f"{'bench':<8} {'arch':<13} {'tasks':<5} {'options':<28} {'ms median [min-max]':>27} {'vs fp32':>7} "
-        f"{'img/s':>8} {'peak MiB':>9} {'+step MiB':>9} {'vs baseline':>11} {'GMACs':>8} {'params':>9}"
+        f"{'img/s':>8} {'peak MiB':>9} {'+step MiB':>9} {'vs baseline':>11} {'GMACs':>8} {'MFU':>6} {'params':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -917,9 +980,10 @@ def table(rows: list[dict]) -> str:
         if base and r is not base:
             memory = "peak_mib" if increase is None else "step_rss_increase_mib"
             versus = f"{time_ratio(r, base):.2f}/{r[memory] / base[memory]:.2f}"
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         lines.append(
             f"{start} {spread:>27} {ratio:>7} {r['images_per_s']:>8.2f} {r['peak_mib']:>9.1f} "
-            f"{fmt(increase):>9} {versus:>11} {fmt(r.get('gmacs'), '.2f'):>8} {params:>9}"
+            f"{fmt(increase):>9} {versus:>11} {fmt(r.get('gmacs'), '.2f'):>8} {mfu:>6} {params:>9}"
         )
     return "\n".join(lines)
 
@@ -1134,6 +1198,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-flops", action="store_true", help="skip counting multiply-adds")
     parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s for the model FLOP utilisation column (default: the data-sheet peak of "
+        "known GPUs for each row's compute type, bf16 / fp16 / tf32; none on CPUs)",
+    )
+    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda or cpu (default: cuda when available)",
@@ -1190,6 +1261,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(str(err))
     else:
         checkpointing = args.checkpointing
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops {args.peak_tflops}: must be > 0")
     if args.memory_budget is not None and not 0.0 < args.memory_budget <= 1.0:
         parser.error(f"--memory-budget {args.memory_budget}: must lie in (0, 1]")
     if checkpointing and "checkpointing" not in {f.name for f in dataclasses.fields(ModelConfig)}:
@@ -1235,10 +1308,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     flush=True,
                 )
         rows = [merge_rounds(rounds) for rounds in runs]
-    macs = {(r["arch"], r["tasks"]): r["gmacs"] for r in rows if r["bench"] == "step" and "gmacs" in r}
-    for r in rows:  # the options do not change the multiply-adds: shown on every variant
-        if r["bench"] == "step" and "error" not in r and (r["arch"], r["tasks"]) in macs:
-            r.setdefault("gmacs", macs[(r["arch"], r["tasks"])])
+    compared = ("step", "exchange")
+    macs = {
+        (r["bench"], r["arch"], r["tasks"]): r["gmacs"]
+        for r in rows
+        if r["bench"] in compared and "gmacs" in r
+    }
+    for r in rows:  # the options do not change the multiply-adds (the baseline's projection has more)
+        if (
+            r["bench"] in compared
+            and not r.get("baseline")
+            and "error" not in r
+            and (r["bench"], r["arch"], r["tasks"]) in macs
+        ):
+            r.setdefault("gmacs", macs[(r["bench"], r["arch"], r["tasks"])])
+    attach_mfu(rows, facts["gpu"], args.peak_tflops, torch.backends.cudnn.allow_tf32)
     print()
     print(table(rows))
     doc = {"machine": facts, "settings": settings_of(args), "results": rows}
