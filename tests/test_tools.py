@@ -111,7 +111,7 @@ def test_benchmark_mfu_takes_the_peak_of_the_gpu_and_compute_type():
     peak = benchmark.gpu_peak_tflops
     assert peak("NVIDIA H200", "bf16") == 989.5 and peak("NVIDIA H100 80GB HBM3", "tf32") == 494.7
     assert peak("NVIDIA H100 PCIe", "bf16") == 756.5 and peak("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
-    assert peak("Tesla V100-SXM2-16GB", "bf16") is None and peak("Tesla T4", "fp16") is None
+    assert peak("Tesla V100-SXM2-16GB", "fp32") is None and peak("Tesla T4", "fp16") is None
     assert peak(None, "bf16") is None
 
     def row(options, **extra):

@@ -62,7 +62,7 @@ block alone has no optimiser).
 Model FLOP utilisation (column MFU, `mfu` in the JSON), for the step and exchange rows: a training step costs
 about three forwards (the forward, and the backward's two products per layer, for inputs and for weights) of
 2 FLOPs per multiply-add, so MFU = 6 x the forward's multiply-adds of the batch / step time / the device's peak.
-The peak is `--peak-tflops` when given, else the data-sheet dense peak of known GPUs (H200, H100, A100, V100) in
+The peak is `--peak-tflops` when given, else the data-sheet dense peak of known GPUs (H200, H100, A100) in
 the row's compute type: bf16 or fp16 under autocast, TF32 in fp32 (cuDNN's convolutions use TensorFloat-32 by
 default; fp32 when `torch.backends.cudnn.allow_tf32` is off). Multiply-adds are counted once per arch and shared
 by its variants (the baseline's are not counted: its projection has more); none with `--no-flops`.
@@ -157,7 +157,6 @@ GPU_PEAK_TFLOPS = (
     (r"\bH100\b.*\bNVL\b", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     (r"\bH100\b", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.7, "fp32": 66.9}),
     (r"\bA100\b", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    (r"\bV100\b", {"fp16": 125.0, "fp32": 15.7}),
 )
 
 
