@@ -11,14 +11,42 @@ Conventions used throughout (and by kornia, which we build on):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from kornia.geometry.camera.perspective import project_points
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from kornia.geometry.depth import depth_to_3d
 
+from uda.hardware import autocast_off
+
 # The DADA / CTRL-UDA "inverse normalised depth" constant: g = 65536 / depth_cm = 655.36 / depth_m.
 D_FAR = 655.36
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def in_float32(fn: _F) -> _F:
+    """Run `fn` with autocast off and its half-precision tensor arguments in float32.
+
+    Geometry needs float32 whatever the training precision: bf16 holds only every 4th integer from 512 to 1024
+    (pixel columns of a 1024-wide image land up to 2 px off), steps rotation entries near 1 by 0.004, and
+    autocast runs matrix products in bf16 even on float32 inputs.
+    """
+
+    def wide(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        with autocast_off(tensors[0].device if tensors else "cpu"):
+            return fn(*(wide(a) for a in args), **{k: wide(v) for k, v in kwargs.items()})
+
+    return run  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,12 +99,14 @@ def _batched_K(K: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
     return K.expand(batch, 3, 3)
 
 
+@in_float32
 def backproject(depth: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """Camera-frame points [B,3,H,W] (metres) of every pixel of `depth` [B,1,H,W] (metres, z) with K."""
     # kornia uses the same integer-pixel-centre convention (checked in tests/test_geometry.py).
     return depth_to_3d(depth, _batched_K(K, depth.shape[0], depth))
 
 
+@in_float32
 def project(points: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """Pixel coordinates (u, v) [B,2,H,W] of camera-frame points [B,3,H,W] through K."""
     Kb = _batched_K(K, points.shape[0], points)
@@ -105,6 +135,7 @@ def _interior(x: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor
     return x[..., 1 + dy : H - 1 + dy, 1 + dx : W - 1 + dx]
 
 
+@in_float32
 def normals_from_depth(
     depth: torch.Tensor, K: torch.Tensor, max_curvature: float = 0.05
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +215,7 @@ def depth_to_disparity(depth: torch.Tensor, min_depth: float = 0.1, max_depth: f
 # ---------------------------------------------------------------------------------------------------------
 
 
+@in_float32
 def pose_vec_to_mat(
     axis_angle: torch.Tensor, translation: torch.Tensor, invert: bool = False
 ) -> torch.Tensor:
@@ -203,6 +235,7 @@ def pose_vec_to_mat(
     return T
 
 
+@in_float32
 def warp_frame(
     source_image: torch.Tensor,
     depth_target: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -294,3 +295,11 @@ def log_line(message: str) -> None:
         logger.info(message)
     else:
         print(message, flush=True)
+
+
+def autocast_off(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off on `device` (a no-op for device types without autocast)."""
+    kind = torch.device(device).type
+    if kind in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()

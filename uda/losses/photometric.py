@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uda.geometry import disparity_to_depth, warp_frame
+from uda.hardware import autocast_off
 
 # SSIM stabilisers for a dynamic range L = 1: C1 = (0.01 L)^2, C2 = (0.03 L)^2.
 SSIM_C1 = 0.01**2
@@ -136,12 +137,22 @@ class PhotometricLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss (scalar) and logs from sigmoid disparities {s: [B,1,H/2^s,W/2^s]}, target [B,3,H,W] in [0,1],
         source frames {offset: [B,3,H,W]}, poses {offset: T_target_to_source [B,4,4]} and K [B,3,3] (pixels
-        of the full-size target).
+        of the full-size target). Computed in float32 with autocast off, whatever the training precision.
         """
         if set(sources) != set(poses) or not sources:
             raise ValueError(
                 f"sources {sorted(sources)} and poses {sorted(poses)} must name the same offsets"
             )
+        with autocast_off(target.device):  # warping and SSIM need float32 (see uda.geometry.in_float32)
+            return self._loss(
+                {s: d.float() for s, d in disparities.items()},
+                target.float(),
+                {o: f.float() for o, f in sources.items()},
+                {o: p.float() for o, p in poses.items()},
+                K.float(),
+            )
+
+    def _loss(self, disparities, target, sources, poses, K) -> tuple[Tensor, dict[str, float]]:
         offsets = sorted(sources)
         size = target.shape[-2:]
         total = target.new_zeros(())

@@ -34,7 +34,6 @@ GradNorm's weights by its own optimiser in update(), so they must stay out of th
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from uda.config import LossConfig
+from uda.hardware import autocast_off
 from uda.losses import default_task_weights
 from uda.objectives.base import ObjectiveError
 
@@ -63,13 +63,6 @@ class WeightingContext:
     shared: Callable[[str], list[nn.Parameter]] | None = None
     reduce_mean: Callable[[Tensor], Tensor] = _identity  # mean of a tensor over processes (identity with one)
     loss_scale: float = 1.0  # the fp16 GradScaler's current scale (1.0 otherwise)
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """A context that turns autocast off on `device` (a no-op for device types without autocast)."""
-    if device.type in ("cpu", "cuda", "xpu", "mps"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -452,7 +445,7 @@ class GradNormWeighting(TaskWeighting):
         record = torch.zeros(3 * k, dtype=torch.float32, device=device)  # [g_t, base_t L_t, presence]
         scale = float(ctx.loss_scale)
         # Backward is best run outside autocast; the gradient dtypes follow the forward's anyway.
-        with _no_autocast(device):
+        with autocast_off(device):
             for t, value in scaled.items():
                 i = self.index[t]
                 params = [p for p in ctx.shared(t) if p.requires_grad]
