@@ -18,8 +18,18 @@ from uda import checkpoint
 from uda.config import AdaptConfig
 from uda.losses.adversarial import bce_with_domain
 from uda.models.discriminator import PatchDiscriminator
-from uda.objectives.base import Objective, RunContext, Step, StreamNeeds, Terms
+from uda.objectives.base import Objective, ObjectiveError, RunContext, Step, StreamNeeds, Terms
 from uda.tasks import TASK_DEFS
+
+
+class Discriminators(nn.ModuleDict):
+    """The patch discriminators by "<task>_s<scale>", all called in one forward: under DistributedDataParallel
+    (several processes) one DDP forward per update runs every discriminator and their gradients are averaged
+    over the processes (a DDP-wrapped ModuleDict cannot be indexed)."""
+
+    def forward(self, inputs: list[tuple[str, Tensor]]) -> list[Tensor]:
+        """[(key, input map [B,C,H,W]), ...] -> the patch logits of discriminator `key` for each, in order."""
+        return [self[key](x) for key, x in inputs]
 
 
 class Adversarial(Objective):
@@ -35,8 +45,13 @@ class Adversarial(Objective):
         super().__init__(run, cfg)
         scales = cfg.scales if cfg.scales is not None else (*run.intermediate_scales, 0)
         self.aligned = [(t, s) for t in cfg.tasks if t in run.tasks for s in scales]
+        if not self.aligned:
+            raise ObjectiveError(
+                f"adapt.tasks={list(cfg.tasks)} names no task of this run {list(run.tasks)}: nothing to align; "
+                "name at least one of them"
+            )
         self.space = replace(run.space, depth_range=cfg.depth_range)
-        self.discriminators = nn.ModuleDict(
+        self.discriminators = Discriminators(
             {
                 f"{t}_s{s}": PatchDiscriminator(run.channels[t], cfg.disc_channels, cfg.spectral_norm)
                 for t, s in self.aligned
@@ -68,23 +83,38 @@ class Adversarial(Objective):
         output = F.interpolate(output.float(), size=size, mode="bilinear", align_corners=False)
         return TASK_DEFS[task].domain_map(output, self.space)
 
-    def discriminate(self, key: str, x: Tensor) -> Tensor:
-        """Patch logits of discriminator `key`; with adapt.flip_inputs its input batch is mirrored with
-        probability 1/2 (one draw per call, as the authors' RandomHorizontalFlip on the batch tensor)."""
+    def flipped(self, x: Tensor) -> Tensor:
+        """A discriminator's input; with adapt.flip_inputs its batch is mirrored with probability 1/2 (one draw
+        per discriminator and pass, as the authors' RandomHorizontalFlip on the batch tensor)."""
         if self.cfg.flip_inputs and bool(torch.rand(()) < 0.5):
-            x = x.flip(-1)
-        return self.discriminators[key](x)
+            return x.flip(-1)
+        return x
 
-    def adversarial_loss(
-        self, outputs: Mapping, size: tuple[int, int], is_source: bool, detach: bool
-    ) -> torch.Tensor:
-        """Mean BCE of the (task, scale) discriminators on outputs, against the source (1) or target (0) label."""
-        losses = []
+    def inputs(self, outputs: Mapping, size: tuple[int, int], detach: bool) -> list[tuple[str, Tensor]]:
+        """(key, input) of every aligned (task, scale) discriminator for one domain's outputs."""
+        pairs = []
         for task, scale in self.aligned:
             x = self.discriminator_input(task, outputs[task][scale], size)
-            logits = self.discriminate(f"{task}_s{scale}", x.detach() if detach else x)
-            losses.append(bce_with_domain(logits, is_source))
-        return torch.stack(losses).mean()
+            pairs.append((f"{task}_s{scale}", self.flipped(x.detach() if detach else x)))
+        return pairs
+
+    @staticmethod
+    def domain_loss(logits: list[Tensor], is_source: bool) -> Tensor:
+        """Mean BCE of the discriminators' logits against the source (1) or target (0) label."""
+        return torch.stack([bce_with_domain(x, is_source) for x in logits]).mean()
+
+    def adversarial_loss(
+        self,
+        outputs: Mapping,
+        size: tuple[int, int],
+        is_source: bool,
+        detach: bool,
+        nets: nn.Module | None = None,
+    ) -> Tensor:
+        """Mean BCE of the (task, scale) discriminators (`nets`, default self.discriminators) on one domain's
+        outputs, against the source (1) or target (0) label."""
+        logits = (nets or self.discriminators)(self.inputs(outputs, size, detach))
+        return self.domain_loss(logits, is_source)
 
     def loss(self, step: Step) -> Terms | None:
         # Frozen for the model update: the adversarial gradient reaches the model only, and in eval mode the
@@ -94,7 +124,9 @@ class Adversarial(Objective):
         if not self.active(step.index):
             return None
         size = tuple(step.batch["target"]["image"].shape[-2:])
-        adv = self.adversarial_loss(step.outputs["target"], size, is_source=True, detach=False)
+        # The unwrapped discriminators: frozen, they need no gradient synchronisation across processes.
+        frozen = step.accelerator.unwrap_model(self.discriminators)
+        adv = self.adversarial_loss(step.outputs["target"], size, is_source=True, detach=False, nets=frozen)
         return Terms(total=self.cfg.lambda_adv * adv, logs={"loss/adv": adv.detach()})
 
     def update(self, step: Step) -> dict[str, Tensor]:
@@ -107,9 +139,12 @@ class Adversarial(Objective):
         with acc.autocast():
             size_s = tuple(step.batch["source"]["image"].shape[-2:])
             size_t = tuple(step.batch["target"]["image"].shape[-2:])
+            source = self.inputs(step.outputs["source"], size_s, detach=True)
+            target = self.inputs(step.outputs["target"], size_t, detach=True)
+            logits = self.discriminators(source + target)  # one (DDP) forward of every discriminator
+            n = len(source)
             d_loss = 0.5 * (
-                self.adversarial_loss(step.outputs["source"], size_s, is_source=True, detach=True)
-                + self.adversarial_loss(step.outputs["target"], size_t, is_source=False, detach=True)
+                self.domain_loss(logits[:n], is_source=True) + self.domain_loss(logits[n:], is_source=False)
             )
         acc.backward(d_loss)
         grads = [p.grad for p in self.discriminators.parameters() if p.grad is not None]
