@@ -170,6 +170,27 @@ def test_photometric_loss_identity_motion_and_logs():
     assert all(d.grad is not None for d in disparities.values())
 
 
+def test_photometric_term_averages_over_every_pixel_as_monodepth2():
+    # Monodepth2 averages the minimum over identity and reprojection errors over all pixels: masked pixels
+    # count (with an identity error no parameter changes), so the term's gradient is the kept pixels' sum over
+    # ALL pixels, not over the kept ones (which would scale the term up against smoothness as more is masked).
+    g = torch.Generator().manual_seed(4)
+    target = torch.rand(1, 3, 12, 16, generator=g)
+    source = target.clone()
+    source[..., 8:] = torch.rand(1, 3, 12, 8, generator=g)  # the right half differs
+    disparities = {0: torch.full((1, 1, 12, 16), 0.5, requires_grad=True)}
+    K = torch.tensor([[[20.0, 0, 7.5], [0, 20.0, 5.5], [0, 0, 1]]])
+    eye = {1: torch.eye(4)[None]}
+    torch.manual_seed(0)
+    _, logs = PhotometricLoss(scales=(0,), smoothness_weight=0.0)(disparities, target, {1: source}, eye, K)
+    torch.manual_seed(
+        0
+    )  # the same tie-breaking noise: warped error == identity error under the identity pose
+    per_pixel, keep = min_reprojection(target, [source], [source])
+    assert 0.2 < keep.float().mean() < 0.8 and per_pixel[keep].mean() > 1.5 * (per_pixel * keep).mean()
+    assert logs["loss/photometric"] == pytest.approx((per_pixel * keep).mean().item(), rel=1e-5)
+
+
 def test_geometry_and_photometric_loss_stay_float32_under_bf16_autocast():
     # bf16 autocast is the training default on GPUs. Under it the warp of a 1024-wide frame would run its
     # matrix products in bf16 (pixel columns above 512 rounded to every 4th integer, rotations to steps of

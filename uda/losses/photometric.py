@@ -106,7 +106,8 @@ class PhotometricLoss(nn.Module):
     Each scale's sigmoid disparity is upsampled bilinearly to the input size before warping ("full-res
     multi-scale"), turned into metres with ``disparity_to_depth(min_depth, max_depth)``, and every source
     frame is warped onto the target with its pose. The photometric term is the per-pixel minimum
-    reprojection error averaged over the pixels the auto-mask keeps; the smoothness term, weighted
+    reprojection error where the auto-mask keeps the pixel, 0 where it does not, averaged over all pixels
+    (Monodepth2's normalisation); the smoothness term, weighted
     ``smoothness_weight / 2^s``, acts on the scale's own disparity against the target resized to it. The
     loss is the mean over scales. Pixels warped from outside a source view are not masked (border
     padding, as published): the minimum over sources usually picks a source that sees them.
@@ -167,7 +168,10 @@ class PhotometricLoss(nn.Module):
                 target, warped, [sources[o] for o in offsets], automask=self.automask
             )
             keep_f = keep.to(per_pixel.dtype)
-            photometric = (per_pixel * keep_f).sum() / keep_f.sum().clamp_min(1.0)
+            # Averaged over every pixel, masked ones counting 0: Monodepth2's mean of the minimum over identity and
+            # reprojection errors, whose identity part no parameter changes (same gradient; dividing by the kept
+            # pixels instead would raise the photometric term's weight against smoothness as more are masked).
+            photometric = (per_pixel * keep_f).mean()
 
             image = target
             if disp.shape[-2:] != size:
