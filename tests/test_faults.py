@@ -784,6 +784,39 @@ def test_non_finite_step_is_skipped_and_logged(adapt, toy_root, tmp_path, capsys
     )
 
 
+def test_fp16_steps_skipped_by_a_non_finite_loss_or_the_scaler_leave_the_model_as_it_was(
+    toy_root, tmp_path, fresh_accelerator
+):
+    # fp16 (older GPUs): the GradScaler unscales the gradients for clipping, then skips a step whose gradients
+    # overflowed. A non-finite loss must close the scaler's step too (else the next unscale raises), and a step
+    # the scaler skipped is a skipped step: weights and BatchNorm statistics as before, objectives not updated.
+    # CPU autocast has no fp16 scaler, so the one accelerate makes on a GPU is installed by hand.
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**4), True
+    acc.state._mixed_precision = "fp16"  # accelerate unscales only then (reset by the fixture)
+    acc.autocast = lambda *a, **k: torch.autocast("cpu", enabled=False)  # the forward stays fp32 on a CPU
+    trainer = Trainer(tiny_config(toy_root, tmp_path / "run", arch="mtl", iterations=4, val_batches=1), acc)
+    nan_images(trainer, {1})  # a non-finite loss at step 1
+    compose = trainer.compose
+
+    def overflowing(step):  # step 2: a finite loss whose scaled gradients overflow
+        loss, logs = compose(step)
+        return (loss * 1e36 if step.index == 2 else loss), logs
+
+    trainer.compose = overflowing
+    scales = []
+    step = trainer.train_step
+    trainer.train_step = lambda batch: (scales.append(acc.scaler.get_scale()), step(batch))[1]
+    states = record_states(trainer)
+    trainer.fit()
+    assert [row["finite"] for row in trainer.loss_log] == [1.0, 0.0, 0.0, 1.0]
+    assert not differing(states[1], states[2]) and not differing(states[2], states[3])
+    assert differing(states[0], states[1]) and differing(states[3], states[4])
+    assert scales == [16.0, 16.0, 8.0, 4.0]  # each skipped step halved the scale
+
+
 def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(toy_root, tmp_path):
     cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl", iterations=20, max_bad_steps=3, val_batches=1)
     trainer = Trainer(cfg)

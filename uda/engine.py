@@ -316,7 +316,13 @@ class Trainer:
         finite = checkpoint.all_processes(acc, loss_ok and (grads_ok or acc.scaler is not None))
         if finite:
             self.optimizer.step()
-        else:
+            if acc.scaler is not None:  # fp16: the scaler skipped the step if the gradients overflowed
+                finite = checkpoint.all_processes(acc, not self.optimizer.step_was_skipped)
+        elif acc.scaler is not None:
+            # clip_gradients unscaled the gradients: the scaler closes the step (and lowers its scale) or it
+            # would refuse to unscale again at the next one.
+            acc.scaler.update()
+        if not finite:
             # A skipped step leaves the model as it was: the forward already moved the BatchNorm statistics.
             torch._foreach_copy_(*buffers)
         self.optimizer.zero_grad(set_to_none=True)
