@@ -130,3 +130,28 @@ def test_unreadable_file_and_size_mismatch(tmp_path: Path, capsys: pytest.Captur
         f"[train] {tmp_path / 'edge/0002.png'}: size 8x5 differs from image 0002.png (8x6)"
     )
     assert out[-1] == "2 problem(s) found"
+
+
+def test_split_files_listing_an_id_twice_or_in_train_and_val(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An id in both train and val is one problem (found reading either split), and so is an id listed twice."""
+    make_synthia(tmp_path, n=5)
+    splits = tmp_path / "splits"
+    (splits / "val.txt").write_text("0000001\n0000003\n0000004\n")  # train: 0000000..0000002
+    code, out = run(capsys, "--dataset", "synthia", "--data-root", str(tmp_path), "--tasks", "semseg")
+    assert code == 1
+    assert out == [
+        f"[train] {splits / 'train.txt'} and {splits / 'val.txt'} both list 1 id(s), e.g. '0000001'; train and val "
+        "must be disjoint: remove them from one of the two, or regenerate both with `uda-make-splits`",
+        "1 problem(s) found",
+    ]
+    (splits / "val.txt").write_text("0000003\n0000004\n0000003\n")
+    code, out = run(capsys, "--dataset", "synthia", "--data-root", str(tmp_path), "--tasks", "semseg")
+    assert code == 1
+    assert out == [
+        f"[val] {splits / 'val.txt'}: line 3 repeats id '0000003' of line 1; list each id once (delete the line, "
+        "or regenerate the file with `uda-make-splits`)",
+        "synthia train: 3 samples checked (semseg)",
+        "1 problem(s) found",
+    ]

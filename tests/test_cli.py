@@ -72,6 +72,25 @@ def test_model_that_does_not_fit_the_backbone(roots, tmp_path, capsys, no_traini
     assert not out.exists()
 
 
+def test_target_label_set_with_other_classes(roots, tmp_path, capsys, no_training):
+    """A target whose class list differs from the source's would shift class ids silently: refused (exit 2),
+    from the recipe options and from a --config file alike; the same classes under another name pass."""
+    out = tmp_path / "run"
+    line = one_line_exit(
+        capsys, ["--data-root", roots, "--out", out, "target.label_set=cityscapes19"], code=2
+    )
+    assert line.startswith(
+        "error: data.label_set=synthia16 (16 classes) and target.label_set=cityscapes19 (19 classes) do not "
+        "list the same classes in the same order; choose label sets with the same class list"
+    ), line
+    assert not out.exists()
+    (tmp_path / "c.json").write_text(
+        json.dumps(printed(capsys, ["--data-root", roots, "--out", out, "data.label_set=cityscapes16"]))
+    )
+    line = one_line_exit(capsys, ["--config", tmp_path / "c.json", "target.label_set=cityscapes13"], code=2)
+    assert "target.label_set=cityscapes13 (13 classes)" in line
+
+
 def test_dataset_folder_without_its_layout(roots, tmp_path, capsys, no_training):
     out = tmp_path / "run"
     line = one_line_exit(capsys, ["--data-root", roots, "--out", out])

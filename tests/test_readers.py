@@ -20,9 +20,11 @@ from fakes import (
 )
 
 from uda.commands.make_splits import known_ids
+from uda.data import decode
 from uda.data.decode import DataError, semantic_edges
 from uda.data.labels import CATALOGUE_DIR, get_class_map
 from uda.data.readers import build_dataset
+from uda.data.sampling import class_pixel_counts
 from uda.data.splits import read_split_file, split_ids
 from uda.geometry import normals_from_depth
 
@@ -195,6 +197,21 @@ def test_cityscapes_splits_from_folders_and_all(tmp_path: Path) -> None:
         build_dataset("cityscapes", "test", (), root=tmp_path)
 
 
+def test_cityscapes_frame_with_png_and_jpg_copies_is_one_id(tmp_path: Path) -> None:
+    """A .jpg copy next to the .png is the same frame: one id (read from the .png); a .jpg alone is a frame too."""
+    gt = make_cityscapes(tmp_path, frames=())
+    folder = tmp_path / "leftImg8bit/train"
+    png = folder / "aachen/aachen_000000_000019_leftImg8bit.png"
+    cv2.imwrite(str(png.with_suffix(".jpg")), np.zeros((8, 16, 3), np.uint8))
+    bochum = folder / "bochum/bochum_000000_000313_leftImg8bit.png"
+    cv2.imwrite(str(bochum.with_suffix(".jpg")), cv2.imread(str(bochum)))
+    bochum.unlink()
+    ds = build_dataset("cityscapes", "train", ("semseg",), root=tmp_path)
+    assert ds.ids == ["aachen/aachen_000000_000019", "bochum/bochum_000000_000313"]
+    expected = gt["aachen/aachen_000000_000019"]["frames"][0]
+    assert np.array_equal((ds[0]["image"] * 255).round().byte().permute(1, 2, 0).numpy(), expected)
+
+
 # ------------------------------------------------------------------------------------------------ VKITTI2
 
 
@@ -282,6 +299,57 @@ def test_split_id_missing_on_disk_is_an_error(tmp_path: Path) -> None:
         build_dataset("synthia", "val", (), root=tmp_path)
 
 
+def test_split_file_listing_an_id_twice_is_an_error(tmp_path: Path) -> None:
+    make_synthia(tmp_path, n=5)
+    train = tmp_path / "splits" / "train.txt"
+    train.write_text("# SYNTHIA\n0000000\n0000001\n\n0000000\n")
+    with pytest.raises(
+        DataError,
+        match=rf"^{train}: line 5 repeats id '0000000' of line 2; list each id once \(.*`uda-make-splits`\)$",
+    ):
+        build_dataset("synthia", "train", (), root=tmp_path)
+    train.write_text("0000000\n0000001\n0000002\n")
+    assert read_split_file(train) == ["0000000", "0000001", "0000002"]
+
+
+def test_train_and_val_sharing_an_id_are_refused(tmp_path: Path) -> None:
+    """An id in both split files of a root would be evaluated on after training on it; reading either split (or
+    both, as "all") names both files and a shared id."""
+    make_synthia(tmp_path, n=5)
+    folder = tmp_path / "splits"
+    (folder / "val.txt").write_text("0000002\n0000003\n0000004\n")  # train: 0000000..0000002
+    message = (
+        rf"^{folder / 'train.txt'} and {folder / 'val.txt'} both list 1 id\(s\), e.g. '0000002'; train and val "
+        r"must be disjoint: .*`uda-make-splits`$"
+    )
+    for split in ("train", "val", "all"):
+        with pytest.raises(DataError, match=message):
+            build_dataset("synthia", split, (), root=tmp_path)
+    (folder / "val.txt").write_text("0000003\n0000004\n")
+    assert build_dataset("synthia", "all", (), root=tmp_path).ids == [f"{k:07d}" for k in range(5)]
+
+
+def test_malformed_ids_name_the_split_file(tmp_path: Path) -> None:
+    """Ids the readers parse (VKITTI2 frame numbers, Cityscapes frame numbers for neighbouring frames) must have
+    their form; otherwise a DataError names the split file, not a ValueError of int()."""
+    make_vkitti2(tmp_path / "vk")
+    train = tmp_path / "vk" / "splits" / "train.txt"
+    for bad in ("Scene01/0000a", "Scene01_00000"):
+        train.write_text(f"Scene01/00000\n{bad}\n")
+        with pytest.raises(
+            DataError,
+            match=rf"^{train}: '{bad}' is not a vkitti2 id; ids have the form <scene>/<frame number>, e.g. Scene01",
+        ):
+            build_dataset("vkitti2", "train", (), root=tmp_path / "vk")
+    make_cityscapes(tmp_path / "cs", ids=("aachen/aachen_000000_00001x",), frames=())
+    with pytest.raises(
+        DataError,
+        match=rf"^{tmp_path / 'cs/leftImg8bit/train'}: 'aachen/aachen_000000_00001x' is not a cityscapes id; "
+        r"ids have the form <city>/<city>_<sequence>_<frame>",
+    ):
+        build_dataset("cityscapes", "train", (), root=tmp_path / "cs", frames=(-1, 1))
+
+
 def test_missing_dataset_and_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"synthia not found \(no RGB/ folder\).*--data-root.*README.md"):
         build_dataset("synthia", "train", (), root=tmp_path / "nowhere")
@@ -321,6 +389,40 @@ def test_unknown_label_ids_name_the_file(tmp_path: Path) -> None:
         DataError, match=r"aachen_000000_000019_gtFine_labelIds.png: label ids 40 are not cityscapes"
     ):
         build_dataset("cityscapes", "train", ("semseg",), root=tmp_path)[0]
+
+
+def test_rare_class_counts_name_the_label_file_of_an_unknown_id(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path, frames=())
+    ds = build_dataset("cityscapes", "train", ("semseg",), "cityscapes19", root=tmp_path)
+    counts = class_pixel_counts(ds, 19)
+    assert counts.shape == (2, 19) and counts.sum() == sum((ds[i]["semseg"] != 255).sum() for i in range(2))
+    path = tmp_path / "gtFine/train/bochum/bochum_000000_000313_gtFine_labelIds.png"
+    cv2.imwrite(str(path), np.full((8, 16), 40, np.uint8))
+    with pytest.raises(DataError, match=rf"^{path}: label ids 40 are not cityscapes class ids"):
+        class_pixel_counts(ds, 19)
+
+
+def test_palette_label_png_gives_its_indices(tmp_path: Path) -> None:
+    """VOC-style label PNGs are palette-indexed (colour type 3): the indices are the class ids, at any bit depth;
+    a colour PNG is still refused."""
+    from PIL import Image
+
+    ids = np.array([[0, 15, 15], [20, 255, 1]], np.uint8)
+    image = Image.fromarray(ids, mode="P")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[[1, 15, 20, 255]] = [(128, 0, 0), (192, 128, 128), (0, 64, 128), (224, 224, 192)]
+    image.putpalette(palette.ravel().tolist())
+    image.save(tmp_path / "voc.png")
+    assert (tmp_path / "voc.png").read_bytes()[25] == 3  # colour type 3: palette
+    assert np.array_equal(decode.pascal_semseg(tmp_path / "voc.png"), ids)
+    small = Image.fromarray(np.array([[0, 3], [15, 7]], np.uint8), mode="P")
+    small.putpalette(palette[:16].ravel().tolist())  # 16 colours: Pillow writes 4 bits a pixel
+    small.save(tmp_path / "4bit.png")
+    assert (tmp_path / "4bit.png").read_bytes()[24] == 4  # bit depth 4
+    assert np.array_equal(decode.read_label8(tmp_path / "4bit.png"), np.array(small))
+    write_png(tmp_path / "colour.png", palette[ids][:, :, ::-1])
+    with pytest.raises(DataError, match="segmentation PNG must be single-channel 8-bit ids"):
+        decode.pascal_semseg(tmp_path / "colour.png")
 
 
 def test_camera_json_is_read_exactly(tmp_path: Path) -> None:

@@ -243,7 +243,8 @@ def check_model(cfg: ExperimentConfig) -> None:
 
 
 def check_label_sets(cfg: ExperimentConfig) -> None:
-    """Unknown label set names are configuration errors (caught before anything is built)."""
+    """Unknown label set names, and a target whose classes differ from the source's (names and order), are
+    configuration errors (caught before anything is built)."""
     from uda.data.labels import get_label_set
 
     for section, data in (("data", cfg.data), ("target", cfg.target)):
@@ -252,6 +253,16 @@ def check_label_sets(cfg: ExperimentConfig) -> None:
                 get_label_set(data.label_set)
             except ValueError as exc:
                 raise ConfigError(f"{section}.label_set: {exc}") from None
+    if cfg.target is None:
+        return
+    source, target = get_label_set(cfg.data.label_set), get_label_set(cfg.target.label_set)
+    # One model serves both domains: its output channel c must mean the same class in each.
+    if not source.same_classes(target):
+        raise ConfigError(
+            f"data.label_set={source.name} ({source.num_classes} classes) and target.label_set={target.name} "
+            f"({target.num_classes} classes) do not list the same classes in the same order; choose label sets "
+            "with the same class list (e.g. synthia16 with cityscapes16, vkitti2_8 with cityscapes8)"
+        )
 
 
 def with_root(data: DataConfig | None, root: Path | str | None) -> DataConfig | None:

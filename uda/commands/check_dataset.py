@@ -2,8 +2,9 @@
 
 Loads every sample of the chosen splits with the dataset reader itself (same decoding, same checks) and
 prints one line per problem: missing folder, image without label or depth, unknown class ids, wrong bit
-depth, unreadable or truncated file, size mismatch, empty split. A sample with several problems reports
-its first. Without problems it prints the sample count of each split. Exit status 1 if anything was found.
+depth, unreadable or truncated file, size mismatch, empty split, an id listed twice or in both train and val.
+A sample with several problems reports its first. Without problems it prints the sample count of each split.
+Exit status 1 if anything was found.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def check(
                 warnings.simplefilter("ignore")
                 ds = build_dataset(dataset, split, tasks, label_set, root, frames=frames, variation=variation)
         except (DataError, ValueError, FileNotFoundError) as e:
-            problems.append(f"[{split}] {e}")
+            # train/val sharing ids is one problem, found while reading either: report it once
+            if not any(p.endswith(f"] {e}") for p in problems):
+                problems.append(f"[{split}] {e}")
             continue
         n = len(ds) if limit is None else min(limit, len(ds))
         counts[split] = n

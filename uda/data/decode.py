@@ -7,11 +7,13 @@ is a file the readers can load.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 # cv2 would otherwise start its own thread pool in every DataLoader worker.
 cv2.setNumThreads(0)
@@ -51,11 +53,31 @@ def _read_checked_bytes(path: Path, what: str) -> bytes:
 def read_raw(path: str | Path, what: str = "image") -> np.ndarray:
     """Decode an image file as stored (cv2 IMREAD_UNCHANGED: BGR channel order, 8 or 16 bit)."""
     path = Path(path)
-    data = _read_checked_bytes(path, what)
+    return _imdecode(path, _read_checked_bytes(path, what), what)
+
+
+def _imdecode(path: Path, data: bytes, what: str) -> np.ndarray:
+    """Decode the bytes of an image file as stored (cv2 IMREAD_UNCHANGED)."""
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError(f"{path}: unreadable {what} (corrupt file?); re-extract or re-download the file")
     return image
+
+
+def _is_palette_png(data: bytes) -> bool:
+    """True for a palette-indexed PNG (IHDR colour type 3), whose pixels are indices into a colour table."""
+    return data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) > 25 and data[25] == 3
+
+
+def _palette_indices(path: Path, data: bytes, what: str) -> np.ndarray:
+    """The palette indices uint8 [H,W] of a palette-indexed PNG."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.array(image)  # mode "P": the indices, not their colours
+    except (OSError, SyntaxError, ValueError):
+        raise DataError(
+            f"{path}: unreadable {what} (corrupt file?); re-extract or re-download the file"
+        ) from None
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -86,9 +108,12 @@ def read_png16(path: str | Path, what: str) -> np.ndarray:
 
 
 def read_label8(path: str | Path, what: str = "label") -> np.ndarray:
-    """A single-channel 8-bit label PNG as uint8 [H,W] (Cityscapes labelIds, NYUDv2 segmentation)."""
+    """A single-channel 8-bit label PNG as uint8 [H,W] (Cityscapes labelIds, NYUDv2 segmentation), or the
+    indices of a palette-indexed one (VOC-style labels: the index is the class id, the palette its colour)."""
     path = Path(path)
-    image = read_raw(path, what)
+    data = _read_checked_bytes(path, what)
+    # cv2 would expand the palette to BGR colours, losing the ids.
+    image = _palette_indices(path, data, what) if _is_palette_png(data) else _imdecode(path, data, what)
     if image.dtype != np.uint8 or image.ndim != 2:
         raise DataError(
             f"{path}: {what} PNG must be single-channel 8-bit ids, got {image.dtype} with shape {image.shape}; "

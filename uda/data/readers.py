@@ -15,6 +15,7 @@ uda/catalogue/<name>/splits/ (SYNTHIA, VKITTI2). Split "all" is train + val.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,6 +58,9 @@ class DenseDataset(Dataset):
     supports_frames: ClassVar[bool] = False
     supported_tasks: ClassVar[tuple[str, ...]] = ("semseg", "depth", "normals", "edges")
     image_folder: ClassVar[str]  # glob of the folder(s) whose absence means the dataset is not there at all
+    # The form the file paths need of a split id (a regular expression, and its description for the user);
+    # None where any id is a file name.
+    id_form: ClassVar[tuple[str, str] | None] = None
 
     def __init__(
         self,
@@ -111,17 +115,47 @@ class DenseDataset(Dataset):
         if split == "all":
             items = {i: (s, i) for s in ("train", "val") for _, i in self._resolve_split(s)}
             return [items[i] for i in sorted(items)]
-        local = self.root / "splits" / f"{split}.txt"
-        ids = read_split_file(local) if local.is_file() else self._official_split(split)
+        ids, source = self._split_ids(split)
+        if split in ("train", "val"):
+            self._check_disjoint(split, ids, source)
         return [(split, i) for i in ids]
 
-    def _official_split(self, split: str) -> list[str]:
-        """Ids of a split from the dataset's own split definition (or our shipped split file)."""
+    def _split_ids(self, split: str) -> tuple[list[str], Path]:
+        """Ids of a split and the file (or folder) listing them: <root>/splits/<split>.txt if present, else the
+        official split; an id the file paths cannot be made of is an error naming that file."""
+        local = self.root / "splits" / f"{split}.txt"
+        ids, source = (read_split_file(local), local) if local.is_file() else self._official_split(split)
+        if self.id_form is not None:
+            pattern, form = self.id_form
+            bad = next((i for i in ids if not re.fullmatch(pattern, i)), None)
+            if bad is not None:
+                raise DataError(f"{source}: {bad!r} is not a {self.name} id; ids have the form {form}")
+        return ids, source
+
+    def _check_disjoint(self, split: str, ids: list[str], source: Path) -> None:
+        """Refuse ids of train (or val) that the other lists too (evaluation on training samples); no other
+        split is no error."""
+        other = "val" if split == "train" else "train"
+        try:
+            other_ids, other_source = self._split_ids(other)
+        except (DataError, FileNotFoundError):
+            return  # reading that split reports its own problem
+        shared = sorted(set(ids) & set(other_ids))
+        if shared:
+            # The same message whichever split is read: train's file first.
+            train, val = (source, other_source) if split == "train" else (other_source, source)
+            raise DataError(
+                f"{train} and {val} both list {len(shared)} id(s), e.g. {shared[0]!r}; train and val must be "
+                "disjoint: remove them from one of the two, or regenerate both with `uda-make-splits`"
+            )
+
+    def _official_split(self, split: str) -> tuple[list[str], Path]:
+        """Ids of a split from the dataset's own split definition (or our shipped split file), and that file."""
         path = CATALOGUE_DIR / self.name / "splits" / f"{split}.txt"
         if not path.is_file():
             valid = sorted(p.stem for p in path.parent.glob("*.txt")) + ["all"]
             raise DataError(f"{path}: no split {split!r} for {self.name}; valid splits: {', '.join(valid)}")
-        return read_split_file(path)
+        return read_split_file(path), path
 
     @property
     def ids(self) -> list[str]:
@@ -201,6 +235,14 @@ class DenseDataset(Dataset):
         sample = self.load(index)
         return self.transform(sample) if self.transform is not None else sample
 
+    def to_train_ids(self, ids: np.ndarray, path: Path) -> np.ndarray:
+        """Dataset class ids [H,W] read from the label file `path` as uint8 train ids of the label set (255 =
+        ignore); an id the dataset does not have is a DataError naming the file."""
+        try:
+            return self.class_map.apply(ids)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}; use the original label files of the dataset") from None
+
     def load(self, index: int) -> Sample:
         """The untransformed sample dict of item index, decoding only the files its tasks need."""
         split, id = self.items[index]
@@ -217,10 +259,7 @@ class DenseDataset(Dataset):
         if "semseg" in tasks or ("edges" in tasks and self.needs_labels_for_edges):
             ids, path = self.label_ids(split, id)
             decode.check_same_size(path, ids.shape, image.shape, image_path)
-            try:
-                train_ids = self.class_map.apply(ids)
-            except ValueError as e:
-                raise DataError(f"{path}: {e}; use the original label files of the dataset") from None
+            train_ids = self.to_train_ids(ids, path)
             if "semseg" in tasks:
                 sample["semseg"] = torch.from_numpy(train_ids.astype(np.int64))
         depth = None
@@ -305,18 +344,21 @@ class CityscapesDataset(DenseDataset):
     image_folder = "leftImg8bit"
     supports_frames = True
     image_exts = (".png", ".jpg")  # .jpg: the downscaled copies some pipelines make
+    id_form = (r"[^/]+/[^/]+_\d+", "<city>/<city>_<sequence>_<frame>, e.g. aachen/aachen_000000_000019")
 
-    def _official_split(self, split: str) -> list[str]:
+    def _official_split(self, split: str) -> tuple[list[str], Path]:
         folder = self.root / "leftImg8bit" / split
         if not folder.is_dir():
             valid = sorted(p.name for p in (self.root / "leftImg8bit").iterdir() if p.is_dir()) + ["all"]
             raise DataError(f"{folder}: no split {split!r} in Cityscapes; valid splits: {', '.join(valid)}")
         suffix = "_leftImg8bit"
-        return sorted(
+        # A set: a frame with both a .png and a .jpg copy is one sample (image_path prefers the .png).
+        ids = {
             f"{p.parent.name}/{p.name[: -len(suffix + p.suffix)]}"
             for ext in self.image_exts
             for p in folder.glob(f"*/*{suffix}{ext}")
-        )
+        }
+        return sorted(ids), folder
 
     def _required_folders(self) -> list[tuple[str, str]]:
         need = []
@@ -383,6 +425,7 @@ class VKitti2Dataset(DenseDataset):
     image_folder = "Scene*"
     supports_frames = True
     camera_id = 0
+    id_form = (r"[^/]+/\d+", "<scene>/<frame number>, e.g. Scene01/00000")
 
     def __init__(self, *args: Any, variation: str = "clone", sky_depth: str = "none", **kwargs: Any) -> None:
         if sky_depth not in decode.SKY_DEPTH_MODES:
@@ -495,11 +538,11 @@ class NYUDv2Dataset(DenseDataset):
     needs_depth_for_normals = True
     needs_labels_for_edges = False
 
-    def _official_split(self, split: str) -> list[str]:
+    def _official_split(self, split: str) -> tuple[list[str], Path]:
         path = self.root / "gt_sets" / f"{split}.txt"
         if not path.is_file():
             raise DataError(f"{path}: no split {split!r} for NYUDv2 (expected gt_sets/train.txt, val.txt)")
-        return read_split_file(path)
+        return read_split_file(path), path
 
     def _required_folders(self) -> list[tuple[str, str]]:
         folders = {"semseg": "segmentation", "depth": "depth", "normals": "normals", "edges": "edge"}
@@ -572,13 +615,13 @@ class PASCALContextDataset(DenseDataset):
         self._normal_classes: np.ndarray | None = None
         super().__init__(*args, **kwargs)
 
-    def _official_split(self, split: str) -> list[str]:
+    def _official_split(self, split: str) -> tuple[list[str], Path]:
         path = self.root / "ImageSets" / "Context" / f"{split}.txt"
         if not path.is_file():
             raise DataError(
                 f"{path}: no split {split!r} for PASCAL-Context (expected ImageSets/Context/train.txt, val.txt)"
             )
-        return read_split_file(path)
+        return read_split_file(path), path
 
     def _required_folders(self) -> list[tuple[str, str]]:
         folders = {

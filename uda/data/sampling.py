@@ -38,11 +38,11 @@ def cache_dir() -> Path:
 
 def class_pixel_counts(dataset, num_classes: int) -> np.ndarray:
     """[N, num_classes] int64 pixel counts of each class (label-set ids) in each image of a reader's split
-    (ignore excluded), at the label files' resolution."""
+    (ignore excluded), at the label files' resolution; an unknown label id is a DataError naming its file."""
     rows = []
     for split, id in dataset.items:
-        ids, _ = dataset.label_ids(split, id)
-        train_ids = np.asarray(dataset.class_map.apply(ids)).ravel()
+        ids, path = dataset.label_ids(split, id)
+        train_ids = np.asarray(dataset.to_train_ids(ids, path)).ravel()
         valid = train_ids[train_ids != IGNORE_INDEX].astype(np.int64)
         rows.append(np.bincount(valid, minlength=num_classes)[:num_classes])
     return np.stack(rows)

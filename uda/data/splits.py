@@ -36,13 +36,23 @@ def write_split_files(folder: str | Path, splits: dict[str, Sequence[str]]) -> N
 
 
 def read_split_file(path: str | Path) -> list[str]:
-    """Read a split file; a missing or empty file is an error that names the file."""
+    """Read a split file; a missing or empty file, or an id listed twice, is an error that names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: split file not found; run `uda-make-splits` or check --data-root")
-    ids = [
-        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
-    ]
+    first_line: dict[str, int] = {}  # id -> line number (from 1) where it is first listed
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        id = line.strip()
+        if not id or line.startswith("#"):
+            continue
+        if id in first_line:
+            # A repeated id would be drawn twice as often and counted twice by the metrics.
+            raise DataError(
+                f"{path}: line {number} repeats id {id!r} of line {first_line[id]}; list each id once "
+                "(delete the line, or regenerate the file with `uda-make-splits`)"
+            )
+        first_line[id] = number
+    ids = list(first_line)
     if not ids:
         raise DataError(f"{path}: split file is empty; regenerate it with `uda-make-splits`")
     return ids
