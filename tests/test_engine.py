@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import cv2
 import numpy as np
 import torch
 
@@ -93,3 +94,25 @@ def test_each_single_task_network_is_clipped_on_its_own(toy_root, tmp_path):
     assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
     # The scaled segmentation network was clipped to the limit; one global clip would have shrunk depth's too.
     assert abs(float(norms[1]["semseg"]) - 1.0) < 1e-4 and float(norms[1]["depth"]) > 0
+
+
+def test_image_every_writes_training_predictions_without_changing_the_run(toy_root, tmp_path):
+    trained = {}
+    for every in (0, 2):
+        trainer = Trainer(
+            tiny_config(
+                toy_root, tmp_path / f"every{every}", arch="mtl", adapt=True, iterations=4, image_every=every
+            )
+        )
+        trainer.fit()
+        trained[every] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    out = tmp_path / "every2" / "images"
+    names = sorted(p.name for p in out.glob("train_step*.png"))
+    assert names == [
+        f"train_step{s:07d}_{d}_{i}.png" for s in (2, 4) for d in ("source", "target") for i in (0, 1)
+    ]
+    panel = cv2.imread(str(out / names[0]))
+    assert panel is not None and panel.shape[1] >= 2 * 128 and panel.std() > 0  # image | prediction panels
+    assert not list((tmp_path / "every0" / "images").glob("train_step*.png"))
+    # An eval-mode forward on the side: the weights and BatchNorm statistics are those of the run without it.
+    assert all(torch.equal(trained[0][k], trained[2][k]) for k in trained[0])

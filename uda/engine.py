@@ -39,7 +39,7 @@ from uda.objectives import (
 from uda.objectives.weighting import WeightingContext, weighting_from_config
 from uda.runlog import RunLog, flat_config, images_per_iteration, peak_memory_mib
 from uda.tasks import output_space, task_channels
-from uda.validation import validate_run
+from uda.validation import validate_run, write_training_images
 
 ETA_STEPS = 4  # warm steps timed before the run says how long it will take
 
@@ -451,8 +451,11 @@ class Trainer:
         start_step = self.step
         images = images_per_iteration(cfg, self.data.uses_domain, acc.num_processes)
         while self.step < cfg.train.iterations:
-            last = self.train_step([move_to(next(batches), acc.device) for _ in range(cfg.train.grad_accum)])
+            micro = [move_to(next(batches), acc.device) for _ in range(cfg.train.grad_accum)]
+            last = self.train_step(micro)
             self.step += 1
+            if cfg.train.image_every and self.step % cfg.train.image_every == 0:
+                write_training_images(self, micro[-1])
             log.record({"step": self.step, **last})
             if last["finite"]:
                 self.bad_steps = 0

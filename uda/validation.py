@@ -92,3 +92,32 @@ def validate_run(trainer, final: bool = False) -> dict[str, Any]:
             figures=trainer.log.curves(trainer.history),
         )
     return results
+
+
+@torch.no_grad()
+def write_training_images(trainer, batch) -> list[str]:
+    """Prediction panels of the model (in eval mode) on the first samples of a training batch, each domain's
+    (train.image_every); the paths relative to the run folder. Main process only."""
+    from uda.models.domain_bn import bn_domain
+    from uda.tasks import to_predictions
+
+    acc = trainer.accelerator
+    if not acc.is_main_process:
+        return []
+    model, written = acc.unwrap_model(trainer.model), []
+    was_training = model.training
+    model.eval()
+    for domain, name in enumerate(("source", "target")):
+        if name not in batch:
+            continue
+        with bn_domain(model, domain):
+            outputs = model(batch[name]["image"][:2])
+        tasks = [t for t in trainer.tasks if 0 in outputs.get(t, {})]
+        preds = to_predictions(outputs, 0, trainer.space, tasks)
+        prefix = f"train_step{trainer.step:07d}_{name}"
+        paths = save_prediction_images(
+            trainer.out / "images", prefix, batch[name], preds, tasks, trainer.label_set
+        )
+        written += [str(p.relative_to(trainer.out)) for p in paths]
+    model.train(was_training)
+    return written
