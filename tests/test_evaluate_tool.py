@@ -172,3 +172,91 @@ def test_two_processes_give_the_metrics_of_one(run, tmp_path):
     assert set(two) == set(one)
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+@pytest.mark.parametrize("median_scaling", ["--no-median-scaling", "--median-scaling"])
+def test_a_scale_the_model_has_no_output_at_is_refused_naming_its_scales(
+    run, tmp_path, capsys, fresh_accelerator, median_scaling
+):
+    """Before, the tasks without that scale were left out: all-NaN metrics and exit 0, or a KeyError traceback
+    with median scaling."""
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exit_:
+        command.metrics([str(run), "--scale", "5", median_scaling, "--no-images", "--out", str(out)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err  # the error comes after the progress bar has started
+    assert [x for x in err.splitlines() if x.startswith("error: ")] == [
+        "error: the model has no output at scale 5 (it has 0, 1); pass --scale 0 (eval.scale=0 in a recipe)"
+    ]
+    assert not (out / "metrics.json").exists()
+
+
+def test_report_has_one_iou_table_per_task_named_from_its_own_label_set(tmp_path):
+    from uda.data.labels import get_label_set
+    from uda.evaluate import write_report
+    from uda.tasks import PARTS_LABEL_SET
+
+    semseg_names = get_label_set("pascal_context21").class_names
+    part_names = get_label_set(PARTS_LABEL_SET).class_names
+    results = {"val": {"semseg/miou": 0.5, "semseg/iou/1": 0.4, "parts/miou": 0.6, "parts/iou/1": 0.3}}
+    report = write_report(tmp_path, "t", results, {"val": {}}, class_names=semseg_names).read_text()
+    semseg_table = f"| semseg class | IoU |\n|---|---|\n| {semseg_names[1]} | 0.4000 |\n"
+    parts_table = f"| parts class | IoU |\n|---|---|\n| {part_names[1]} | 0.3000 |\n"
+    assert semseg_table in report and parts_table in report and semseg_names[1] != part_names[1]
+
+
+def test_odsf_tolerance_is_the_datasets_own_and_logged():
+    """eval.edge_max_dist None: the dataset's tolerance of uda.boundary.MAX_DIST (NYUD-v2's 0.011 for a dataset
+    without one), used by the metric and logged in the protocol (before: None logged, 0.011 used everywhere)."""
+    import torch
+
+    from uda.boundary import synthetic_edge_maps
+    from uda.config import EvalConfig
+    from uda.evaluate import evaluate, protocol
+    from uda.metrics import BoundaryOdsF
+    from uda.tasks import OutputSpace
+
+    odsf = EvalConfig(edge_metric="odsf")
+    logged = {
+        dataset: protocol(odsf, dataset, "val", "x", "ckpt")["edge_max_dist"]
+        for dataset in ("pascal_context", "nyudv2", "cityscapes")
+    }
+    assert logged == {"pascal_context": 0.0075, "nyudv2": 0.011, "cityscapes": 0.011}
+    assert (
+        protocol(replace(odsf, edge_max_dist=0.02), "pascal_context", "val", "x", "ckpt")["edge_max_dist"]
+        == 0.02
+    )
+    assert protocol(EvalConfig(), "pascal_context", "val", "x", "ckpt")["edge_max_dist"] is None  # F1: none
+
+    prob, gt = (torch.from_numpy(m)[None, None].float() for m in synthetic_edge_maps(120, 160, 0))
+
+    class Fixed(torch.nn.Module):
+        def forward(self, image):
+            return {"edges": {0: torch.logit(prob.clamp(1e-6, 1 - 1e-6))}}
+
+    def reference(max_dist: float) -> float:
+        metric = BoundaryOdsF(max_dist)
+        metric.update(torch.sigmoid(torch.logit(prob.clamp(1e-6, 1 - 1e-6))), gt)
+        return metric.compute()["odsf"]
+
+    assert reference(0.0075) != reference(0.011)
+    space = OutputSpace(num_classes=21)
+    batch = {"image": torch.zeros(1, 3, 120, 160), "edges": gt, "meta": [{"dataset": "pascal_context"}]}
+    # The dataset from the batches' meta (validation during training), or given (uda-evaluate).
+    assert evaluate(Fixed(), [batch], ["edges"], odsf, space)["edges/odsf"] == reference(0.0075)
+    given = evaluate(Fixed(), [batch], ["edges"], odsf, space, dataset="nyudv2")["edges/odsf"]
+    assert given == reference(0.011)
+
+
+def test_compare_reads_the_evaluation_folders_evaluate_writes(run, tmp_path, fresh_accelerator):
+    """uda-compare takes what uda-evaluate writes (no config.json there): its default <run>/eval-<dataset>-<split>,
+    and an --out elsewhere (the run found from the checkpoint its protocol names)."""
+    from uda.commands import compare
+
+    elsewhere = tmp_path / "elsewhere"
+    results = command.metrics([str(run), "--no-images", "--out", str(elsewhere)])
+    command.metrics([str(run), "--no-images"])
+    name = json.loads((run / "config.json").read_text())["name"]
+    for folder in (run / "eval-synthia-val", elsewhere):
+        row = next(x for x in compare.table([str(folder)]).splitlines() if x.startswith(f"| {name} |"))
+        assert row.split("|")[3].strip() == f"{results['semseg/miou']:.4f}", folder

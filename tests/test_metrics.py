@@ -590,3 +590,52 @@ def test_a_missing_baseline_metric_says_which_and_how_to_get_it():
     )
     with pytest.raises(ValueError, match="choose among"):
         multitask_delta(metrics, metrics, metric_set="xtasc")
+
+
+LABELS = torch.randint(0, 4, (2, 6, 6))
+WRONG_SHAPES = [
+    # A label map with a channel axis (argmax(keepdim=True)): read as 1-channel logits it gave mIoU 0.066.
+    (SegmentationMetric(4), LABELS[:, None], LABELS, "logits [2,4,h,w] or labels [2,h,w]", "[2,1,6,6]"),
+    (SegmentationMetric(4), torch.rand(2, 3, 6, 6), LABELS, "logits [2,4,h,w]", "[2,3,6,6]"),
+    (SegmentationMetric(4), torch.rand(3, 4, 6, 6), LABELS, "logits [2,4,h,w]", "[3,4,6,6]"),
+    (SegmentationMetric(4), LABELS, LABELS[:, None], "a target [B,H,W]", "[2,1,6,6]"),
+    (DepthMetric(), torch.rand(2, 6, 6), torch.rand(2, 1, 6, 6), "depth [2,1,h,w]", "[2,6,6]"),
+    (DepthMetric(), torch.rand(2, 1, 6, 6), torch.rand(2, 6, 6), "a target [B,1,H,W]", "[2,6,6]"),
+    (NormalsMetric(), torch.rand(2, 1, 6, 6), torch.rand(2, 3, 6, 6), "normals [2,3,h,w]", "[2,1,6,6]"),
+    (NormalsMetric(), torch.rand(2, 6, 6, 3), torch.rand(2, 3, 6, 6), "normals [2,3,h,w]", "[2,6,6,3]"),
+    (
+        EdgesMetric(),
+        torch.rand(2, 2, 6, 6),
+        torch.rand(2, 1, 6, 6),
+        "edge probabilities [2,1,h,w]",
+        "[2,2,6,6]",
+    ),
+    (EdgesMetric(), torch.rand(2, 6, 6), torch.rand(2, 1, 6, 6), "edge probabilities [2,1,h,w]", "[2,6,6]"),
+    (
+        BoundaryOdsF(),
+        torch.rand(1, 2, 6, 6),
+        torch.rand(2, 1, 6, 6),
+        "edge probabilities [2,1,h,w]",
+        "[1,2,6,6]",
+    ),
+    (SaliencyMetric(), torch.rand(2, 1, 6, 6), torch.rand(2, 6, 6), "a target [B,1,H,W]", "[2,6,6]"),
+]
+
+
+@pytest.mark.parametrize(("metric", "pred", "target", "expected", "given"), WRONG_SHAPES)
+def test_a_wrongly_shaped_prediction_or_target_is_refused_naming_both_shapes(
+    metric, pred, target, expected, given
+):
+    before = {k: v.clone() for k, v in metric.state().items()}
+    with pytest.raises(ValueError) as err:
+        metric.update(pred, target)
+    assert f"expected {expected}" in str(err.value) and str(err.value).endswith(f"got {given}")
+    for key, value in metric.state().items():
+        torch.testing.assert_close(value, before[key])
+
+
+def test_multitask_metrics_name_the_task_of_a_wrongly_shaped_prediction():
+    metrics = MultiTaskMetrics(["semseg", "parts"], num_classes=4, num_parts=7)
+    parts = torch.randint(0, 7, (2, 6, 6))
+    with pytest.raises(ValueError, match=r"^parts: SegmentationMetric: expected logits \[2,7,h,w\]"):
+        metrics.update({"semseg": LABELS, "parts": parts[:, None]}, {"semseg": LABELS, "parts": parts})

@@ -33,18 +33,34 @@ def protocol(
         "median_scaling": eval_cfg.median_scaling,
         "aggregation": "per-image mean" if eval_cfg.per_image else "per-pixel over the split",
         "edge_metric": eval_cfg.edge_metric,
-        "edge_max_dist": eval_cfg.edge_max_dist,
+        # The tolerance odsF matches with (F1 has none: its configured value, normally None, as before).
+        "edge_max_dist": edge_max_dist(eval_cfg, dataset)
+        if eval_cfg.edge_metric == "odsf"
+        else eval_cfg.edge_max_dist,
     }
 
 
+def edge_max_dist(eval_cfg: EvalConfig, dataset: str | None) -> float:
+    """The odsF matching tolerance, a fraction of the image diagonal: eval.edge_max_dist when set, else the
+    literature's value for `dataset` (uda.boundary.MAX_DIST), else NYUD-v2's 0.011 (BoundaryOdsF's default)."""
+    from uda.boundary import MAX_DIST
+
+    if eval_cfg.edge_max_dist is not None:
+        return eval_cfg.edge_max_dist
+    return MAX_DIST.get(dataset or "", MAX_DIST["nyudv2"])
+
+
 def build_metrics(
-    tasks: Sequence[str], eval_cfg: EvalConfig, space: OutputSpace, device: torch.device | str = "cpu"
+    tasks: Sequence[str],
+    eval_cfg: EvalConfig,
+    space: OutputSpace,
+    device: torch.device | str = "cpu",
+    dataset: str | None = None,
 ) -> MultiTaskMetrics:
     """The streaming metrics of `tasks` under the protocol of eval_cfg (class count from `space`, the human-part
-    classes of uda.tasks.num_parts(), the edge metric and its tolerance)."""
+    classes of uda.tasks.num_parts(), the edge metric and its tolerance, edge_max_dist(eval_cfg, dataset))."""
     from uda.tasks import num_parts
 
-    edge_max_dist = {} if eval_cfg.edge_max_dist is None else {"edge_max_dist": eval_cfg.edge_max_dist}
     return MultiTaskMetrics(
         tasks,
         num_classes=space.num_classes,
@@ -55,7 +71,7 @@ def build_metrics(
         device=torch.device(device),
         num_parts=num_parts(),
         edge_metric=eval_cfg.edge_metric,
-        **edge_max_dist,
+        edge_max_dist=edge_max_dist(eval_cfg, dataset),
     )
 
 
@@ -72,10 +88,12 @@ def evaluate(
     progress: bool = False,
     on_first_batch: Callable[[Mapping[str, Any], dict[str, torch.Tensor]], None] | None = None,
     domain: int = 0,
+    dataset: str | None = None,
 ) -> dict[str, float]:
     """Run the model over batches and return flat metrics ("semseg/miou", "depth/rmse", ...); `space` says how
     the raw outputs map to sample units (class count, depth parametrisation). `domain` 1: the batches are of the
     run's target domain (its BatchNorm target statistics normalise them when it keeps them, train.bn_mode=domain).
+    `dataset` (its odsF tolerance, see edge_max_dist) defaults to the one the first batch's `meta` names.
 
     `reduce` sums the metric state across processes (e.g. lambda s: accelerator.reduce(s, "sum")).
     """
@@ -84,7 +102,7 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    metrics = build_metrics(tasks, eval_cfg, space, device)
+    metrics = build_metrics(tasks, eval_cfg, space, device, dataset)
     # With median scaling, absolute (unscaled) depth errors are reported too (depth_unscaled/*), and so are
     # those of a constant prediction under the same protocol (depth_constant/*): the floor to beat.
     unscaled = constant = None
@@ -96,9 +114,12 @@ def evaluate(
         for i, batch in enumerate(tqdm(batches, desc="evaluate", leave=False, disable=not progress)):
             if max_batches is not None and i >= max_batches:
                 break
+            if i == 0 and dataset is None and batch.get("meta"):
+                # The readers name their dataset in each sample's meta (validation during training passes none).
+                metrics = build_metrics(tasks, eval_cfg, space, device, batch["meta"][0].get("dataset"))
             batch = move_to(batch, device)
             outputs = model(batch["image"])
-            preds = to_predictions(outputs, eval_cfg.scale, space)
+            preds = to_predictions(outputs, eval_cfg.scale, space, tasks)
             metrics.update(preds, batch)
             if unscaled is not None:
                 unscaled.update(preds["depth"], batch["depth"])
@@ -134,6 +155,14 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 100 else f"{value:.2f}"
 
 
+def _part_names() -> Sequence[str]:
+    """The class names of the parts task (its own label set, uda.tasks.PARTS_LABEL_SET)."""
+    from uda.data.labels import get_label_set
+    from uda.tasks import PARTS_LABEL_SET
+
+    return get_label_set(PARTS_LABEL_SET).class_names
+
+
 def write_report(
     out_dir: str | Path,
     title: str,
@@ -145,7 +174,8 @@ def write_report(
     history: Sequence[Mapping[str, Any]] | None = None,
     figures: Sequence[str] = (),
 ) -> Path:
-    """Write metrics.json and report.md (main metrics, per-class IoU, protocol) into out_dir; a training run adds
+    """Write metrics.json and report.md (main metrics, per-class IoU of each task: semseg named by `class_names`,
+    parts by their own label set; protocol) into out_dir; a training run adds
     its validation `history` (metrics.json and a table) and `figures` (curve PNGs relative to out_dir)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,12 +189,17 @@ def write_report(
         for key, value in metrics.items():
             if "/iou/" not in key:
                 lines.append(f"| {key} | {_fmt(value)} |")
-        per_class = {k: v for k, v in metrics.items() if "/iou/" in k}
-        if per_class:
-            lines += ["", "| class | IoU |", "|---|---|"]
-            for key, value in per_class.items():
-                idx = int(key.rsplit("/", 1)[1])
-                label = class_names[idx] if class_names and idx < len(class_names) else str(idx)
+        # One table per task: parts IoU ("parts/iou/<c>") are of the human-part classes, not the semantic ones.
+        per_class: dict[str, dict[int, float]] = {}
+        for key, value in metrics.items():
+            if "/iou/" in key:
+                task, _, idx = key.partition("/iou/")
+                per_class.setdefault(task, {})[int(idx)] = value
+        for task, ious in per_class.items():
+            names = class_names if task == "semseg" else _part_names() if task == "parts" else None
+            lines += ["", f"| {task} class | IoU |", "|---|---|"]
+            for idx, value in ious.items():
+                label = names[idx] if names and idx < len(names) else str(idx)
                 lines.append(f"| {label} | {_fmt(value)} |")
         lines += ["", "Protocol:", ""]
         lines += [f"- {k}: {v}" for k, v in protocols.get(name, {}).items()]

@@ -28,6 +28,24 @@ def _div(num: float, den: float) -> float:
     return num / den if den > 0 else math.nan
 
 
+def _shape(dims: Sequence[int | str]) -> str:
+    return "[" + ",".join(str(d) for d in dims) + "]"
+
+
+def _check_maps(metric: str, pred: Tensor, target: Tensor, channels: int, what: str) -> None:
+    """Refuse a prediction other than [B,channels,h,w] or a target other than [B,channels,H,W] (same B): a
+    broadcast or a misread channel axis would give a wrong number instead of an error."""
+    if target.dim() != 4 or target.shape[1] != channels:
+        raise ValueError(
+            f"{metric}: expected a target {_shape(['B', channels, 'H', 'W'])}, got {_shape(target.shape)}"
+        )
+    if pred.dim() != 4 or tuple(pred.shape[:2]) != (target.shape[0], channels):
+        raise ValueError(
+            f"{metric}: expected {what} {_shape([target.shape[0], channels, 'h', 'w'])} for a target "
+            f"{_shape(target.shape)}, got {_shape(pred.shape)}"
+        )
+
+
 class StreamingMetric:
     """Base class: a named set of float64 sum tensors with update / state / load_state / sync / reset."""
 
@@ -94,7 +112,16 @@ class SegmentationMetric(StreamingMetric):
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add predicted labels [B,H,W] or logits [B,C,h,w] (bilinear resize, argmax) vs target [B,H,W]."""
+        """Add predicted labels [B,h,w] (nearest resize) or logits [B,C,h,w] (bilinear resize, argmax) vs target
+        [B,H,W]; any other shape is a ValueError (a label map [B,1,H,W] would be read as 1-channel logits)."""
+        if target.dim() != 3:
+            raise ValueError(f"SegmentationMetric: expected a target [B,H,W], got {_shape(target.shape)}")
+        batch, c = target.shape[0], self.num_classes
+        if not (pred.dim() in (3, 4) and pred.shape[0] == batch and (pred.dim() == 3 or pred.shape[1] == c)):
+            raise ValueError(
+                f"SegmentationMetric: expected logits [{batch},{c},h,w] or labels [{batch},h,w] for a target "
+                f"{_shape(target.shape)}, got {_shape(pred.shape)}"
+            )
         size = target.shape[-2:]
         if pred.dim() == 4:
             pred = resize_to(pred.float(), size).argmax(dim=1)
@@ -175,6 +202,7 @@ class DepthMetric(StreamingMetric):
     @torch.no_grad()
     def update(self, pred_m: Tensor, gt_m: Tensor) -> None:
         """Add predicted depth [B,1,h,w] (metres, resized bilinearly) vs GT [B,1,H,W] (metres, 0 = none)."""
+        _check_maps("DepthMetric", pred_m, gt_m, 1, "depth")
         pred_m = resize_to(pred_m.double(), gt_m.shape[-2:])
         gt_m = gt_m.double()
         for pred, gt in zip(pred_m, gt_m, strict=True):
@@ -250,6 +278,7 @@ class NormalsMetric(StreamingMetric):
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add raw predicted normals [B,3,h,w] (resized bilinearly) vs GT [B,3,H,W] (0 = unknown)."""
+        _check_maps("NormalsMetric", pred, target, 3, "normals")
         pred = resize_to(pred.float(), target.shape[-2:])
         valid = target.norm(dim=1) > 0.5
         p = F.normalize(pred, dim=1, eps=1e-8).movedim(1, -1).double()
@@ -323,6 +352,7 @@ class EdgesMetric(StreamingMetric):
     def update(self, prob: Tensor, target: Tensor) -> None:
         """Add edge probabilities [B,1,h,w] (TaskDef.predict: sigmoid of the logit; bilinearly resized) vs GT
         {0,1} [B,1,H,W]."""
+        _check_maps("EdgesMetric", prob, target, 1, "edge probabilities")
         prob = resize_to(prob.float(), target.shape[-2:])
         valid = (target == 0) | (target == 1)
         pred = (prob > self.threshold)[valid]
@@ -386,6 +416,7 @@ class BoundaryOdsF(StreamingMetric):
         """Add edge probabilities [B,1,h,w] (bilinearly resized) vs GT [B,1,H,W]: 1 boundary, 0 not, 255 ignored."""
         from uda.boundary import boundary_counts, f_measure
 
+        _check_maps("BoundaryOdsF", prob, target, 1, "edge probabilities")
         prob = resize_to(prob.float(), target.shape[-2:])
         total = np.zeros((len(self.thresholds), 4))
         ois = np.zeros(4)
@@ -446,6 +477,7 @@ class SaliencyMetric(StreamingMetric):
     @torch.no_grad()
     def update(self, prob: Tensor, target: Tensor) -> None:
         """Add saliency probabilities [B,1,h,w] (bilinearly resized) vs GT {0,1} [B,1,H,W] (255 ignored)."""
+        _check_maps("SaliencyMetric", prob, target, 1, "saliency probabilities")
         prob = resize_to(prob.float(), target.shape[-2:])[:, 0].flatten(1)
         target = target[:, 0].flatten(1)
         valid = target != self.ignore_index
@@ -711,7 +743,10 @@ class MultiTaskMetrics:
         """Add final predictions {task: tensor} (depth in METRES) for tasks whose label is in `batch`."""
         for task, metric in self.metrics.items():
             if task in outputs and task in batch:
-                metric.update(outputs[task], batch[task])
+                try:
+                    metric.update(outputs[task], batch[task])
+                except ValueError as err:  # semseg and parts share a metric class: say which task it was
+                    raise ValueError(f"{task}: {err}") from None
 
     def reset(self) -> None:
         """Forget everything accumulated."""

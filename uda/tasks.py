@@ -11,7 +11,7 @@ an `OutputSpace`, built once per run by `output_space`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -371,10 +371,19 @@ def task_channels(tasks: tuple[str, ...], num_classes: int) -> dict[str, int]:
     return {t: TASK_DEFS[t].channels(num_classes) for t in tasks}
 
 
-def to_predictions(outputs: Mapping[str, Mapping[int, Tensor]], scale: int, space: OutputSpace) -> dict:
+def to_predictions(
+    outputs: Mapping[str, Mapping[int, Tensor]], scale: int, space: OutputSpace, tasks: Sequence[str] = ()
+) -> dict:
     """Network outputs at one scale -> predictions in sample units: logits (semseg, parts), metres, unit normals,
     edge and saliency probabilities.
-    Tasks without an output at that scale (MTI-Net's auxiliary tasks have no final prediction) are left out."""
+    Tasks without an output at that scale (MTI-Net's auxiliary tasks have no final prediction) are left out; one
+    of `tasks` (those evaluated) without it is a ValueError naming the scales the model has for them."""
+    if any(scale not in outputs.get(t, {}) for t in tasks):
+        # Left out silently, the task would be reported as all-NaN metrics (or fail later, e.g. median scaling).
+        common = set.intersection(*(set(outputs.get(t, {})) for t in tasks))
+        has = ", ".join(map(str, sorted(common))) or "none common to its tasks"
+        fix = f"; pass --scale {min(common)} (eval.scale={min(common)} in a recipe)" if common else ""
+        raise ValueError(f"the model has no output at scale {scale} (it has {has}){fix}")
     return {t: TASK_DEFS[t].predict(per[scale].float(), space) for t, per in outputs.items() if scale in per}
 
 

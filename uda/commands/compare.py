@@ -1,6 +1,7 @@
 """Compare runs: mean +/- std over seeds of the main metrics, and the multi-task delta against STL runs.
 
-Runs are grouped by their config name (recipe, variant, model); seeds of one group are averaged. Delta_T
+Runs are grouped by their config name (recipe, variant, model); seeds of one group are averaged (a seed twice
+in one group is an error: --group-by folder separates experiments that share a config name). Delta_T
 (paper Eq. from Vandenhende et al.) is computed per run against the mean of the baseline group: by default
 the STL group of the same recipe and variant (STL-UDA for adaptation runs). The metric set is chosen with
 --delta (uda.metrics.DELTA_SETS):
@@ -21,6 +22,7 @@ import re
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 SHOWN = [
@@ -46,22 +48,72 @@ def is_legacy(metrics: dict) -> bool:
     return pooled_normals_only or any(k in metrics for k in LEGACY_KEYS)
 
 
-def load_run(path: Path, split: str | None) -> tuple[str, dict, list[str], str]:
-    """(group name, metrics of the split, tasks, arch) of one run folder."""
-    metrics_file, config_file = path / "metrics.json", path / "config.json"
-    for f in (metrics_file, config_file):
-        if not f.is_file():
-            raise SystemExit(
-                f"error: {f} not found; pass finished run folders (they hold config.json and metrics.json)"
-            )
-    results = json.loads(metrics_file.read_text())["results"]
-    cfg = json.loads(config_file.read_text())
+def read_json(path: Path, fix: str) -> dict:
+    """The JSON object in `path`; anything else stops with one line naming the file and `fix`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # unreadable, or not JSON (e.g. a half-written or damaged file)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SystemExit(f"error: {path}: not readable as JSON ({reason}); {fix}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path}: not a JSON object; {fix}")
+    return data
+
+
+def run_folder(path: Path, record: dict) -> Path:
+    """The run folder whose config.json describes the metrics.json `record` in `path`: the folder itself, or for
+    an evaluation folder uda-evaluate wrote (metrics.json and report.md only) its run: the folder above it (the
+    default <run>/eval-<dataset>-<split>), else the run of the checkpoint its protocol names (--out elsewhere)."""
+    if (path / "config.json").is_file() or (path.parent / "config.json").is_file():
+        return path if (path / "config.json").is_file() else path.parent
+    protocols = record.get("protocol")
+    for used in protocols.values() if isinstance(protocols, dict) else ():
+        checkpoint = used.get("checkpoint") if isinstance(used, dict) else None
+        if isinstance(checkpoint, str) and (Path(checkpoint).parent.parent / "config.json").is_file():
+            return Path(checkpoint).parent.parent  # <run>/checkpoints/step-*
+    return path
+
+
+@dataclass
+class Run:
+    """One run's row material: config name, metrics of the chosen split, tasks, arch, seed, run folder."""
+
+    name: str
+    metrics: dict
+    tasks: list[str]
+    arch: str
+    seed: int | None
+    folder: Path
+
+
+def load_run(path: Path, split: str | None) -> Run:
+    """One run folder, or an evaluation folder uda-evaluate wrote for a run (its config read from the run)."""
+    metrics_file = path / "metrics.json"
+    if not metrics_file.is_file():
+        raise SystemExit(
+            f"error: {metrics_file} not found; pass finished run folders (they hold config.json and "
+            "metrics.json) or the eval-* folders uda-evaluate wrote into them"
+        )
+    again = "re-evaluate the run with uda-evaluate RUN and pass the RUN/eval-* folder it writes"
+    record = read_json(metrics_file, again)
+    results = record.get("results")
+    if not isinstance(results, dict) or not results:
+        raise SystemExit(f"error: {metrics_file} has no 'results' (not metrics written by uda); {again}")
+    folder = run_folder(path, record)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise SystemExit(
+            f"error: {config_file} not found, nor a run's config.json above it or at the checkpoint its metrics "
+            "name; pass finished run folders or the eval-* folders uda-evaluate wrote into them"
+        )
+    cfg = read_json(config_file, "the run's config is damaged; pass another run folder")
     chosen = split or ("target" if "target" in results else next(iter(results)))
     if chosen not in results:
         raise SystemExit(
             f"error: {metrics_file} has no split {chosen!r} (has {', '.join(results)}); use --split"
         )
-    return cfg["name"], results[chosen], cfg["tasks"], cfg["model"]["arch"]
+    seed = cfg.get("train", {}).get("seed")
+    return Run(cfg["name"], results[chosen], cfg["tasks"], cfg["model"]["arch"], seed, folder)
 
 
 def mean_std(values: list[float]) -> str:
@@ -80,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(in a clone without installing: python tools/compare.py ...)",
     )
     parser.add_argument(
-        "runs", nargs="+", type=Path, help="finished run folders (config.json + metrics.json)"
+        "runs",
+        nargs="+",
+        type=Path,
+        help="finished run folders (config.json + metrics.json), or evaluation folders uda-evaluate wrote "
+        "(RUN/eval-<dataset>-<split>: the run's config is read from RUN)",
     )
     parser.add_argument(
         "--split",
@@ -132,18 +188,35 @@ def table(argv: list[str] | None = None) -> str:
 
     groups: dict[str, list[dict]] = defaultdict(list)
     info: dict[str, tuple[list[str], str]] = {}
+    seeds: dict[tuple[str, int], Path] = {}
     for run in args.runs:
-        name, metrics, tasks, arch = load_run(run, args.split)
+        loaded = load_run(run, args.split)
+        name, metrics, seed = loaded.name, loaded.metrics, loaded.seed
         if args.group_by == "folder":
-            name = re.sub(r"-s\d+$", "", run.resolve().name)
+            name = re.sub(r"-s\d+$", "", loaded.folder.resolve().name)
         if is_legacy(metrics):
             print(
                 f"warning: {run}/metrics.json uses the older metric definitions (depth/rmse per image, "
-                "normals/mean, edges/f1 differ); re-evaluate it with uda-evaluate before comparing",
+                f"normals/mean, edges/f1 differ); re-evaluate it (uda-evaluate {loaded.folder}) and pass the "
+                "eval-* folder it writes instead",
                 file=sys.stderr,
             )
+        if seed is not None and (name, seed) in seeds:
+            # Two runs of one seed are not two seeds: different experiments sharing a config name (or one run
+            # passed twice), which averaging would pool into one row.
+            fix = (
+                "give their run folders distinct names"
+                if args.group_by == "folder"
+                else "pass --group-by folder to make each run folder (its -s<seed> dropped) its own row"
+            )
+            raise SystemExit(
+                f"error: {seeds[name, seed]} and {run} are both {name!r} with train.seed {seed}; {fix}, or "
+                "leave one out"
+            )
+        if seed is not None:
+            seeds[name, seed] = run
         groups[name].append(metrics)
-        info[name] = (tasks, arch)
+        info[name] = (loaded.tasks, loaded.arch)
 
     def baseline_for(name: str) -> str | None:
         if args.baseline:
@@ -166,6 +239,11 @@ def table(argv: list[str] | None = None) -> str:
             # Tasks predicted in the front end only (MTI-Net's auxiliary tasks) have no metric to compare.
             evaluated = [t for t in info[name][0] if any(k.startswith(f"{t}/") for k in runs[0])]
             tasks = args.tasks.split(",") if args.tasks else [t for t in evaluated if t in known]
+            if missing := [t for t in tasks if t not in evaluated]:
+                raise SystemExit(
+                    f"error: {name}: --tasks {args.tasks} names {', '.join(missing)}, which its runs were not "
+                    f"evaluated on (they have {', '.join(evaluated)}); pass --tasks among those"
+                )
             keys = delta_keys(tasks, runs[0], args.delta)
             reference = {
                 k: statistics.mean(m[k] for m in groups[base])

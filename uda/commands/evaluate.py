@@ -309,6 +309,7 @@ def run(args: argparse.Namespace) -> dict:
         progress=acc.is_main_process,
         on_first_batch=write_images,
         domain=domain,
+        dataset=data.dataset,
     )
     if acc.is_main_process:
         name = f"{data.dataset}/{data.val_split}"
