@@ -528,3 +528,17 @@ def test_build_weighting_names_the_valid_kinds():
         build_weighting("fixed", ["depth"], {"depth": 1.0}, period=3)
     with pytest.raises(KeyError, match="depth"):
         build_weighting("fixed", ["depth"], {"semseg": 1.0})
+
+
+def test_loss_weights_of_tasks_the_run_lacks_are_refused():
+    from uda.config import LossConfig
+    from uda.objectives.base import ObjectiveError
+    from uda.objectives.weighting import weighting_from_config
+
+    tasks = ("semseg", "depth")
+    fine = weighting_from_config(LossConfig(weights={"semseg": 50.0, "depth": 1.0}), tasks)
+    assert fine.base == {"semseg": 50.0, "depth": 1.0}
+    with pytest.raises(
+        ObjectiveError, match=r"loss.weights names tasks \['normal'\] this run does not train"
+    ):
+        weighting_from_config(LossConfig(weights={"semseg": 50.0, "depth": 1.0, "normal": 5.0}), tasks)

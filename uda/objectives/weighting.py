@@ -586,6 +586,12 @@ def weighting_from_config(loss: LossConfig, tasks: Sequence[str]) -> TaskWeighti
         "dwa": {"period": loss.dwa_period, "temperature": loss.dwa_temperature},
         "gradnorm": {"alpha": loss.gradnorm_alpha, "lr": loss.weighting_lr},
     }.get(loss.weighting, {})
+    extra = sorted(set(loss.weights) - set(tasks))
+    if extra:  # e.g. a misspelt task name, which would otherwise leave its intended weight unused
+        raise ObjectiveError(
+            f"loss.weights names tasks {extra} this run does not train (its tasks: {', '.join(tasks)}); "
+            "remove them or fix their names"
+        )
     try:
         return build_weighting(loss.weighting, tasks, loss.weights or default_task_weights(tasks), **options)
     except (KeyError, ValueError) as exc:
