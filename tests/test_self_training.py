@@ -388,3 +388,32 @@ def test_class_balanced_selection_keeps_the_most_confident_share_of_every_class(
     assert (pred == 0).float().mean() > 0.5 and len(pred.unique()) == 4  # the test covers an imbalance
     with pytest.raises(Exception, match="class_portion"):
         SelfTrainingConfig(class_portion=1.5)
+
+
+def test_strong_augmentation_jitters_four_images_in_five_as_daformer():
+    # DAFormer's color_jitter_p = 0.2 is the probability of SKIPPING the jitter (it jitters when U(0,1) > 0.2):
+    # 80 % of the images are jittered.
+    from uda.objectives.self_training import strong_augmentation
+
+    torch.manual_seed(0)
+    augment = strong_augmentation(SelfTrainingConfig(blur=False), height=16)
+    images = torch.rand(400, 3, 16, 16)
+    changed = (augment(images) - images).abs().amax(dim=(1, 2, 3)) > 1e-6
+    assert 0.72 < changed.float().mean() < 0.88
+
+
+def test_depthmix_needs_the_source_depth_labels():
+    from uda.config import PhotometricConfig
+    from uda.objectives.base import ObjectiveError
+
+    cfg = tiny_config(Path("/no/data"), Path("/no/run"), adapt=True)
+    cfg = replace(cfg, adapt=None, self_training=SelfTrainingConfig(mix="depthmix"))
+    channels = task_channels(cfg.tasks, NUM_CLASSES)
+    space, scales = output_space(cfg, NUM_CLASSES), intermediate_scales(cfg.model)
+    SelfTraining(RunContext(cfg, cfg.tasks, channels, space, scales), cfg.self_training)  # labelled: fine
+    # Self-supervised source depth (photometric.domain=source): no depth labels to order the pixels by.
+    cfg = replace(cfg, photometric=PhotometricConfig(domain="source"))
+    with pytest.raises(
+        ObjectiveError, match="self_training.mix=depthmix orders pixels by the source's depth"
+    ):
+        SelfTraining(RunContext(cfg, cfg.tasks, channels, space, scales), cfg.self_training)

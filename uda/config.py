@@ -391,7 +391,9 @@ class SelfTrainingConfig:
     confidence_gate: bool = False
     mix: Literal["classmix", "depthmix", "none"] = "classmix"
     jitter: float = 0.2  # colour jitter strength (brightness, contrast, saturation; hue / 4)
-    jitter_p: float = 0.2  # probability of the colour jitter per image (DAFormer)
+    # probability of the colour jitter per image: DAFormer's 0.8 (its color_jitter_p = 0.2 is the probability of
+    # skipping it: it jitters when a uniform draw exceeds 0.2)
+    jitter_p: float = 0.8
     blur: bool = True  # Gaussian blur (sigma 0.15-1.15, p = 0.5) per image
     start_step: int = 0  # pseudo-label terms switched on from this step (the teacher follows from step 0)
     # Rare-class sampling of the source (DAFormer): p(c) ~ exp((1 - f_c) / T), then an image holding at least

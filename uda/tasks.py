@@ -94,7 +94,8 @@ def l1_inverse_depth(pred: Tensor, depth_m: Tensor, space: OutputSpace) -> Tenso
 
 
 def quality_weight(logits: Tensor, threshold: float) -> Tensor:
-    """DACS/DAFormer quality weight per image [B]: share of pixels whose max softmax probability > threshold."""
+    """Quality weight per image [B]: the share of its pixels whose max softmax probability > threshold (DACS and
+    DAFormer take one share over the whole batch; per image, a confident image is not held back by another)."""
     confidence = logits.float().softmax(dim=1).amax(dim=1)
     return (confidence > threshold).float().mean(dim=(1, 2))
 

@@ -71,9 +71,10 @@ def needs_target_statistics(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def estimate_target_statistics(model: nn.Module, batches: Iterable[Tensor]) -> int:
-    """AdaBN: replace the target statistics of every BatchNorm layer by the exact mean and variance of its
-    inputs over the target images of `batches` (image tensors [B,3,H,W]; cumulative average, as BatchNorm with
-    momentum None), the model in training mode without gradients. The global RNG (dropout draws) is left as it
+    """AdaBN: replace the target statistics of every BatchNorm layer by the average over the target batches of
+    `batches` (image tensors [B,3,H,W]) of their batch means and variances (BatchNorm with momentum None, as
+    Precise-BN: the variance each batch was normalised with in training, not the pooled variance of all the
+    images, which adds the spread of the batch means), the model in training mode without gradients. The global RNG (dropout draws) is left as it
     was, so the run's own random stream does not depend on this. Returns the number of images."""
     layers = [m for m in _layers(model) if hasattr(m, "target_running_mean")]
     momenta = [m.momentum for m in layers]

@@ -123,6 +123,11 @@ class SelfTraining(Objective):
             raise ObjectiveError(
                 "self_training.mix=depthmix orders pixels by depth and needs the depth task; use classmix"
             )
+        if cfg.mix == "depthmix" and exp.photometric is not None and exp.photometric.domain == "source":
+            raise ObjectiveError(
+                "self_training.mix=depthmix orders pixels by the source's depth labels, which photometric.domain="
+                "source leaves unread (its depth is learnt from video); use self_training.mix=classmix"
+            )
         if cfg.rare_class_sampling and "semseg" not in run.tasks:
             raise ObjectiveError(
                 "self_training.rare_class_sampling=true samples by semseg classes; the run has no semseg task"
