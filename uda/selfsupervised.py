@@ -46,11 +46,12 @@ def sde_config(args: argparse.Namespace, depth_only: bool) -> ExperimentConfig:
     """Cityscapes: segmentation supervised (16 classes), depth self-supervised from leftImg8bit_sequence; Adam
     (0.9, 0.999), learning rates 1e-5 encoder / 5e-5 decoders / 1e-6 pose net, uniform task weights; depth
     evaluated against disparity depth with per-image median scaling and an 80 m cap."""
+    tasks = ("depth",) if depth_only else ("semseg", "depth")
     cfg = ExperimentConfig(
-        tasks=("depth",) if depth_only else ("semseg", "depth"),
+        tasks=tasks,
         model=ModelConfig(arch="mtl" if depth_only else "mteb"),
         data=DataConfig(dataset="cityscapes", label_set="cityscapes16", size=(512, 1024)),
-        loss=LossConfig(weights={"semseg": 1.0, "depth": 1.0}),
+        loss=LossConfig(weights={t: 1.0 for t in tasks}),
         optim=OptimConfig(lr_backbone=1e-5, lr_decoder=5e-5, betas=(0.9, 0.999)),
         train=TrainConfig(
             iterations=40000, val_every=2000, ckpt_every=2000, init_from=getattr(args, "init_from", None)

@@ -38,12 +38,12 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
 from torch import Tensor, nn
 
-from uda.config import LossConfig
+from uda.config import LossConfig, Task
 from uda.hardware import autocast_off
 from uda.losses import default_task_weights
 from uda.objectives.base import ObjectiveError
@@ -586,11 +586,13 @@ def weighting_from_config(loss: LossConfig, tasks: Sequence[str]) -> TaskWeighti
         "dwa": {"period": loss.dwa_period, "temperature": loss.dwa_temperature},
         "gradnorm": {"alpha": loss.gradnorm_alpha, "lr": loss.weighting_lr},
     }.get(loss.weighting, {})
-    extra = sorted(set(loss.weights) - set(tasks))
-    if extra:  # e.g. a misspelt task name, which would otherwise leave its intended weight unused
+    # A preset may weigh more tasks than the run trains (they are not used); a name that is no task at all is a
+    # misspelling, which would leave the intended weight unused.
+    unknown = sorted(set(loss.weights) - set(get_args(Task)))
+    if unknown:
         raise ObjectiveError(
-            f"loss.weights names tasks {extra} this run does not train (its tasks: {', '.join(tasks)}); "
-            "remove them or fix their names"
+            f"loss.weights names {unknown}, which are not tasks (tasks: {', '.join(get_args(Task))}); "
+            "fix their names"
         )
     try:
         return build_weighting(loss.weighting, tasks, loss.weights or default_task_weights(tasks), **options)
