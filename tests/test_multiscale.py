@@ -113,19 +113,74 @@ def test_archs_that_do_not_fit_the_backbone_are_refused():
 
 
 def test_weights_path_loads_a_timm_checkpoint(tmp_path):
-    """A local timm classification checkpoint (head included) loads into the features-only backbone."""
+    """A local timm classification checkpoint (head included, .pth or .safetensors) loads exactly into the
+    features-only backbone."""
     import timm
+    from safetensors.torch import save_file
 
     torch.manual_seed(1)
-    full = timm.create_model("hrnet_w18_small_v2", pretrained=False)
-    path = tmp_path / "hrnet_w18_small_v2.pth"
-    torch.save(full.state_dict(), path)
-    net = HRNetBackbone("hrnetv2-w18-small", weights_path=str(path))
-    assert torch.equal(net.net.conv1.weight, full.conv1.weight)
+    full = timm.create_model("hrnet_w18_small_v2", pretrained=False).state_dict()
+    torch.save(full, tmp_path / "hrnet_w18_small_v2.pth")
+    save_file(full, str(tmp_path / "hrnet_w18_small_v2.safetensors"))
+    for suffix in ("pth", "safetensors"):
+        net = HRNetBackbone("hrnetv2-w18-small", weights_path=str(tmp_path / f"hrnet_w18_small_v2.{suffix}"))
+        loaded = net.net.state_dict()
+        assert loaded and all(torch.equal(v, full[k]) for k, v in loaded.items()), suffix
     with pytest.raises(
         PretrainedWeightsError, match=r"model.weights_path=.*missing\.pth.*model.pretrained=false"
     ):
         HRNetBackbone("hrnetv2-w18-small", weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_weights_path_that_does_not_fit_is_refused(tmp_path):
+    """timm loads features-only models non-strictly: a file whose keys do not fit must not train from random
+    weights silently."""
+    import timm
+
+    full = timm.create_model("hrnet_w18_small_v2", pretrained=False).state_dict()
+    files = {
+        "prefixed.pth": {f"encoder.{k}": v for k, v in full.items()},  # saved from a wrapper model
+        "foreign.pth": {"foo.weight": torch.zeros(3)},
+        "partial.pth": {k: v for k, v in full.items() if not k.startswith("stage4.")},
+    }
+    for name, state in files.items():
+        torch.save(state, tmp_path / name)
+        with pytest.raises(PretrainedWeightsError) as info:
+            HRNetBackbone("hrnetv2-w18-small", weights_path=str(tmp_path / name))
+        message = str(info.value)
+        assert "\n" not in message and name in message and "missing keys" in message, message
+        assert "hrnet_w18_small_v2" in message and "model.pretrained=false" in message
+
+
+def test_hrnet_takes_any_input_size():
+    """Sizes that are not multiples of 32 are padded and every map cropped to ceil(size / stride), as a ResNet's;
+    multiples of 32 are untouched."""
+    net = build_backbone(_cfg()).eval()
+    image = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        before = net.net((image - net.mean) / net.std)  # what forward returned before padding existed
+        after = net(image)
+        odd = net(torch.rand(1, 3, 70, 90))
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert [tuple(m.shape[-2:]) for m in odd] == [(18, 23), (9, 12), (5, 6), (3, 3)]
+
+
+@pytest.mark.parametrize("arch", ["mtl", "mteb", "mti-net", "atrc"])
+def test_models_on_odd_input_sizes(arch):
+    """Every HRNet model runs at 70x90 (KITTI's 375x1242 is no multiple of 32 either): outputs at the input size,
+    scale s at ceil(size / 2^s), ATRC's aux at stride 4."""
+    cfg = _cfg(arch=arch, atrc_contexts="tlabel")
+    model = build_model(cfg, SMALL)
+    out = model(torch.rand(1, 3, 70, 90))
+    for task, n in SMALL.items():
+        for s, o in out[task].items():
+            stride = 4 if s == "aux" else 2**s
+            assert o.shape[-2:] == (-(-70 // stride), -(-90 // stride)), (task, s)
+        assert out[task][0].shape == (1, n, 70, 90)
+    if arch == "mti-net":
+        sum(o.float().mean() for per in out.values() for o in per.values()).backward()
+        grads = [p.grad for p in model.encoder.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_offline_hub_gives_one_line_error(monkeypatch):

@@ -34,6 +34,10 @@ HRNETS = {
 # FPN on a plain (undilated) torchvision ResNet: name -> ResNet name.
 FPNS = {"fpn-resnet18": "resnet18", "fpn-resnet50": "resnet50"}
 MULTISCALE_BACKBONES = (*HRNETS, *FPNS)
+# The modules of timm's classification HRNet that its features-only model (feature_location="") lacks: the
+# head, dropped from a weights_path checkpoint before the strict load (checked against timm 1.0's models).
+HRNET_HEAD = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
+HRNET_STRIDE = 32  # the coarsest branch: HRNet's fusions need input sizes that are multiples of it
 
 # Output scale of each backbone map: strides 4, 8, 16, 32.
 BACKBONE_SCALES = (2, 3, 4, 5)
@@ -59,31 +63,71 @@ class HRNetBackbone(nn.Module):
         import timm
 
         kwargs = {"features_only": True, "feature_location": "", "out_indices": (1, 2, 3, 4)}
-        if weights_path is not None:
-            kwargs["pretrained_cfg_overlay"] = {"file": str(weights_path)}
         try:
+            # A local file is loaded below, strictly: timm's own loading is not strict in features mode.
             self.net = timm.create_model(
-                HRNETS[name], pretrained=pretrained or weights_path is not None, **kwargs
+                HRNETS[name], pretrained=pretrained and weights_path is None, **kwargs
             )
-        except Exception as exc:  # noqa: BLE001 - offline hub, missing or foreign file: the same fix
-            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-            where = f"model.weights_path={weights_path}" if weights_path else "the Hugging Face hub"
-            raise PretrainedWeightsError(
-                f"cannot load {name} ImageNet weights from {where} ({reason}); pass a local timm "
-                f"{HRNETS[name]} checkpoint with model.weights_path=/path/{HRNETS[name]}.pth (or .safetensors), "
-                "or train without them with model.pretrained=false"
-            ) from None
+        except Exception as exc:  # noqa: BLE001 - offline hub or missing cache: the same fix
+            raise PretrainedWeightsError(_hrnet_weights_message(name, "the Hugging Face hub", exc)) from None
+        if weights_path is not None:
+            self._load_weights(name, weights_path)
         self.channels: list[int] = list(self.net.feature_info.channels())
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _load_weights(self, name: str, weights_path: str) -> None:
+        """Load a timm classification checkpoint (.pth or .safetensors) strictly, less the head features mode lacks."""
+        from timm.models import load_state_dict
+
+        where = f"model.weights_path={weights_path}"
+        try:
+            state = load_state_dict(str(weights_path))
+        except Exception as exc:  # noqa: BLE001 - missing, unreadable or foreign file: the same fix
+            raise PretrainedWeightsError(_hrnet_weights_message(name, where, exc)) from None
+        state = {k: v for k, v in state.items() if not k.startswith(HRNET_HEAD)}
+        own = self.net.state_dict().keys()
+        missing, unexpected = sorted(own - state.keys()), sorted(state.keys() - own)
+        try:
+            if missing or unexpected:  # named here: torch's message would list every key
+                raise RuntimeError(
+                    f"{len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+                    f"e.g. {unexpected[:2]}"
+                )
+            self.net.load_state_dict(state, strict=True)  # still strict: misshapen tensors
+        except RuntimeError as exc:
+            raise PretrainedWeightsError(
+                _hrnet_weights_message(name, where, exc, f"not a state dict of timm's {HRNETS[name]}")
+            ) from None
 
     def last_layer(self) -> list[nn.Parameter]:
         """The weight of the last convolution of the last stage (the multi-resolution fusion)."""
         return [[m for m in self.net.stage4.modules() if isinstance(m, nn.Conv2d)][-1].weight]
 
     def forward(self, image: Tensor) -> list[Tensor]:
-        """image [B,3,H,W] in [0,1] -> four maps at strides 4, 8, 16, 32."""
-        return self.net((image - self.mean) / self.std)
+        """image [B,3,H,W] in [0,1] (any size) -> four maps at strides 4, 8, 16, 32 of ceil(H/s) x ceil(W/s)."""
+        x = (image - self.mean) / self.std
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % HRNET_STRIDE, -w % HRNET_STRIDE
+        if not (pad_h or pad_w):
+            return self.net(x)
+        # HRNet's fusions add upsampled coarse branches to finer ones, which only fit at multiples of 32: pad the
+        # bottom and right with zeros (the ImageNet mean once normalised, what the convolutions' own zero padding
+        # assumes beyond every border; constant padding is also deterministic on CUDA, replicate's backward is
+        # not) and crop every map to the size a ResNet gives, ceil(H/s) x ceil(W/s).
+        maps = self.net(F.pad(x, (0, pad_w, 0, pad_h)))
+        return [m[..., : -(-h // s), : -(-w // s)] for m, s in zip(maps, self.net.feature_info.reduction())]
+
+
+def _hrnet_weights_message(name: str, where: str, exc: BaseException, why: str = "") -> str:
+    """One line: which HRNet weights could not be loaded from where, why, and the fix."""
+    reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+    return (
+        f"cannot load {name} ImageNet weights from {where} ({f'{why}: ' if why else ''}{reason}); pass a local "
+        f"timm {HRNETS[name]} checkpoint (the classification model's state dict) with "
+        f"model.weights_path=/path/{HRNETS[name]}.pth (or .safetensors), or train without them with "
+        "model.pretrained=false"
+    )
 
 
 class FPNBackbone(nn.Module):

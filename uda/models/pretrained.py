@@ -89,8 +89,14 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> nn.Module:
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
     config = read_pretrained_config(folder)
-    model = build_model(from_dict(ModelConfig, config["model"]), config["channels"])
+    model_cfg = from_dict(ModelConfig, config["model"])
     tensors = load_file(str(folder / WEIGHTS), device=device)
+    centroids = [v for k, v in tensors.items() if k.rpartition(".")[2] == "normal_centroids"]
+    if model_cfg.normal_clusters is not None and centroids:
+        # ATRC's normals centroids are a buffer of the weights: build with that many placeholder directions
+        # rather than re-read model.normal_clusters (a file of the training machine); the load restores them.
+        model_cfg = replace(model_cfg, normal_clusters=None, atrc_normal_clusters=len(centroids[0]))
+    model = build_model(model_cfg, config["channels"])
     check_state_dict(model, tensors, folder / WEIGHTS)
     model.load_state_dict(tensors)
     model.pretrained_config = config  # tasks, class names, depth parametrisation
