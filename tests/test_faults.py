@@ -1011,13 +1011,19 @@ trainer.accelerator.end_training()
 '''
 
 
-def test_two_processes_hold_identical_task_weights(toy_root, tmp_path):
-    script = tmp_path / "weights_per_rank.py"
-    script.write_text(RANKS_SCRIPT)
+def launch_per_rank(source: str, toy_root: Path, tmp_path: Path) -> Path:
+    """Run a script (arguments: the toy root, an output folder) on 2 processes; the output folder."""
+    script = tmp_path / "per_rank.py"
+    script.write_text(source)
     out = tmp_path / "out"
     out.mkdir()
     result = launch([str(script), str(toy_root), str(out)], 2)
     assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_two_processes_hold_identical_task_weights(toy_root, tmp_path):
+    out = launch_per_rank(RANKS_SCRIPT, toy_root, tmp_path)
     for weighting in ("uncertainty", "dwa", "gradnorm"):
         ranks = [json.loads((out / f"{weighting}-rank{r}.json").read_text()) for r in (0, 1)]
         assert ranks[0]["final"] == ranks[1]["final"], weighting  # identical on every process, bit for bit
@@ -1056,12 +1062,7 @@ trainer.accelerator.end_training()
 def test_two_processes_train_identical_discriminators(toy_root, tmp_path):
     # Adversarial adaptation (the UDA recipes' default method) on 2 processes: every discriminator runs in one
     # DDP forward per update, so their gradients are averaged and the processes keep identical weights.
-    script = tmp_path / "discriminators_per_rank.py"
-    script.write_text(ADAPT_RANKS_SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    result = launch([str(script), str(toy_root), str(out)], 2)
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = launch_per_rank(ADAPT_RANKS_SCRIPT, toy_root, tmp_path)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["final"] == ranks[1]["final"]  # bit for bit
     assert ranks[0]["final"] != ranks[0]["initial"]  # and they did learn
