@@ -486,6 +486,40 @@ def test_gradnorm_processes_hold_identical_weights():
     assert not torch.equal(rank0, torch.ones(2))
 
 
+def test_gradnorm_under_activation_checkpointing_equals_the_plain_step():
+    # GradNorm differentiates each task's loss with the graph kept, then the model loss is differentiated:
+    # a checkpointed block is recomputed once per pass (model.checkpointing=true).
+    from uda.models.checkpointing import checkpoint_forward
+
+    def step(checkpointed: bool):
+        torch.manual_seed(0)
+        encoder = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8))
+        heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+        if checkpointed:
+            checkpoint_forward(encoder)
+        x = torch.randn(16, 4)
+        h = encoder(x)
+        terms = {t: [(head(h) - 1.0).pow(2).mean()] for t, head in heads.items()}
+        weighting = GradNormWeighting(["a", "b"], {"a": 1.0, "b": 3.0})
+        ctx = WeightingContext(step=0, shared=lambda t: [encoder[3].weight])
+        total, logs = weighting(terms, ctx)
+        total.backward()
+        assert weighting.update(ctx)["gradnorm/applied"].item() == 1.0
+        bn = encoder[1]
+        return logs, [p.grad for p in encoder.parameters()], [bn.running_mean, bn.num_batches_tracked]
+
+    plain_logs, plain_grads, plain_stats = step(False)
+    logs, grads, stats = step(True)
+    assert plain_logs["gradnorm/grad_norm/a"].item() > 0
+    for key, value in plain_logs.items():
+        assert torch.equal(logs[key], value), key
+    for a, b in zip(grads, plain_grads):
+        assert torch.equal(a, b)
+    for a, b in zip(stats, plain_stats):  # the statistics moved once, as in the plain step
+        assert torch.equal(a, b)
+    assert stats[1].item() == 1
+
+
 # ---------------------------------------------------------------------------------------------- all
 
 

@@ -8,8 +8,7 @@ The state dict keeps its keys: the blocks are not wrapped, their forward is.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -17,17 +16,24 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 
-@contextmanager
-def frozen_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
-    """BatchNorms of `module` normalise with the batch but leave running statistics and counters unchanged."""
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(norms, saved):
+class FrozenBatchNormStatistics:
+    """BatchNorms of `module` normalise with the batch but leave running statistics and counters unchanged.
+
+    Reusable: torch.utils.checkpoint enters one recomputation context per backward pass through the block, and
+    a graph kept with retain_graph=True (GradNorm's per-task gradients, then the model's backward) is
+    recomputed once per pass."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        self.saved: list[list[tuple]] = []  # a stack: one entry per open context
+
+    def __enter__(self) -> None:
+        self.saved.append([(m.momentum, m.num_batches_tracked.clone()) for m in self.norms])
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, count) in zip(self.norms, self.saved.pop()):
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
 
@@ -39,7 +45,7 @@ def checkpoint_forward(module: nn.Module, method: str = "forward") -> None:
     def run(*args, **kwargs):
         if not (module.training and torch.is_grad_enabled()):
             return plain(*args, **kwargs)
-        contexts = lambda: (nullcontext(), frozen_batchnorm_statistics(module))  # noqa: E731
+        contexts = lambda: (nullcontext(), FrozenBatchNormStatistics(module))  # noqa: E731
         return checkpoint(plain, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     setattr(module, method, run)
