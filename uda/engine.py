@@ -398,7 +398,12 @@ class Trainer:
         self.history = list(state.get("history", []))
         components = state.get("components", {})
         if "weighting" in components:
-            self.weighting.load_checkpoint_state(components["weighting"])
+            try:
+                self.weighting.load_checkpoint_state(components["weighting"])
+            except (KeyError, ValueError) as exc:  # e.g. another loss.dwa_period: one line, not a traceback
+                raise TrainingError(
+                    f"{ckpt}: its task weighting does not fit this run: {exc}; resume with the loss settings it was saved with"
+                ) from None
         for objective in self.objectives:
             if objective.section in components:
                 objective.load_checkpoint_state(components[objective.section])

@@ -374,7 +374,9 @@ class DWAWeighting(TaskWeighting):
         """Restore the period bookkeeping exactly; refuses a checkpoint with another period length."""
         super().load_checkpoint_state(state)
         if int(state["period"]) != self.period:
-            raise ValueError(f"checkpoint has dwa period {state['period']}, this run {self.period}")
+            raise ValueError(
+                f"checkpoint has dwa period {state['period']}, this run {self.period} (loss.dwa_period)"
+            )
         self._current = int(state["current"])
         self._sums = [float(v) for v in state["sums"]]
         self._counts = [int(v) for v in state["counts"]]
