@@ -574,3 +574,18 @@ def test_loss_weights_naming_no_task_are_refused():
     assert fine.base == {"semseg": 50.0, "depth": 1.0}  # a preset may weigh tasks the run does not train
     with pytest.raises(ObjectiveError, match=r"loss.weights names \['normal'\], which are not tasks"):
         weighting_from_config(LossConfig(weights={"semseg": 50.0, "depth": 1.0, "normal": 5.0}), tasks)
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "gradnorm"])
+@pytest.mark.parametrize("lr", [-0.025, 0.0, math.nan, math.inf])
+def test_a_learnt_weighting_refuses_a_rate_that_cannot_learn(weighting, lr):
+    from uda.config import LossConfig
+    from uda.objectives.base import ObjectiveError
+    from uda.objectives.weighting import weighting_from_config
+
+    tasks = ("semseg", "depth")
+    with pytest.raises(ObjectiveError, match=rf"^loss.weighting_lr={lr}: loss.weighting={weighting} learns"):
+        weighting_from_config(LossConfig(weighting=weighting, weighting_lr=lr), tasks)
+    assert weighting_from_config(LossConfig(weighting=weighting, weighting_lr=0.01), tasks).kind == weighting
+    # The fixed weighting and DWA learn nothing: the rate is not read.
+    assert weighting_from_config(LossConfig(weighting="dwa", weighting_lr=lr), tasks).kind == "dwa"

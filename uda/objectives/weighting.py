@@ -407,8 +407,8 @@ class GradNormWeighting(TaskWeighting):
         super().__init__(tasks, base)
         if not (math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"gradnorm alpha must be finite and >= 0, got {alpha}")
-        if not lr > 0:
-            raise ValueError(f"gradnorm lr must be > 0, got {lr}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"gradnorm lr must be finite and > 0, got {lr}")
         if not 0 < min_weight < 1:
             raise ValueError(f"gradnorm min_weight must be in (0, 1), got {min_weight}")
         self.alpha = float(alpha)
@@ -588,6 +588,14 @@ def weighting_from_config(loss: LossConfig, tasks: Sequence[str]) -> TaskWeighti
         "dwa": {"period": loss.dwa_period, "temperature": loss.dwa_temperature},
         "gradnorm": {"alpha": loss.gradnorm_alpha, "lr": loss.weighting_lr},
     }.get(loss.weighting, {})
+    # Uncertainty's rate goes to the model optimiser, which accepts any number: a rate <= 0 would push the
+    # log-variances away from their optimum (or freeze them) without a word.
+    lr = loss.weighting_lr
+    if loss.weighting in ("uncertainty", "gradnorm") and not (math.isfinite(lr) and lr > 0):
+        raise ObjectiveError(
+            f"loss.weighting_lr={lr}: loss.weighting={loss.weighting} learns its weights at this rate, which must "
+            "be finite and > 0"
+        )
     # A preset may weigh more tasks than the run trains (they are not used); a name that is no task at all is a
     # misspelling, which would leave the intended weight unused.
     unknown = sorted(set(loss.weights) - set(get_args(Task)))
