@@ -72,6 +72,21 @@ def test_global_context_equals_normalised_kernel():
     assert torch.allclose(out.flatten(2), ref.transpose(1, 2), atol=1e-5)
 
 
+def test_global_context_stays_finite_under_float16_autocast():
+    # A training step at 512 x 1024: stride-4 task features of 128 x 256 pixels, C = 67 (HRNetV2-W18), d = 33.
+    # The sums over every pixel exceed float16's range; the result, a weighted mean of the values, does not.
+    torch.manual_seed(0)
+    block = GlobalContext(67, 33).train()
+    target, source = torch.randn(2, 67, 128, 256).relu(), torch.randn(2, 67, 128, 256).relu()
+    with torch.no_grad():
+        ref = block(target, source)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = block(target, source)
+    assert torch.isfinite(out).all()
+    # only the projections run in float16 (their rounding moves the output by ~1e-4 of its range)
+    torch.testing.assert_close(out.float(), ref, atol=1e-3 * ref.abs().max().item(), rtol=0)
+
+
 def test_label_prototypes_and_attention_by_hand():
     torch.manual_seed(0)
     aux = torch.randn(2, 3, 2, 4)  # R = 3 regions

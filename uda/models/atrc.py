@@ -32,7 +32,8 @@ Facts from the authors' code (brdav/atrc, `relationalcontext.py`, `attention.py`
 Choices where the code differs or is silent:
 - the spatial softmax of A runs at the feature resolution (stride 4); the code upsamples A to the input size
   for its loss only, and here the aux loss resizes the labels (nearest) to A's resolution instead;
-- the global context is computed in float32 (sums over every pixel; clamped denominator 1e-12 as the code).
+- the global context is computed in float32, with autocast off (sums over every pixel, which overflow float16;
+  clamped denominator 1e-12 as the code).
 
 Context-type search (ATRC §3.3; model.atrc_contexts=search, recipes/atrc_search.py): every CP block holds the
 five candidates and architecture logits alpha [targets, sources, 5] (p_alpha = softmax(alpha), zeros = uniform at
@@ -59,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from uda.hardware import autocast_off
 from uda.models.multiscale import MultiScaleModel, upsample_concat
 
 CONTEXTS = ("global", "local", "tlabel", "slabel", "none")
@@ -111,10 +113,13 @@ class GlobalContext(_Context):
         q = self.query(target).flatten(2).float()  # [B,d,L]
         k = self.key(source).flatten(2).float()
         v = self.value(source).flatten(2).float()  # [B,m,L]
-        kv = v @ k.transpose(1, 2)  # [B,m,d] = sum_j v_j k_j^T
-        numerator = kv @ q  # [B,m,L]
-        denominator = k.sum(2, keepdim=True).transpose(1, 2) @ q  # [B,1,L] = q_i . sum_j k_j
-        out = numerator / denominator.clamp_min(self.EPS)
+        # Autocast would run these products in half precision even on float32 inputs: the sums over every
+        # pixel overflow float16 (65504) at real resolutions (128 x 256 pixels at stride 4 of 512 x 1024).
+        with autocast_off(q.device):
+            kv = v @ k.transpose(1, 2)  # [B,m,d] = sum_j v_j k_j^T
+            numerator = kv @ q  # [B,m,L]
+            denominator = k.sum(2, keepdim=True).transpose(1, 2) @ q  # [B,1,L] = q_i . sum_j k_j
+            out = numerator / denominator.clamp_min(self.EPS)
         return out.view(target.shape[0], -1, *target.shape[-2:]).to(target.dtype)
 
 
