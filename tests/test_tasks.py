@@ -32,6 +32,13 @@ def test_output_space_takes_the_runs_disparity_range():
     assert torch.allclose(metres, torch.tensor([40.0, 0.5]))
 
 
+def test_missing_scale_names_the_scales_of_a_model_with_aux_outputs():
+    # ATRC's label contexts add outputs[task]["aux"] next to the scales; the message lists the scales only.
+    out = {t: {0: torch.zeros(1, 2, 4, 4), "aux": torch.zeros(1, 3, 1, 1)} for t in ("semseg", "depth")}
+    with pytest.raises(ValueError, match=r"no output at scale 2 \(it has 0\); pass --scale 0"):
+        to_predictions(out, 2, OutputSpace(num_classes=2), ("semseg", "depth"))
+
+
 @pytest.mark.parametrize("depth_output", ["inverse", "disparity"])
 def test_depth_parametrisations_round_trip(depth_output):
     space = OutputSpace(depth_output=depth_output, d_far=655.36, disparity_range=(0.1, 100.0))

@@ -381,7 +381,8 @@ def to_predictions(
     of `tasks` (those evaluated) without it is a ValueError naming the scales the model has for them."""
     if any(scale not in outputs.get(t, {}) for t in tasks):
         # Left out silently, the task would be reported as all-NaN metrics (or fail later, e.g. median scaling).
-        common = set.intersection(*(set(outputs.get(t, {})) for t in tasks))
+        # Scales only: ATRC adds its auxiliary logits under the key "aux" (a str, not comparable with the ints).
+        common = set.intersection(*({s for s in outputs.get(t, {}) if isinstance(s, int)} for t in tasks))
         has = ", ".join(map(str, sorted(common))) or "none common to its tasks"
         fix = f"; pass --scale {min(common)} (eval.scale={min(common)} in a recipe)" if common else ""
         raise ValueError(f"the model has no output at scale {scale} (it has {has}){fix}")
