@@ -40,8 +40,9 @@ five candidates and architecture logits alpha [targets, sources, 5] (p_alpha = s
 initialisation). In training the block returns the convex combination of its candidates' outputs ("none" = zeros)
 with Gumbel-softmax weights, Eq. 7, softmax((alpha + G) / lambda), G ~ Gumbel(0, 1), lambda =
 model.atrc_search_temperature (default 1.0; the seed gives no value); in evaluation the noise-free
-softmax(alpha / lambda). alpha sits in the model's "decoder" parameter group: single-level optimisation, updated
-in the same backward pass as the weights at optim.lr_decoder (and its schedule). A block whose choice is fixed
+softmax(alpha / lambda). alpha sits in the model's "architecture" parameter group: single-level optimisation,
+updated in the same backward pass as the weights at optim.lr_architecture (default optim.lr_decoder; the same
+schedule). A block whose choice is fixed
 (`frozen`, a persistent buffer [targets, sources], -1 = still searching, else the index in CONTEXTS; saved with
 the model in every checkpoint) uses only that context. Every task has an auxiliary head (label contexts are
 candidates of every block). The entropy regulariser and the freezing are the `context_search` objective's
