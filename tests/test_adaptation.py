@@ -181,3 +181,39 @@ def test_discriminator_inputs_of_both_domains_are_randomly_flipped(trainer):
     hook.remove()
     for domain, flips in flipped.items():
         assert 0 < sum(flips) < len(flips), (domain, flips)  # both orientations, for both domains
+
+
+def test_adapt_tasks_align_only_tasks_with_a_final_output(tmp_path):
+    # adapt.tasks naming no task of the run is a one-line error, not an objective aligning nothing; an auxiliary
+    # task (model.aux_tasks: deep supervision only, no scale-0 output) is left out instead of failing at the first
+    # step with a KeyError on its missing output.
+    from dataclasses import replace
+
+    from uda.models.multitask import intermediate_scales
+    from uda.objectives import RunContext
+    from uda.objectives.adversarial import Adversarial
+    from uda.objectives.base import ObjectiveError
+    from uda.tasks import output_space, task_channels
+
+    def build(cfg):
+        run = RunContext(
+            cfg,
+            cfg.tasks,
+            task_channels(cfg.tasks, 16),
+            output_space(cfg, 16),
+            intermediate_scales(cfg.model),
+        )
+        return Adversarial(run, cfg.adapt)
+
+    cfg = tiny_config(
+        tmp_path, tmp_path / "run", arch="mti-net", tasks=("semseg", "depth", "normals"), adapt=True
+    )
+    cfg = replace(cfg, model=replace(cfg.model, backbone="fpn-resnet18", aux_tasks=("normals",)))
+    both = build(replace(cfg, adapt=replace(cfg.adapt, tasks=("semseg", "normals"))))
+    assert {t for t, _ in both.aligned} == {"semseg"}
+    assert all(k.startswith("semseg_") for k in both.discriminators)
+    for tasks in (("normals",), ("edges",)):
+        with pytest.raises(
+            ObjectiveError, match=r"names no task of this run with a final output \['semseg', 'depth'\]"
+        ):
+            build(replace(cfg, adapt=replace(cfg.adapt, tasks=tasks)))

@@ -44,11 +44,13 @@ class Adversarial(Objective):
     def __init__(self, run: RunContext, cfg: AdaptConfig) -> None:
         super().__init__(run, cfg)
         scales = cfg.scales if cfg.scales is not None else (*run.intermediate_scales, 0)
-        self.aligned = [(t, s) for t in cfg.tasks if t in run.tasks for s in scales]
+        # Auxiliary tasks (model.aux_tasks, MTI-Net's front-end-only tasks) have no final output to align.
+        aligned_tasks = [t for t in run.tasks if t not in run.cfg.model.aux_tasks]
+        self.aligned = [(t, s) for t in cfg.tasks if t in aligned_tasks for s in scales]
         if not self.aligned:
             raise ObjectiveError(
-                f"adapt.tasks={list(cfg.tasks)} names no task of this run {list(run.tasks)}: nothing to align; "
-                "name at least one of them"
+                f"adapt.tasks={list(cfg.tasks)} names no task of this run with a final output "
+                f"{aligned_tasks}: nothing to align; name at least one of them"
             )
         self.space = replace(run.space, depth_range=cfg.depth_range)
         self.discriminators = Discriminators(
