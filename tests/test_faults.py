@@ -434,6 +434,31 @@ def test_evaluation_loader_refuses_weights_of_another_model(run, tmp_path):
         load_trained_model(ckpt)
 
 
+@pytest.mark.parametrize(
+    "how, reason",
+    [("flip", "model.safetensors: corrupted (SHA-256 differs"), ("truncate", "model.safetensors: truncated")],
+)
+def test_init_from_a_damaged_checkpoint_is_refused_naming_the_file(run, tmp_path, how, reason):
+    # A flipped byte inside a tensor still parses: only the recorded hash tells the weights are not the saved ones.
+    _, source = copy_of(run, tmp_path)
+    damage(source / "checkpoints" / "step-0000003" / "model.safetensors", how)
+    cfg, _, _ = run
+    cfg = replace(cfg, out=str(tmp_path / "new"), train=replace(cfg.train, init_from=str(source)))
+    with pytest.raises(TrainingError) as info:
+        Trainer(cfg)
+    message = str(info.value)
+    assert reason in message and "step-0000003" in message, message
+    assert "train.init_from" in message and "\n" not in message
+
+
+def test_init_from_a_missing_folder_is_one_line(toy_root, tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "no-such-run"
+    argv = synthia_args(toy_root, tmp_path / "new", f"train.init_from={missing}")
+    code, _, err = recipe_in_process("synthia", argv, capsys, monkeypatch)
+    line = the_error_line(err)
+    assert code == 1 and f"{missing}: no such run folder" in line and "train.init_from" in line, line
+
+
 def test_rng_state_and_schedule_are_restored(run, tmp_path):
     cfg, out = copy_of(run, tmp_path, iterations=8)
     _, _, rng_at_save = run

@@ -130,19 +130,33 @@ def initialise_from(path: str | Path, model: nn.Module, networks: list[nn.Module
     Tensors with the same name and shape are copied; task decoders the source run did not have start from
     its depth decoder (both decoders of the paper's 3-ways model start from the depth model); each of
     `networks` (an objective's networks, e.g. the pose net) is taken from the checkpoint file whose tensors
-    match it. Output heads are never copied across tasks (different channels).
+    match it. Output heads are never copied across tasks (different channels). The checkpoint's files are first
+    checked against the sizes and hashes recorded at save time: a damaged one is a CheckpointError naming it.
     """
     from safetensors.torch import load_file
 
     from uda.evaluate import find_checkpoint
 
-    ckpt = find_checkpoint(path)
+    try:
+        ckpt = find_checkpoint(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"train.init_from: {exc}") from None
     files = sorted(ckpt.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(
             f"{ckpt}: no model*.safetensors to initialise from; pass a run or checkpoint folder"
         )
-    tensors = [load_file(str(f)) for f in files]
+    hint = "pass train.init_from (--init-from) an intact checkpoint folder, e.g. an older step-*/ of that run"
+    try:  # the sizes and hashes recorded at save time: damaged weights are refused, never copied
+        check_files(ckpt, read_state(ckpt))
+        tensors = []
+        for f in files:
+            tensors.append(load_file(str(f)))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {hint}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{f}: cannot read weights ({reason}); {hint}") from None
     own = model.state_dict()
     source = tensors[0]
     copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
