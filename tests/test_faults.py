@@ -459,6 +459,24 @@ def test_init_from_a_missing_folder_is_one_line(toy_root, tmp_path, capsys, monk
     assert code == 1 and f"{missing}: no such run folder" in line and "train.init_from" in line, line
 
 
+def test_optimiser_settings_follow_the_config_on_resume(run, tmp_path):
+    # The checkpoint gives the optimiser's state; a changed weight decay or betas (config.json says so) must act.
+    cfg, out = copy_of(run, tmp_path, iterations=4)
+    cfg = replace(cfg, optim=replace(cfg.optim, weight_decay=0.01, betas=(0.8, 0.95)))
+    trainer = Trainer(cfg)
+    ckpt = trainer.load_checkpoint()
+    saved = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    assert [(g["weight_decay"], g["betas"]) for g in saved["param_groups"]] == [(0.0, (0.9, 0.98))] * 2
+    assert [(g["weight_decay"], g["betas"]) for g in trainer.optimizer.param_groups] == [
+        (0.01, (0.8, 0.95))
+    ] * 2
+    # ... while the moments and step counts are the checkpoint's.
+    state = trainer.optimizer.state_dict()["state"]
+    restored = [t for _, per in sorted(state.items()) for _, t in sorted(per.items())]
+    assert all(torch.equal(x, y) for x, y in zip(optimizer_state(ckpt), restored, strict=True))
+    assert {float(s["step"]) for s in state.values()} == {3.0}
+
+
 def test_rng_state_and_schedule_are_restored(run, tmp_path):
     cfg, out = copy_of(run, tmp_path, iterations=8)
     _, _, rng_at_save = run

@@ -383,15 +383,29 @@ class Trainer:
         self.log.info(f"step {self.step}: checkpoint {ckpt.relative_to(self.out)}")
         return ckpt
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The model's optimiser and the objectives' own (e.g. the discriminators')."""
+        return [self.optimizer, *(opt for o in self.objectives for _, opt in o.own_networks().values())]
+
     def load_checkpoint(self, path: Path | None = None) -> Path | None:
         """Resume from `path` or the newest usable checkpoint; a damaged one is reported and skipped, one of
-        another model config is refused (TrainingError naming the keys)."""
+        another model config is refused (TrainingError naming the keys). The optimisers' states (moments, step
+        counts) come from the checkpoint, their settings (betas, weight decay, momentum, ...) from this run's
+        config, as the learning rates do."""
+        settings = [
+            [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+            for opt in self.optimizers()
+        ]
         try:
             found = checkpoint.load(self.accelerator, self.out, to_dict(self.cfg), path, self.held)
         except checkpoint.CheckpointError as exc:
             raise TrainingError(str(exc)) from None
         if found is None:
             return None
+        # load_state_dict put back the checkpoint's param_group settings: a changed config would be ignored.
+        for opt, groups in zip(self.optimizers(), settings, strict=True):
+            for group, values in zip(opt.param_groups, groups, strict=True):
+                group.update(values)
         ckpt, state = found
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
