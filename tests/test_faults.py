@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from tests.conftest import TINY_OVERRIDES, tiny_config
 from uda import checkpoint
 from uda.cli import error_line
+from uda.config import to_dict
 from uda.data.decode import DataError
 from uda.data.loader import EndlessSampler, train_loader
 from uda.data.readers import build_dataset
@@ -416,6 +417,28 @@ def test_checkpoint_of_another_model_config_is_refused_before_loading(
     assert all(k in message for k in keys), message
     assert "another --out" in message and "\n" not in message and not loaded
     assert "depth_init" not in message and "sync_bn" not in message
+
+
+def test_resume_without_the_target_statistics_of_bn_mode_domain_is_refused_by_name(
+    toy_root, tmp_path, monkeypatch
+):
+    # train.bn_mode=domain keeps target BatchNorm statistics in the weights; another mode's model cannot load them.
+    cfg = tiny_config(toy_root, tmp_path / "run", arch="mtl", adapt=True, iterations=1, bn_mode="domain")
+    Trainer(cfg).fit()
+    loaded = []
+    for mode in ("separate", "joint"):
+        trainer = Trainer(replace(cfg, train=replace(cfg.train, iterations=2, bn_mode=mode)))
+        monkeypatch.setattr(trainer.accelerator, "load_state", lambda *a, **k: loaded.append(a))
+        with pytest.raises(TrainingError, match="trained with another model config") as info:
+            trainer.fit(resume=True)
+        assert 'train.bn_mode (checkpoint "domain", this run "not domain")' in str(info.value) and not loaded
+    # separate and joint keep one set of statistics: switching between them is no mismatch.
+    separate = to_dict(replace(cfg, train=replace(cfg.train, bn_mode="separate")))
+    joint = to_dict(replace(cfg, train=replace(cfg.train, bn_mode="joint")))
+    assert checkpoint.config_mismatches(separate, joint) == []
+    assert checkpoint.config_mismatches(joint, to_dict(cfg)) == [
+        'train.bn_mode (checkpoint "not domain", this run "domain")'
+    ]
 
 
 def test_evaluation_loader_refuses_weights_of_another_model(run, tmp_path):

@@ -280,6 +280,12 @@ def shape_config(config: Mapping[str, Any]) -> dict[str, Any]:
     keys["optim.optimizer"] = (config.get("optim") or {}).get("optimizer")
     # Learnt task weights add parameters (and optimiser groups); a config from before weighting was fixed.
     keys["loss.weighting"] = (config.get("loss") or {}).get("weighting", "fixed")
+    # train.bn_mode=domain gives every BatchNorm layer target statistics when the run trains on another dataset
+    # (uda.data.streams.RunData.target_statistics); separate and joint share one set and may change on resume.
+    target, data = config.get("target"), config.get("data") or {}
+    domain_bn = (config.get("train") or {}).get("bn_mode") == "domain"
+    kept = domain_bn and target is not None and target.get("dataset") != data.get("dataset")
+    keys["train.bn_mode"] = "domain" if kept else "not domain"
     # Each objective section: on/off and the keys that shape its networks (a section that needs a target
     # is off without one, as the Trainer skips it).
     for section, cls in OBJECTIVE_SECTIONS.items():
