@@ -279,7 +279,10 @@ def shape_config(config: Mapping[str, Any]) -> dict[str, Any]:
     keys["data.label_set"] = (config.get("data") or {}).get("label_set")
     keys["optim.optimizer"] = (config.get("optim") or {}).get("optimizer")
     # Learnt task weights add parameters (and optimiser groups); a config from before weighting was fixed.
-    keys["loss.weighting"] = (config.get("loss") or {}).get("weighting", "fixed")
+    loss = config.get("loss") or {}
+    keys["loss.weighting"] = loss.get("weighting", "fixed")
+    if keys["loss.weighting"] == "dwa":  # its saved running means are over periods of this many steps
+        keys["loss.dwa_period"] = loss.get("dwa_period")
     # train.bn_mode=domain gives every BatchNorm layer target statistics when the run trains on another dataset
     # (uda.data.streams.RunData.target_statistics); separate and joint share one set and may change on resume.
     target, data = config.get("target"), config.get("data") or {}
