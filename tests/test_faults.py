@@ -411,12 +411,15 @@ def test_checkpoint_of_another_model_config_is_refused_before_loading(
     trainer = Trainer(cfg)
     loaded = []
     monkeypatch.setattr(trainer.accelerator, "load_state", lambda *a, **k: loaded.append(a))
+    saved_config = (out / "config.json").read_text()
     with pytest.raises(TrainingError, match="trained with another model config") as info:
         trainer.fit(resume=True)
     message = str(info.value)
     assert all(k in message for k in keys), message
     assert "another --out" in message and "\n" not in message and not loaded
     assert "depth_init" not in message and "sync_bn" not in message
+    # The run folder still describes its checkpoints (uda-compare and --config read config.json).
+    assert (out / "config.json").read_text() == saved_config
 
 
 def test_resume_without_the_target_statistics_of_bn_mode_domain_is_refused_by_name(

@@ -443,7 +443,6 @@ class Trainer:
     def _fit(self, resume: bool) -> dict[str, Any]:
         acc, cfg, log = self.accelerator, self.cfg, self.log
         if acc.is_main_process:
-            save_config(cfg, self.out / "config.json")
             log.info("config:\n" + json.dumps(to_dict(cfg), indent=2))
         if not resume and self.checkpoint_dirs():
             # A fresh run here would interleave its checkpoints with the old run's (and rotate its own away).
@@ -456,6 +455,8 @@ class Trainer:
             ckpt = self.load_checkpoint()
             if ckpt is not None:
                 log.info(f"resumed from {ckpt} at step {self.step}")
+        if acc.is_main_process:  # only now: a refused resume leaves the run's config.json as it was
+            save_config(cfg, self.out / "config.json")
         log.start(self.step)
         batches = self.batches(self.step)
         for _, data, domain in self.data.validation_sets():
