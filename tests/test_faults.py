@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_OVERRIDES, tiny_config
+from tests.conftest import TINY_OVERRIDES, tiny_config, train_steps
 from uda import checkpoint
 from uda.cli import error_line
 from uda.config import to_dict
@@ -501,6 +501,38 @@ def test_optimiser_settings_follow_the_config_on_resume(run, tmp_path):
     restored = [t for _, per in sorted(state.items()) for _, t in sorted(per.items())]
     assert all(torch.equal(x, y) for x, y in zip(optimizer_state(ckpt), restored, strict=True))
     assert {float(s["step"]) for s in state.values()} == {3.0}
+
+
+def fp16_accelerator():
+    """A fresh accelerator with an fp16 gradient scaler (growth every step) on the CPU, the forward in fp32 (see
+    test_fp16_steps_skipped_by_a_non_finite_loss_or_the_scaler_leave_the_model_as_it_was)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    acc = Accelerator(cpu=True)
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1), True
+    acc.state._mixed_precision = "fp16"
+    acc.autocast = lambda *a, **k: torch.autocast("cpu", enabled=False)
+    return acc
+
+
+def test_gradient_scaler_is_saved_restored_and_may_start_on_resume(run, tmp_path, capsys, fresh_accelerator):
+    # An fp32 or bf16 checkpoint holds no scaler.pt: resuming it with fp16 (e.g. `auto` on an older GPU) goes on
+    # with a fresh scaler instead of refusing every checkpoint as damaged.
+    cfg, out = copy_of(run, tmp_path, iterations=4)
+    trainer = Trainer(cfg, fp16_accelerator())
+    assert trainer.load_checkpoint().name == "step-0000003"
+    note = "step-0000003 holds no gradient scaler (saved without fp16); it starts afresh"
+    assert note in capsys.readouterr().out
+    train_steps(trainer, 1)
+    grown = trainer.accelerator.scaler.get_scale()
+    assert grown == 2.0**5  # one finite step from the initial scale
+    # The fp16 checkpoint holds the scaler, and a resume restores its scale.
+    ckpt = trainer.save_checkpoint()
+    assert (ckpt / "scaler.pt").is_file()
+    resumed = Trainer(cfg, fp16_accelerator())
+    assert resumed.load_checkpoint() == ckpt and resumed.accelerator.scaler.get_scale() == grown
 
 
 def test_rng_state_and_schedule_are_restored(run, tmp_path):

@@ -435,12 +435,23 @@ def load(
         except CheckpointError as exc:
             error = str(exc)
         if all_processes(acc, error is None):
+            scaler = acc.scaler
+            if scaler is not None and not (ckpt / "scaler.pt").is_file():
+                # Saved without fp16 (fp32 or bf16: mixed precision may change on resume): accelerate would fail
+                # on the missing file; this run's gradient scaler starts from its initial scale instead.
+                if acc.is_main_process:
+                    tqdm.write(
+                        f"note: {ckpt} holds no gradient scaler (saved without fp16); it starts afresh"
+                    )
+                acc.scaler = None
             try:
                 acc.load_state(str(ckpt))
                 for name, net in (held or {}).items():
                     load_held(net, ckpt / f"{name}.safetensors")
             except Exception as exc:  # noqa: BLE001 - any failure while reading means an unusable file
                 error = f"{ckpt}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            finally:
+                acc.scaler = scaler
             if all_processes(acc, error is None):
                 return ckpt, state
         error = error or f"{ckpt}: unusable on another process"
