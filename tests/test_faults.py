@@ -10,6 +10,7 @@ and the fix (bad data, bad config, an unwritable run folder, a checkpoint of ano
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -305,6 +306,33 @@ def test_kill_during_save_leaves_the_previous_checkpoint_usable(run, tmp_path, c
     assert "resumed from" in capsys.readouterr().out and summary["step"] == 4
     assert [row["step"] for row in resumed.loss_log] == [4]
     assert not (out / "checkpoints" / ".tmp-step-0000004").exists()  # leftovers go at the next save
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_folder(run, tmp_path):
+    cfg, out = copy_of(run, tmp_path, iterations=4)
+    trainer = Trainer(cfg)
+    save_state = trainer.accelerator.save_state
+
+    def disk_full(folder):
+        save_state(folder)
+        rewrite(Path(folder) / "optimizer.bin", b"\0" * 1000)  # as far as the disk took it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer.accelerator.save_state = disk_full
+    with pytest.raises(TrainingError) as info:
+        trainer.fit(resume=True)  # step 4, then its save fails
+    message = str(info.value)
+    assert message.startswith(f"{out / 'checkpoints' / 'step-0000004'}: checkpoint not written (OSError: ")
+    assert "No space left on device" in message and "MiB free on its disk" in message, message
+    assert "the newest checkpoint step-0000003 is intact" in message and "--resume" in message
+    assert "\n" not in message
+    # The partial folder is gone (its space is needed); the earlier checkpoints are as they were.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest",
+        "step-0000002",
+        "step-0000003",
+    ]
+    assert Trainer(cfg).load_checkpoint().name == "step-0000003"
 
 
 def damage(path: Path, how: str) -> None:

@@ -197,6 +197,53 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _complete(
+    tmp: Path,
+    step: int,
+    state: Mapping[str, Any],
+    names: Mapping[str, str] | None,
+    held: Mapping[str, nn.Module] | None,
+) -> None:
+    """Main process: add the held networks and the named links to accelerate's files in `tmp`, then the state file
+    with every file's size and hash, all flushed to disk."""
+    from safetensors.torch import save_model
+
+    for name, net in (held or {}).items():
+        save_model(net, str(tmp / f"{name}.safetensors"))
+    for source, name in (names or {}).items():
+        if (tmp / source).is_file():
+            try:
+                os.link(tmp / source, tmp / name)
+            except OSError:  # no hard links on this file system
+                shutil.copyfile(tmp / source, tmp / name)
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        if f.is_file() and f.name != STATE_FILE:
+            _fsync(f)
+            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
+    record = {"format": FORMAT, "step": step, **state, "files": files}
+    (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _fsync(tmp / STATE_FILE)
+    _fsync(tmp)
+
+
+def _not_written(
+    acc: Accelerator, out: str | Path, final: Path, tmp: Path, exc: Exception
+) -> CheckpointError:
+    """The one-line error of a save that failed (typically a full disk), after removing its partial folder."""
+    root = tmp.parent
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took is needed
+    reason = str(exc).splitlines()[0][:160] if str(exc) else ""
+    free = shutil.disk_usage(root).free / 2**20
+    newest = complete_checkpoints(out)
+    kept = f"the newest checkpoint {newest[0].name} is intact" if newest else "no earlier checkpoint exists"
+    return CheckpointError(
+        f"{final}: checkpoint not written ({type(exc).__name__}: {reason}; {free:.0f} MiB free on its disk); "
+        f"{kept}; free disk space and continue the run with --resume"
+    )
+
+
 def save(
     accelerator: Accelerator,
     out: str | Path,
@@ -212,6 +259,7 @@ def save(
     model_1.safetensors -> discriminators.safetensors, as hard links), records each file's size and hash in
     trainer_state.json, renames the temporary folder into place, points `latest` at it and keeps the newest
     `keep` checkpoints. Each `held` network (not prepared by accelerate) is written as `<name>.safetensors`.
+    A save that fails (e.g. a full disk) removes its temporary folder and raises CheckpointError.
     """
     acc = accelerator
     root = Path(out) / CHECKPOINTS
@@ -221,28 +269,14 @@ def save(
         remove_leftovers(root)
         root.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
+    try:
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _complete(tmp, step, state, names, held)
+    except Exception as exc:  # noqa: BLE001 - a full disk shows as OSError, RuntimeError (torch.save), ...
+        raise _not_written(acc, out, final, tmp, exc) from exc  # the cause shows with --debug
     if acc.is_main_process:
-        from safetensors.torch import save_model
-
-        for name, net in (held or {}).items():
-            save_model(net, str(tmp / f"{name}.safetensors"))
-        for source, name in (names or {}).items():
-            if (tmp / source).is_file():
-                try:
-                    os.link(tmp / source, tmp / name)
-                except OSError:  # no hard links on this file system
-                    shutil.copyfile(tmp / source, tmp / name)
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            if f.is_file() and f.name != STATE_FILE:
-                _fsync(f)
-                files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
-        record = {"format": FORMAT, "step": step, **state, "files": files}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _fsync(tmp / STATE_FILE)
-        _fsync(tmp)
         old = root / f"{OLD_PREFIX}{step:07d}"
         if final.exists():  # the same step saved again (e.g. resuming a finished run)
             os.replace(final, old)

@@ -371,15 +371,18 @@ class Trainer:
             },
         }
         self.log.flush()
-        ckpt = checkpoint.save(
-            self.accelerator,
-            self.out,
-            self.step,
-            state,
-            self.cfg.train.keep_checkpoints,
-            self.file_names,
-            self.held,
-        )
+        try:
+            ckpt = checkpoint.save(
+                self.accelerator,
+                self.out,
+                self.step,
+                state,
+                self.cfg.train.keep_checkpoints,
+                self.file_names,
+                self.held,
+            )
+        except checkpoint.CheckpointError as exc:  # e.g. a full disk
+            raise TrainingError(str(exc)) from exc
         self.log.info(f"step {self.step}: checkpoint {ckpt.relative_to(self.out)}")
         return ckpt
 
