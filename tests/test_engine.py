@@ -5,7 +5,9 @@ import shutil
 
 import cv2
 import numpy as np
+import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import tiny_config
 from uda.engine import Trainer
@@ -60,6 +62,11 @@ def test_resume_matches_uninterrupted_run(toy_root, tmp_path):
         assert a["loss/total"] == b["loss/total"], (a, b)
     for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), name
+    # TensorBoard shows each step once: steps 4-6 of the first process are hidden behind the resumed run's.
+    events = EventAccumulator(str(tmp_path / "run" / "logs"))
+    events.Reload()
+    steps = [(e.step, e.value) for e in events.Scalars("train/loss/total")]
+    assert steps == [(row["step"], pytest.approx(row["loss/total"])) for row in full.loss_log]
 
 
 def test_each_single_task_network_is_clipped_on_its_own(toy_root, tmp_path):

@@ -453,11 +453,14 @@ class Trainer:
                 f"{self.out}: holds checkpoints of an earlier run (newest {self.checkpoint_dirs()[0].name}); "
                 "pass --resume to continue it, or choose another --out"
             )
-        acc.init_trackers("logs", config=flat_config(to_dict(cfg)))
         if resume:
             ckpt = self.load_checkpoint()
             if ckpt is not None:
                 log.info(f"resumed from {ckpt} at step {self.step}")
+        # TensorBoard hides what an earlier process of this run logged after this step (it is logged again);
+        # everything of the step itself was logged before its checkpoint was saved.
+        tensorboard = {"tensorboard": {"purge_step": self.step + 1}}
+        acc.init_trackers("logs", config=flat_config(to_dict(cfg)), init_kwargs=tensorboard)
         if acc.is_main_process:  # only now: a refused resume leaves the run's config.json as it was
             save_config(cfg, self.out / "config.json")
         log.start(self.step)
