@@ -513,6 +513,18 @@ def test_init_from_a_missing_folder_is_one_line(toy_root, tmp_path, capsys, monk
     assert code == 1 and f"{missing}: no such run folder" in line and "train.init_from" in line, line
 
 
+def test_resume_of_an_initialised_run_does_not_read_its_init_from_source_again(run, tmp_path):
+    _, source = copy_of(run, tmp_path)
+    cfg, _, _ = run
+    cfg = replace(
+        cfg, out=str(tmp_path / "new"), train=replace(cfg.train, iterations=1, init_from=str(source))
+    )
+    Trainer(cfg).fit()
+    shutil.rmtree(source)  # the source run is deleted (or damaged) later: the run's own checkpoints resume it
+    longer = replace(cfg, train=replace(cfg.train, iterations=2))
+    assert Trainer(longer).fit(resume=True)["step"] == 2
+
+
 def test_optimiser_settings_follow_the_config_on_resume(run, tmp_path):
     # The checkpoint gives the optimiser's state; a changed weight decay or betas (config.json says so) must act.
     cfg, out = copy_of(run, tmp_path, iterations=4)

@@ -212,7 +212,9 @@ class TrainConfig:
     # network sees the target (AdaBN; uda.models.domain_bn). Runs without target images have one domain.
     bn_mode: Literal["separate", "joint", "domain"] = "separate"
     val_batches: int | None = None  # limit validation batches (None = the whole split)
-    init_from: str | None = None  # run or checkpoint folder whose weights initialise the model (and pose net)
+    # Run or checkpoint folder whose weights initialise the model (and pose net); not read again once the run
+    # has checkpoints of its own (a resume replaces every weight).
+    init_from: str | None = None
     # bn_mode=domain from weights without target statistics (init_from a source-only run): target training
     # images, spread over the split, whose BatchNorm statistics start the target's (AdaBN); 0 = the source's.
     adabn_images: int = 64

@@ -106,7 +106,9 @@ class Trainer:
                 f"target.size={cfg.target.size}; set train.bn_mode=separate or equal sizes"
             )
         keep_target_statistics(model, self.data, self.log)  # train.bn_mode=domain (uda.models.domain_bn)
-        if cfg.train.init_from:
+        # A run folder with checkpoints is resumed (its weights replace these) or refused: the source of
+        # init_from is not read again, so a resume does not depend on it still being there.
+        if cfg.train.init_from and not checkpoint.complete_checkpoints(self.out):
             try:
                 checkpoint.initialise_from(cfg.train.init_from, model, [n for n, _ in self.joint_networks()])
             except checkpoint.CheckpointError as exc:
