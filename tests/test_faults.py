@@ -513,6 +513,19 @@ def test_init_from_a_missing_folder_is_one_line(toy_root, tmp_path, capsys, monk
     assert code == 1 and f"{missing}: no such run folder" in line and "train.init_from" in line, line
 
 
+def test_init_from_a_run_of_another_backbone_is_refused(run, tmp_path):
+    # ResNet-50 from ResNet-18 weights: only the stem has the same names and shapes; the run would start from
+    # scratch while the log says "initialised".
+    cfg, source, _ = run
+    model = replace(cfg.model, backbone="resnet50")
+    cfg = replace(
+        cfg, model=model, out=str(tmp_path / "new"), train=replace(cfg.train, init_from=str(source))
+    )
+    with pytest.raises(TrainingError, match=r"only \d+/\d+ encoder tensors fit this model") as info:
+        Trainer(cfg)
+    assert "train.init_from" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_resume_of_an_initialised_run_does_not_read_its_init_from_source_again(run, tmp_path):
     _, source = copy_of(run, tmp_path)
     cfg, _, _ = run

@@ -166,6 +166,15 @@ def initialise_from(path: str | Path, model: nn.Module, networks: list[nn.Module
         depth_key = "decoders.depth." + key.split(".", 2)[2]
         if depth_key in source and source[depth_key].shape == own[key].shape:
             copied[key] = source[depth_key]
+    # The point of init_from is the trained encoder: a source of another backbone (or family of models) fits
+    # only a stem's worth of tensors or none, and the run would silently start from scratch.
+    encoder = [k for k in own if k.startswith("encoder.")] or list(own)
+    fitting = sum(k in copied for k in encoder)
+    if fitting < len(encoder) / 2:
+        raise CheckpointError(
+            f"train.init_from: {ckpt}: only {fitting}/{len(encoder)} encoder tensors fit this model (same name and "
+            "shape); start from a run of the same model.backbone and model family"
+        )
     model.load_state_dict(copied, strict=False)
     message = f"initialised {len(copied)}/{len(own)} model tensors from {ckpt}"
     for net in networks:
