@@ -80,7 +80,8 @@ def _half_good_sources(g: torch.Generator) -> tuple[torch.Tensor, list[torch.Ten
 def test_min_reprojection_takes_per_pixel_minimum():
     g = torch.Generator().manual_seed(2)
     target, (a, b) = _half_good_sources(g)
-    loss, keep = min_reprojection(target, [a, b], [a, b], automask=False)
+    loss, keep, value = min_reprojection(target, [a, b], [a, b], automask=False)
+    assert value is loss  # nothing masked: the value is the minimum
     err_a, err_b = photometric_error(a, target), photometric_error(b, target)
     assert keep.all()
     torch.testing.assert_close(loss, torch.minimum(err_a, err_b))
@@ -101,7 +102,7 @@ def test_automask_removes_exactly_the_pixels_where_identity_wins():
     static[..., 3:8, 2:9] = True
     sources = [torch.where(static, target, torch.rand(target.shape, generator=g)) for _ in range(2)]
 
-    loss, keep = min_reprojection(target, warped, sources, generator=torch.Generator().manual_seed(0))
+    loss, keep, value = min_reprojection(target, warped, sources, generator=torch.Generator().manual_seed(0))
     warped_min = torch.minimum(*(photometric_error(w, target) for w in warped))
     identity_min = torch.minimum(*(photometric_error(s, target) for s in sources))
     torch.testing.assert_close(loss, warped_min)
@@ -110,6 +111,8 @@ def test_automask_removes_exactly_the_pixels_where_identity_wins():
     assert torch.equal(keep, warped_min < identity_min)
     assert not keep[..., 4:7, 3:8].any()  # the static patch is masked (its rim mixes in SSIM windows)
     assert keep[..., 9:, :].all() and keep[..., :, 10:].all()  # far from the patch everything is kept
+    # The value (Monodepth2's loss): the minimum over both kinds of error, identity noise up to 1e-5.
+    torch.testing.assert_close(value, torch.minimum(warped_min, identity_min), atol=1e-4, rtol=0)
 
 
 def test_automask_noise_breaks_ties_deterministically():
@@ -172,8 +175,9 @@ def test_photometric_loss_identity_motion_and_logs():
 
 def test_photometric_term_averages_over_every_pixel_as_monodepth2():
     # Monodepth2 averages the minimum over identity and reprojection errors over all pixels: masked pixels
-    # count (with an identity error no parameter changes), so the term's gradient is the kept pixels' sum over
-    # ALL pixels, not over the kept ones (which would scale the term up against smoothness as more is masked).
+    # count with their identity error (no parameter changes it), so the term's gradient is the kept pixels'
+    # sum over ALL pixels, not over the kept ones (which would scale the term up against smoothness as more is
+    # masked), and its value does not rise when training keeps more pixels (as counting masked ones 0 would).
     g = torch.Generator().manual_seed(4)
     target = torch.rand(1, 3, 12, 16, generator=g)
     source = target.clone()
@@ -186,9 +190,21 @@ def test_photometric_term_averages_over_every_pixel_as_monodepth2():
     torch.manual_seed(
         0
     )  # the same tie-breaking noise: warped error == identity error under the identity pose
-    per_pixel, keep = min_reprojection(target, [source], [source])
-    assert 0.2 < keep.float().mean() < 0.8 and per_pixel[keep].mean() > 1.5 * (per_pixel * keep).mean()
-    assert logs["loss/photometric"] == pytest.approx((per_pixel * keep).mean().item(), rel=1e-5)
+    per_pixel, keep, value = min_reprojection(target, [source], [source])
+    assert 0.2 < keep.float().mean() < 0.8
+    # Under the identity pose the warped and identity errors are equal: the minimum over both is the error
+    # itself at every pixel (up to the 1e-5 tie-breaking noise), kept or masked.
+    error = photometric_error(source, target)
+    torch.testing.assert_close(value, error, atol=1e-4, rtol=0)
+    assert logs["loss/photometric"] == pytest.approx(error.mean().item(), abs=1e-4)
+    assert logs["loss/photometric"] > 1.2 * (per_pixel * keep).mean().item()
+    # Only kept pixels carry a gradient, each with weight 1/(all pixels).
+    d = torch.rand(1, 1, 12, 16, requires_grad=True)
+    torch.manual_seed(0)
+    _, keep, value = min_reprojection(target, [source * d], [source])
+    value.mean().backward()
+    expected = torch.autograd.grad((photometric_error(source * d, target) * keep).sum() / keep.numel(), d)[0]
+    torch.testing.assert_close(d.grad, expected)
 
 
 def test_geometry_and_photometric_loss_stay_float32_under_bf16_autocast():

@@ -58,8 +58,10 @@ def min_reprojection(
     automask: bool = True,
     noise: float = 1e-5,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-pixel minimum over sources of the reprojection error [B,1,H,W], and the auto-mask [B,1,H,W] bool.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pixel minimum over sources of the reprojection error [B,1,H,W], the auto-mask [B,1,H,W] bool, and
+    Monodepth2's per-pixel loss value [B,1,H,W]: the minimum where the mask keeps the pixel, else the (detached)
+    identity error that won, so its mean is the mean of the minimum over identity and reprojection errors.
 
     ``warped_sources[i]`` is ``sources[i]`` warped onto the target view; all are [B,3,H,W] in [0, 1]. The
     returned loss is the minimum over the warped sources only. The mask is True where the pixel is trained:
@@ -75,15 +77,16 @@ def min_reprojection(
     reprojection = torch.cat([photometric_error(w, target) for w in warped_sources], dim=1)
     loss = reprojection.min(dim=1, keepdim=True).values
     if not automask:
-        return loss, torch.ones_like(loss, dtype=torch.bool)
+        return loss, torch.ones_like(loss, dtype=torch.bool), loss
     with torch.no_grad():
         # The identity errors depend on no parameter; they only decide which pixels are kept.
         identity = torch.cat([photometric_error(s, target) for s in sources], dim=1)
         identity = identity + noise * torch.randn(
             identity.shape, generator=generator, device=identity.device, dtype=identity.dtype
         )
-        keep = loss.detach() < identity.min(dim=1, keepdim=True).values
-    return loss, keep
+        floor = identity.min(dim=1, keepdim=True).values
+        keep = loss.detach() < floor
+    return loss, keep, torch.where(keep, loss, floor)
 
 
 def smoothness_loss(disp: Tensor, image: Tensor) -> Tensor:
@@ -105,9 +108,9 @@ class PhotometricLoss(nn.Module):
 
     Each scale's sigmoid disparity is upsampled bilinearly to the input size before warping ("full-res
     multi-scale"), turned into metres with ``disparity_to_depth(min_depth, max_depth)``, and every source
-    frame is warped onto the target with its pose. The photometric term is the per-pixel minimum
-    reprojection error where the auto-mask keeps the pixel, 0 where it does not, averaged over all pixels
-    (Monodepth2's normalisation); the smoothness term, weighted
+    frame is warped onto the target with its pose. The photometric term is Monodepth2's: the per-pixel minimum
+    over reprojection and identity errors averaged over all pixels (auto-masked pixels add their identity
+    error, without gradient); the smoothness term, weighted
     ``smoothness_weight / 2^s``, acts on the scale's own disparity against the target resized to it. The
     loss is the mean over scales. Pixels warped from outside a source view are not masked (border
     padding, as published): the minimum over sources usually picks a source that sees them.
@@ -164,14 +167,15 @@ class PhotometricLoss(nn.Module):
             disp_full = F.interpolate(disp, size=size, mode="bilinear", align_corners=False)
             depth = disparity_to_depth(disp_full, self.min_depth, self.max_depth)
             warped = [warp_frame(sources[o], depth, poses[o], K)[0] for o in offsets]
-            per_pixel, keep = min_reprojection(
+            _, keep, value = min_reprojection(
                 target, warped, [sources[o] for o in offsets], automask=self.automask
             )
-            keep_f = keep.to(per_pixel.dtype)
-            # Averaged over every pixel, masked ones counting 0: Monodepth2's mean of the minimum over identity and
-            # reprojection errors, whose identity part no parameter changes (same gradient; dividing by the kept
-            # pixels instead would raise the photometric term's weight against smoothness as more are masked).
-            photometric = (per_pixel * keep_f).mean()
+            keep_f = keep.to(value.dtype)
+            # Monodepth2's mean over every pixel of the minimum over identity and reprojection errors: masked
+            # pixels add their identity error, which no parameter changes (dividing by the kept pixels instead
+            # would raise the term's weight against smoothness as more are masked; counting them 0 would make
+            # the value rise as training keeps more pixels).
+            photometric = value.mean()
 
             image = target
             if disp.shape[-2:] != size:
