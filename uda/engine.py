@@ -37,6 +37,7 @@ from uda.objectives import (
     build_objectives,
 )
 from uda.objectives.weighting import WeightingContext, weighting_from_config
+from uda.optim import build_optimizer, settings_kept
 from uda.runlog import RunLog, flat_config, images_per_iteration, peak_memory_mib
 from uda.tasks import output_space, task_channels
 from uda.validation import validate_run, write_training_images
@@ -106,36 +107,15 @@ class Trainer:
                 f"target.size={cfg.target.size}; set train.bn_mode=separate or equal sizes"
             )
         keep_target_statistics(model, self.data, self.log)  # train.bn_mode=domain (uda.models.domain_bn)
-        # A run folder with checkpoints is resumed (its weights replace these) or refused: the source of
-        # init_from is not read again, so a resume does not depend on it still being there.
+        # With checkpoints the run is resumed (or refused): init_from's source is not read again.
         if cfg.train.init_from and not checkpoint.complete_checkpoints(self.out):
             try:
                 checkpoint.initialise_from(cfg.train.init_from, model, [n for n, _ in self.joint_networks()])
             except checkpoint.CheckpointError as exc:
                 raise TrainingError(str(exc)) from None
         self.weighting = weighting.to(acc.device)
-        groups = model.param_groups()
-        param_groups = [
-            {"params": groups["backbone"], "lr": cfg.optim.lr_backbone},
-            {"params": groups["decoder"], "lr": cfg.optim.lr_decoder},
-            *(
-                [{"params": groups["architecture"], "lr": cfg.optim.lr_architecture or cfg.optim.lr_decoder}]
-                if groups.get("architecture")
-                else []
-            ),
-            *(group for o in self.objectives for group in o.param_groups()),
-            *self.weighting.param_groups(cfg.loss.weighting_lr),
-        ]
-        self.base_lrs = [group["lr"] for group in param_groups]
-        o, fused = cfg.optim, cfg.optim.fused or None
-        if o.optimizer == "adam":
-            optimizer = torch.optim.Adam(
-                param_groups, betas=o.betas, weight_decay=o.weight_decay, fused=fused
-            )
-        else:
-            optimizer = torch.optim.SGD(
-                param_groups, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused
-            )
+        optimizer = build_optimizer(cfg, model, self.objectives, self.weighting)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -373,59 +353,42 @@ class Trainer:
             },
         }
         self.log.flush()
-        try:
+        keep = self.cfg.train.keep_checkpoints
+        try:  # a failed save (e.g. a full disk) is one line
             ckpt = checkpoint.save(
-                self.accelerator,
-                self.out,
-                self.step,
-                state,
-                self.cfg.train.keep_checkpoints,
-                self.file_names,
-                self.held,
+                self.accelerator, self.out, self.step, state, keep, self.file_names, self.held
             )
-        except checkpoint.CheckpointError as exc:  # e.g. a full disk
+        except checkpoint.CheckpointError as exc:
             raise TrainingError(str(exc)) from exc
         self.log.info(f"step {self.step}: checkpoint {ckpt.relative_to(self.out)}")
         return ckpt
 
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The model's optimiser and the objectives' own (e.g. the discriminators')."""
-        return [self.optimizer, *(opt for o in self.objectives for _, opt in o.own_networks().values())]
-
     def load_checkpoint(self, path: Path | None = None) -> Path | None:
         """Resume from `path` or the newest usable checkpoint; a damaged one is reported and skipped, one of
-        another model config is refused (TrainingError naming the keys). The optimisers' states (moments, step
-        counts) come from the checkpoint, their settings (betas, weight decay, momentum, ...) from this run's
-        config, as the learning rates do."""
-        settings = [
-            [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-            for opt in self.optimizers()
-        ]
+        another model config is refused (TrainingError naming the keys). The optimisers' states come from the
+        checkpoint, their settings (rates, betas, weight decay, ...) from this run's config."""
+        optimizers = [self.optimizer, *(opt for o in self.objectives for _, opt in o.own_networks().values())]
         try:
-            found = checkpoint.load(self.accelerator, self.out, to_dict(self.cfg), path, self.held)
+            with settings_kept(optimizers):
+                found = checkpoint.load(self.accelerator, self.out, to_dict(self.cfg), path, self.held)
         except checkpoint.CheckpointError as exc:
             raise TrainingError(str(exc)) from None
         if found is None:
             return None
-        # load_state_dict put back the checkpoint's param_group settings: a changed config would be ignored.
-        for opt, groups in zip(self.optimizers(), settings, strict=True):
-            for group, values in zip(opt.param_groups, groups, strict=True):
-                group.update(values)
         ckpt, state = found
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.history = list(state.get("history", []))
         components = state.get("components", {})
-        if "weighting" in components:
+        for name, part in (("weighting", self.weighting), *((o.section, o) for o in self.objectives)):
             try:
-                self.weighting.load_checkpoint_state(components["weighting"])
+                if name in components:
+                    part.load_checkpoint_state(components[name])
             except (KeyError, ValueError) as exc:  # e.g. another loss.dwa_period: one line, not a traceback
                 raise TrainingError(
-                    f"{ckpt}: its task weighting does not fit this run: {exc}; resume with the loss settings it was saved with"
+                    f"{ckpt}: its {name} state does not fit this run ({exc}); resume with the settings it was "
+                    "saved with"
                 ) from None
-        for objective in self.objectives:
-            if objective.section in components:
-                objective.load_checkpoint_state(components[objective.section])
         return ckpt
 
     # ------------------------------------------------------------------ validation
