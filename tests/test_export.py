@@ -11,6 +11,15 @@ from uda.engine import Trainer
 from uda.models import load_pretrained
 
 
+def assert_same_outputs(model, run_model, x) -> None:
+    """The exported model's outputs equal the run's, bit for bit, at every task and scale."""
+    with torch.no_grad():
+        ours, theirs = model(x), run_model(x)
+    for task in ours:
+        for scale in ours[task]:
+            assert torch.equal(ours[task][scale], theirs[task][scale]), (task, scale)
+
+
 def test_exported_model_loads_with_the_runs_outputs(toy_root, tmp_path, capsys):
     trainer = Trainer(tiny_config(toy_root, tmp_path / "run", iterations=1, val_batches=1))
     trainer.fit()
@@ -23,11 +32,7 @@ def test_exported_model_loads_with_the_runs_outputs(toy_root, tmp_path, capsys):
     assert not model.training
     run_model = trainer.accelerator.unwrap_model(trainer.model).eval()
     x = torch.rand(2, 3, 64, 128)
-    with torch.no_grad():
-        ours, theirs = model(x), run_model(x)
-    for task in ours:
-        for scale in ours[task]:
-            assert torch.equal(ours[task][scale], theirs[task][scale]), (task, scale)
+    assert_same_outputs(model, run_model, x)
 
     assert export_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
     assert "missing" in capsys.readouterr().err
@@ -56,8 +61,4 @@ def test_exported_atrc_loads_without_its_normal_clusters_file(toy_root, tmp_path
     run_model = trainer.accelerator.unwrap_model(trainer.model).eval()
     assert torch.equal(model.atrc.normal_centroids, run_model.atrc.normal_centroids)
     x = torch.rand(1, 3, 32, 64)
-    with torch.no_grad():
-        ours, theirs = model(x), run_model(x)
-    for task in ours:
-        for scale in ours[task]:
-            assert torch.equal(ours[task][scale], theirs[task][scale]), (task, scale)
+    assert_same_outputs(model, run_model, x)
