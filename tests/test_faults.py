@@ -556,6 +556,29 @@ def test_optimiser_settings_follow_the_config_on_resume(run, tmp_path):
     assert {float(s["step"]) for s in state.values()} == {3.0}
 
 
+def test_resume_names_the_settings_changed_since_the_checkpoint(run, tmp_path):
+    cfg, out = copy_of(run, tmp_path, iterations=4)
+    cfg = replace(cfg, optim=replace(cfg.optim, lr_decoder=cfg.optim.lr_decoder / 2))
+    Trainer(cfg).load_checkpoint()
+    line = (out / "train.log").read_text().splitlines()[-1]
+    assert line.endswith(
+        "resumed with settings changed since the checkpoint: "
+        f"optim.lr_decoder (checkpoint {run[0].optim.lr_decoder}, this run {cfg.optim.lr_decoder}); "
+        "train.iterations (checkpoint 3, this run 4)"
+    ), line
+    # Another seed or batch size changes the data stream from here on: the run says it is no exact continuation.
+    cfg = replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))
+    Trainer(cfg).load_checkpoint()
+    line = (out / "train.log").read_text().splitlines()[-1]
+    assert "warning: resumed with settings changed" in line and line.endswith(
+        "with another train.seed the run is not an exact continuation"
+    ), line
+    # The same config: nothing to say.
+    before = (out / "train.log").read_text()
+    Trainer(replace(run[0], out=str(out))).load_checkpoint()
+    assert "settings changed" not in (out / "train.log").read_text()[len(before) :]
+
+
 def fp16_accelerator():
     """A fresh accelerator with an fp16 gradient scaler (growth every step) on the CPU, the forward in fp32 (see
     test_fp16_steps_skipped_by_a_non_finite_loss_or_the_scaler_leave_the_model_as_it_was)."""

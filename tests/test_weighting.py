@@ -486,6 +486,34 @@ def test_gradnorm_processes_hold_identical_weights():
     assert not torch.equal(rank0, torch.ones(2))
 
 
+def test_gradnorm_measures_the_norm_of_the_process_averaged_gradient():
+    # DDP steps with the mean of the processes' gradients: GradNorm must measure that gradient's norm, as one
+    # process holding the whole batch would, not the mean of the per-process norms (here 1.0 instead of 0.5).
+    c = [{"a": [1.0, 0.0], "b": [0.0, 3.0]}, {"a": [0.0, 1.0], "b": [0.0, 1.0]}]  # dL_t/dW per process
+    d = [{"a": 2.0, "b": 1.0}, {"a": 4.0, "b": 3.0}]
+
+    def measure(rank: int | None, group: FakeGroup | None = None) -> dict[str, float]:
+        weighting = GradNormWeighting(["a", "b"], {"a": 1.0, "b": 1.0})
+        w = torch.zeros(2, requires_grad=True)
+        if rank is None:  # one process: the mean of the two losses
+            terms = {
+                t: [sum((torch.tensor(c[r][t]) * w).sum() + d[r][t] for r in range(2)) / 2]
+                for t in ("a", "b")
+            }
+            reduce = lambda t: t  # noqa: E731
+        else:
+            terms = {t: [(torch.tensor(c[rank][t]) * w).sum() + d[rank][t]] for t in ("a", "b")}
+            reduce = group.reduce_mean(rank)
+        _, logs = weighting(terms, WeightingContext(0, lambda t: [w], reduce))
+        return {t: logs[f"gradnorm/grad_norm/{t}"].item() for t in ("a", "b")}
+
+    group = FakeGroup(2)
+    rank0, rank1 = run_ranks(lambda r: measure(r, group), group, 2)
+    one = measure(None)
+    assert one == pytest.approx({"a": math.sqrt(0.5), "b": 2.0})
+    assert rank0 == rank1 == pytest.approx(one, rel=1e-6)
+
+
 def test_gradnorm_under_activation_checkpointing_equals_the_plain_step():
     # GradNorm differentiates each task's loss with the graph kept, then the model loss is differentiated:
     # a checkpointed block is recomputed once per pass (model.checkpointing=true).
@@ -589,3 +617,59 @@ def test_a_learnt_weighting_refuses_a_rate_that_cannot_learn(weighting, lr):
     assert weighting_from_config(LossConfig(weighting=weighting, weighting_lr=0.01), tasks).kind == weighting
     # The fixed weighting and DWA learn nothing: the rate is not read.
     assert weighting_from_config(LossConfig(weighting="dwa", weighting_lr=lr), tasks).kind == "dwa"
+
+
+# ------------------------------------------------------------------------ which tasks a run's weighting balances
+
+
+def run_objectives(**sections):
+    """The objectives of the tiny adaptation config with `sections` replaced (no data read)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tests.conftest import tiny_config
+    from uda.models.multitask import intermediate_scales
+    from uda.objectives import RunContext, build_objectives
+    from uda.tasks import output_space, task_channels
+
+    cfg = tiny_config(Path("/no/data"), Path("/no/run"), adapt=True)
+    model = replace(cfg.model, depth_output="disparity", output_scales=(0, 1, 2, 3))  # as photometric needs
+    cfg = replace(cfg, adapt=None, model=model, **sections)
+    channels = task_channels(cfg.tasks, 16)
+    run = RunContext(cfg, cfg.tasks, channels, output_space(cfg, 16), intermediate_scales(cfg.model))
+    return cfg, build_objectives(run)
+
+
+def test_a_learnt_weighting_balances_the_tasks_with_per_task_terms():
+    from dataclasses import replace
+
+    from uda.config import PhotometricConfig, SelfTrainingConfig
+    from uda.objectives import ObjectiveError
+    from uda.objectives.weighting import weighted_tasks, weighting_from_config
+
+    # Supervised source depth, photometric target depth: both tasks have supervised terms.
+    cfg, objectives = run_objectives(photometric=PhotometricConfig(domain="target"))
+    assert weighted_tasks(objectives, cfg.tasks) == ("semseg", "depth")
+    # Photometric source depth (the SDE recipe): depth's loss is the photometric objective's own total.
+    cfg, objectives = run_objectives(photometric=PhotometricConfig(domain="source"))
+    assert weighted_tasks(objectives, cfg.tasks) == ("semseg",)
+    for kind in ("gradnorm", "dwa"):
+        loss = replace(cfg.loss, weighting=kind)
+        with pytest.raises(
+            ObjectiveError, match=rf"loss.weighting={kind} balances .*\['semseg'\].*\['depth'\]"
+        ):
+            weighting_from_config(loss, cfg.tasks, objectives)
+    learnt = weighting_from_config(replace(cfg.loss, weighting="uncertainty"), cfg.tasks, objectives)
+    assert learnt.tasks == ("semseg",) and set(learnt.log_vars) == {"semseg"}
+    fixed = weighting_from_config(cfg.loss, cfg.tasks, objectives)
+    assert fixed.tasks == ("semseg", "depth")  # fixed weights: nothing learnt, unchanged
+    # Self-training pseudo-labels target depth: depth has per-task terms again.
+    cfg, objectives = run_objectives(
+        photometric=PhotometricConfig(domain="source"),
+        self_training=SelfTrainingConfig(tasks=("semseg", "depth")),
+    )
+    assert weighted_tasks(objectives, cfg.tasks) == ("semseg", "depth")
+    assert weighting_from_config(replace(cfg.loss, weighting="gradnorm"), cfg.tasks, objectives).tasks == (
+        "semseg",
+        "depth",
+    )

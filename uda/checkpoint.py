@@ -356,6 +356,27 @@ def config_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     ]
 
 
+# Settings whose change on resume makes the run differ from an uninterrupted one from then on (the data stream's
+# order, the batches' composition); other changes (iterations, rates, schedules) act from the resumed step.
+STREAM_KEYS = ("train.seed", "data.batch_size", "target.batch_size", "train.grad_accum")
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """A line naming every setting that differs between a checkpoint's config and this run's (the weight-shaping
+    ones are refused by check_config), or None; keys missing on a side and the run folder are not compared."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and k != "out"]
+    if not keys:
+        return None
+    line = "resumed with settings changed since the checkpoint: " + "; ".join(
+        f"{k} (checkpoint {json.dumps(a[k])}, this run {json.dumps(b[k])})" for k in keys
+    )
+    stream = [k for k in keys if k in STREAM_KEYS]
+    if stream:  # worth a warning: the rest of the run sees other batches than the saved run would have
+        line = f"warning: {line}; with another {', '.join(stream)} the run is not an exact continuation"
+    return line
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
     """trainer_state.json of a checkpoint, or CheckpointError."""
     path = ckpt / STATE_FILE

@@ -96,10 +96,12 @@ class Trainer:
         run = RunContext(cfg, self.tasks, channels, self.space, intermediate_scales(cfg.model))
         try:
             self.objectives = build_objectives(run)
-            weighting = weighting_from_config(cfg.loss, self.tasks)
+            weighting = weighting_from_config(cfg.loss, self.tasks, self.objectives)
         except ObjectiveError as exc:
             raise TrainingError(str(exc)) from None
         needs = [[n for o in self.objectives if (n := o.needs(d)) is not None] for d in (0, 1)]
+        if weighting.tasks != self.tasks:  # a learnt weighting over the tasks with per-task terms only
+            self.log.info(f"loss.weighting={cfg.loss.weighting} balances {', '.join(weighting.tasks)}")
         self.data = RunData(cfg, needs)
         if self.data.uses_domain(1) and cfg.train.bn_mode == "joint" and cfg.target.size != cfg.data.size:
             raise TrainingError(
@@ -125,14 +127,10 @@ class Trainer:
                 objective.bind(acc.unwrap_model(self.model))
         except ObjectiveError as exc:
             raise TrainingError(str(exc)) from None
-        # Networks the objectives change alone (an EMA teacher): on the device, never prepared, checkpointed by
-        # uda.checkpoint as <name>.safetensors.
+        # Networks changed by objectives alone (EMA teacher): never prepared, saved as <name>.safetensors.
         self.held: dict[str, nn.Module] = {}
-        taken = {
-            "model",
-            "optimizer",
-            *(n for o in self.objectives for n in (*o.own_networks(), *o.joint_networks())),
-        }
+        owned = (n for o in self.objectives for n in (*o.own_networks(), *o.joint_networks()))
+        taken = {"model", "optimizer", *owned}
         for objective in self.objectives:
             for name, net in objective.held_networks().items():
                 if name in self.held or name in taken:
@@ -376,6 +374,8 @@ class Trainer:
         if found is None:
             return None
         ckpt, state = found
+        if changed := checkpoint.changed_settings(state["config"], to_dict(self.cfg)):
+            self.log.info(changed)  # a warning when the data stream changes
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.history = list(state.get("history", []))

@@ -165,6 +165,11 @@ class Objective:
         checkpoint and restored on resume. Names must differ from the run's other checkpoint files."""
         return {}
 
+    def weighted_tasks(self, unlabelled: Mapping[int, frozenset[str]]) -> frozenset[str]:
+        """The tasks it attributes loss terms to (`Terms.tasks`), given the tasks whose labels no objective lets
+        domain d's stream load (`unlabelled[d]`): a learnt task weighting balances these tasks."""
+        return frozenset()
+
     def own_networks(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
         """Attribute name -> (network, its optimiser) trained in `update` (replaced by the prepared ones; the
         optimiser is stored as `<name>_optimizer`)."""

@@ -18,6 +18,8 @@ target domain of an adaptation run (`consistency.domains=source,target`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 
 from uda.config import ConsistencyConfig
@@ -73,6 +75,9 @@ class Consistency(Objective):
 
     def needs(self, domain: int) -> StreamNeeds | None:
         return StreamNeeds() if DOMAINS[domain] in self.cfg.domains else None
+
+    def weighted_tasks(self, unlabelled: Mapping[int, frozenset[str]]) -> frozenset[str]:
+        return frozenset(self.cfg.tasks)
 
     def joint_networks(self) -> dict[str, nn.Module]:
         return {"transfer": self.transfer}

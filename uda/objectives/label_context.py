@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -84,6 +84,9 @@ class LabelContext(Objective):
             binary = (label[:, 0] > 0.5).long()
             return torch.where(label[:, 0] == IGNORE, torch.full_like(binary, IGNORE), binary)
         raise ObjectiveError(f"no auxiliary label space for task {task!r}")
+
+    def weighted_tasks(self, unlabelled: Mapping[int, frozenset[str]]) -> frozenset[str]:
+        return frozenset(self.run.tasks) - unlabelled[0]  # tasks with source labels (and an aux head)
 
     def loss(self, step: Step) -> Terms | None:
         outputs, batch = step.outputs["source"], step.batch["source"]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,9 @@ class SelfTraining(Objective):
         self.thing_ids: Tensor | None = None
 
     # ------------------------------------------------------------------ networks
+
+    def weighted_tasks(self, unlabelled: Mapping[int, frozenset[str]]) -> frozenset[str]:
+        return frozenset(self.tasks)
 
     def needs(self, domain: int) -> StreamNeeds | None:
         return StreamNeeds(sampling=self.sampling) if domain == 0 else StreamNeeds()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 from uda.config import LossConfig
 from uda.losses import MultiTaskLoss
@@ -38,6 +39,9 @@ class Supervised(Objective):
             loss_fns=fns,
             intermediate=cfg.intermediate,
         )
+
+    def weighted_tasks(self, unlabelled: Mapping[int, frozenset[str]]) -> frozenset[str]:
+        return frozenset(self.run.tasks) - unlabelled[0]  # the labelled tasks of the source stream
 
     def loss(self, step: Step) -> Terms:
         terms, zero, logs = self.criterion.task_terms(step.outputs["source"], step.batch["source"])

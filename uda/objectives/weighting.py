@@ -444,33 +444,44 @@ class GradNormWeighting(TaskWeighting):
         if ctx.shared is None:
             raise ValueError("GradNorm needs ctx.shared: the parameters of the last shared layer per task")
         k = len(self.tasks)
-        record = torch.zeros(3 * k, dtype=torch.float32, device=device)  # [g_t, base_t L_t, presence]
         scale = float(ctx.loss_scale)
+        # Per task its gradient at the shared layer (flattened, float32; zeros when absent), then the losses and
+        # presence flags: reduced across processes as one vector, so that g_t is the norm of the process-averaged
+        # gradient (what the model's step uses), not an average of per-process norms, which noise inflates.
+        params = {t: [p for p in ctx.shared(t) if p.requires_grad] for t in self.tasks}
+        for t, ps in params.items():
+            if not ps:
+                raise ValueError(f"ctx.shared({t!r}) holds no trainable parameter")
+        sizes = [sum(p.numel() for p in params[t]) for t in self.tasks]
+        grads: list[Tensor] = [torch.zeros(n, dtype=torch.float32, device=device) for n in sizes]
+        record = torch.zeros(2 * k, dtype=torch.float32, device=device)  # [base_t L_t, presence]
         # Backward is best run outside autocast; the gradient dtypes follow the forward's anyway.
         with autocast_off(device):
             for t, value in scaled.items():
                 i = self.index[t]
-                params = [p for p in ctx.shared(t) if p.requires_grad]
-                if not params:
-                    raise ValueError(f"ctx.shared({t!r}) holds no trainable parameter")
                 if value.requires_grad:
                     # No create_graph: G_t = w_t g_t with g_t independent of w_t, so dG_t/dw_t = g_t exactly
                     # and the weights' gradient needs only the value of g_t, not a double backward. With
                     # fp16 the scaled loss keeps the half-precision gradients from underflowing.
-                    grads = torch.autograd.grad(value * scale, params, retain_graph=True, allow_unused=True)
-                    squares = [g.float().pow(2).sum() for g in grads if g is not None]
-                    if squares:
-                        record[i] = torch.stack(squares).sum().sqrt() / scale
-                record[k + i] = value.detach()
-                record[2 * k + i] = 1.0
-        # One collective per step on every process, whatever it holds: a non-finite norm anywhere turns the
+                    got = torch.autograd.grad(value * scale, params[t], retain_graph=True, allow_unused=True)
+                    flat = [
+                        (g if g is not None else torch.zeros_like(p)).float().reshape(-1)
+                        for g, p in zip(got, params[t], strict=True)
+                    ]
+                    grads[i] = torch.cat(flat) / scale
+                record[i] = value.detach()
+                record[k + i] = 1.0
+        # One collective per step on every process, whatever it holds: a non-finite value anywhere turns the
         # mean non-finite, so all processes skip together.
-        reduced = ctx.reduce_mean(record)
-        norms, values, share = reduced[:k], reduced[k : 2 * k], reduced[2 * k :]
+        reduced = ctx.reduce_mean(torch.cat([*grads, record]))
+        mean_grads = reduced[: sum(sizes)].split(sizes)
+        values, share = reduced[sum(sizes) : sum(sizes) + k], reduced[sum(sizes) + k :]
         if not bool((share > 0).all()):
             self._pending = (ctx.step, None, None)  # some task has no loss on any process this step
             return {}
-        norms, values = norms / share, values / share
+        # The mean over the processes where the task has a loss (the reduced mean counts absent ones as 0).
+        norms = torch.stack([g.norm() for g in mean_grads]) / share
+        values = values / share
         if not bool(torch.isfinite(values).all()):
             self._pending = (ctx.step, None, None)
             return {}
@@ -581,9 +592,20 @@ def build_weighting(
     return cls(tasks, base, **options)
 
 
-def weighting_from_config(loss: LossConfig, tasks: Sequence[str]) -> TaskWeighting:
+def weighted_tasks(objectives: Sequence, tasks: Sequence[str]) -> tuple[str, ...]:
+    """The run's tasks (in order) some objective attributes loss terms to (`Objective.weighted_tasks`): a task
+    learnt only through an objective's own total (e.g. photometric depth on the source) is not among them."""
+    needs = [[n for o in objectives if (n := o.needs(d)) is not None] for d in (0, 1)]
+    unlabelled = {d: frozenset().union(*(n.unlabelled for n in per)) for d, per in enumerate(needs)}
+    named = frozenset().union(*(o.weighted_tasks(unlabelled) for o in objectives))
+    return tuple(t for t in tasks if t in named)
+
+
+def weighting_from_config(loss: LossConfig, tasks: Sequence[str], objectives: Sequence = ()) -> TaskWeighting:
     """The task weighting `loss.weighting` of a run, on the base weights `loss.weights` (default: the paper's
-    preset for the task set)."""
+    preset for the task set). A learnt weighting balances the tasks the run's `objectives` attribute loss terms
+    to (all tasks without objectives); a task learnt only through an objective's own total (photometric depth)
+    has no term to weigh, and would leave GradNorm without a measurement at every step."""
     options = {
         "dwa": {"period": loss.dwa_period, "temperature": loss.dwa_temperature},
         "gradnorm": {"alpha": loss.gradnorm_alpha, "lr": loss.weighting_lr},
@@ -604,8 +626,19 @@ def weighting_from_config(loss: LossConfig, tasks: Sequence[str]) -> TaskWeighti
             f"loss.weights names {unknown}, which are not tasks (tasks: {', '.join(get_args(Task))}); "
             "fix their names"
         )
+    base = loss.weights or default_task_weights(tasks)
+    weighted = weighted_tasks(objectives, tasks) if objectives else tuple(tasks)
+    if loss.weighting != "fixed" and weighted != tuple(tasks):
+        others = [t for t in tasks if t not in weighted]
+        if len(weighted) < (1 if loss.weighting == "uncertainty" else 2):
+            raise ObjectiveError(
+                f"loss.weighting={loss.weighting} balances the tasks with per-task loss terms, and this run has "
+                f"{list(weighted) or 'none'}: {others} are learnt by objectives with their own weights (e.g. "
+                "photometric.weight); set loss.weighting=fixed"
+            )
+        tasks = tuple(weighted)
     try:
-        return build_weighting(loss.weighting, tasks, loss.weights or default_task_weights(tasks), **options)
+        return build_weighting(loss.weighting, tasks, base, **options)
     except (KeyError, ValueError) as exc:
         raise ObjectiveError(
             f"loss.weighting={loss.weighting} with loss.weights={loss.weights}: {exc}"
