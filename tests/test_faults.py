@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from itertools import islice
@@ -335,6 +336,74 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_folder(run,
     assert Trainer(cfg).load_checkpoint().name == "step-0000003"
 
 
+class ThreadRank:
+    """An accelerator stand-in for one of two processes, run as threads: barriers and sum-reductions are real
+    across them, save_state writes this rank's file."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, rank: int, barrier: threading.Barrier, slots: list) -> None:
+        self.process_index, self.is_main_process = rank, rank == 0
+        self.barrier, self.slots = barrier, slots
+
+    def wait_for_everyone(self) -> None:
+        self.barrier.wait()
+
+    def reduce(self, t: torch.Tensor, reduction: str) -> torch.Tensor:
+        self.slots[self.process_index] = t.clone()
+        self.barrier.wait()
+        total = sum(self.slots)
+        self.barrier.wait()
+        return total
+
+    def save_state(self, folder: str) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"random_states_{self.process_index}.pkl").write_bytes(b"rng")
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_save_failing_on_one_process_stops_every_process_with_the_error(failing, tmp_path, monkeypatch):
+    # Without agreement the processes that did not fail would wait for the failed one at the next barrier forever.
+    barrier, slots, results = threading.Barrier(2, timeout=20), [None, None], [None, None]
+    complete = checkpoint._complete
+
+    def main_disk_full(*args, **kwargs):
+        complete(*args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == 0:
+        monkeypatch.setattr(checkpoint, "_complete", main_disk_full)
+
+    def rank(index: int) -> None:
+        acc = ThreadRank(index, barrier, slots)
+        if index == failing == 1:
+
+            def full(folder):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            acc.save_state = full
+        try:
+            checkpoint.save(acc, tmp_path / "run", 5, {"history": []})
+            results[index] = "saved"
+        except checkpoint.CheckpointError as exc:
+            results[index] = str(exc)
+        except threading.BrokenBarrierError:
+            results[index] = "hung"
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(
+        r is not None and r.startswith(f"{tmp_path / 'run' / 'checkpoints' / 'step-0000005'}: checkpoint not")
+        for r in results
+    ), results
+    assert "No space left on device" in results[failing]
+    assert "failed on another process" in results[1 - failing]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == []  # no partial folder
+
+
 def damage(path: Path, how: str) -> None:
     data = path.read_bytes()
     if how == "truncate":
@@ -346,6 +415,9 @@ def damage(path: Path, how: str) -> None:
         )
     elif how == "json":
         rewrite(path, data[:-40])
+    elif how == "edit":  # still valid JSON, one value changed (a flipped digit, a hand edit)
+        assert b'"bad_steps": 0' in data
+        rewrite(path, data.replace(b'"bad_steps": 0', b'"bad_steps": 7'))
 
 
 @pytest.mark.parametrize(
@@ -355,6 +427,7 @@ def damage(path: Path, how: str) -> None:
         ("optimizer.bin", "flip", "optimizer.bin: corrupted (SHA-256 differs"),
         ("random_states_0.pkl", "flip", "random_states_0.pkl: corrupted (SHA-256 differs"),
         ("trainer_state.json", "json", "trainer_state.json: unreadable or damaged"),
+        ("trainer_state.json", "edit", "trainer_state.json: unreadable or damaged (its content differs"),
     ],
 )
 def test_damaged_checkpoint_is_refused_and_resume_falls_back(run, tmp_path, capsys, file, how, reason):
@@ -377,7 +450,25 @@ def test_no_usable_checkpoint_is_a_clear_error(run, tmp_path):
         damage(out / "checkpoints" / f"step-{step:07d}" / "model.safetensors", "truncate")
     with pytest.raises(TrainingError, match=r"no usable checkpoint \(.*step-0000003.*step-0000002") as info:
         Trainer(cfg).fit(resume=True)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and str(info.value).endswith(
+        "delete the damaged folders or start a new run"
+    )
+
+
+def test_intact_checkpoints_that_do_not_load_are_not_called_damaged(run, tmp_path):
+    cfg, out = copy_of(run, tmp_path)
+    trainer = Trainer(cfg)
+
+    def does_not_fit(folder):  # e.g. a setting that changes a tensor without a config key saying so
+        raise RuntimeError("Error(s) in loading state_dict: size mismatch for encoder.conv1.weight")
+
+    trainer.accelerator.load_state = does_not_fit
+    with pytest.raises(
+        TrainingError, match=r"no usable checkpoint \(.*step-0000003: RuntimeError: .*size mismatch"
+    ) as info:
+        trainer.load_checkpoint()
+    message = str(info.value)
+    assert "damaged" not in message and "resume with the settings and number of processes" in message, message
 
 
 class Payload:
@@ -536,6 +627,21 @@ def test_resume_of_an_initialised_run_does_not_read_its_init_from_source_again(r
     shutil.rmtree(source)  # the source run is deleted (or damaged) later: the run's own checkpoints resume it
     longer = replace(cfg, train=replace(cfg.train, iterations=2))
     assert Trainer(longer).fit(resume=True)["step"] == 2
+
+
+def test_extending_a_finished_run_keeps_its_final_validation(run, tmp_path):
+    cfg, out = copy_of(run, tmp_path, iterations=4)
+    last = checkpoint.latest_checkpoint(out)
+    assert last.name == "step-0000003" and [r["step"] for r in checkpoint.read_state(last)["history"]] == [3]
+    trainer = Trainer(cfg)
+    trainer.fit(resume=True)
+    assert [r["step"] for r in trainer.history] == [3, 4]  # the first run's final validation is kept
+    report = (out / "report.md").read_text()
+    assert "step 4" in report
+    # A finished run resumed as it is validates again: its row is replaced, not repeated.
+    again = Trainer(cfg)
+    again.fit(resume=True)
+    assert [r["step"] for r in again.history] == [3, 4]
 
 
 def test_optimiser_settings_follow_the_config_on_resume(run, tmp_path):
@@ -1257,3 +1363,24 @@ def test_a_bad_override_with_toy_fails_before_generating_the_toy_data(tmp_path, 
         line
     )
     assert not root.exists() and not (tmp_path / "run").exists()
+
+
+def test_run_files_are_replaced_atomically(tmp_path, monkeypatch):
+    from uda.config import ExperimentConfig, save_config
+    from uda.files import write_text_atomic
+
+    path = tmp_path / "config.json"
+    save_config(ExperimentConfig(name="first"), path)
+    before = path.read_text()
+
+    def interrupted(src, dst):  # the process dies (or the disk fills) between the write and the rename
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(OSError, match="No space left"):
+        save_config(ExperimentConfig(name="second"), path)
+    assert path.read_text() == before and json.loads(before)["name"] == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary left behind
+    monkeypatch.undo()
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["config.json"]

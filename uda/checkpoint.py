@@ -35,6 +35,7 @@ from uda.config import OBJECTIVE_SECTIONS
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+SELF_HASH = "state_sha256"  # trainer_state.json's hash of its own content
 LATEST = "latest"  # symlink (or, where links cannot be made, a text file) naming the newest checkpoint
 TMP_PREFIX = ".tmp-step-"  # a save in progress (or interrupted)
 OLD_PREFIX = ".old-step-"  # a checkpoint of the same step being replaced
@@ -195,6 +196,14 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _record_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a state record's canonical JSON, without its own hash field."""
+    body = json.loads(
+        json.dumps({k: v for k, v in record.items() if k != SELF_HASH})
+    )  # as read back (str keys)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _fsync(path: Path) -> None:
     """Flush a file or folder to disk (so a power cut cannot leave a renamed but empty file)."""
     fd = os.open(path, os.O_RDONLY)
@@ -231,6 +240,7 @@ def _complete(
             _fsync(f)
             files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
     record = {"format": FORMAT, "step": step, **state, "files": files}
+    record[SELF_HASH] = _record_hash(record)  # the state file checks itself: the others are checked by it
     (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     _fsync(tmp / STATE_FILE)
     _fsync(tmp)
@@ -278,13 +288,21 @@ def save(
         remove_leftovers(root)
         root.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
+    # Every process learns whether the save worked everywhere (a collective instead of a barrier): a process that
+    # failed alone (e.g. its disk filled up) would otherwise leave the others waiting for it forever.
+    error: Exception | None = None
     try:
         acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _complete(tmp, step, state, names, held)
     except Exception as exc:  # noqa: BLE001 - a full disk shows as OSError, RuntimeError (torch.save), ...
-        raise _not_written(acc, out, final, tmp, exc) from exc  # the cause shows with --debug
+        error = exc
+    if all_processes(acc, error is None) and acc.is_main_process:
+        try:
+            _complete(tmp, step, state, names, held)
+        except Exception as exc:  # noqa: BLE001 - as above
+            error = exc
+    if not all_processes(acc, error is None):
+        error = error or RuntimeError("the save failed on another process")
+        raise _not_written(acc, out, final, tmp, error) from error  # the cause shows with --debug
     if acc.is_main_process:
         old = root / f"{OLD_PREFIX}{step:07d}"
         if final.exists():  # the same step saved again (e.g. resuming a finished run)
@@ -385,6 +403,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
         int(state["step"])
+        # A state file saved before it carried its own hash is read as it is (its files are still checked).
+        if SELF_HASH in state and state[SELF_HASH] != _record_hash(state):
+            raise ValueError("its content differs from the hash recorded at save time")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: unreadable or damaged ({reason})") from None
@@ -487,6 +508,7 @@ def load(
         scanned = complete_checkpoints(out)
         candidates = [latest, *(c for c in scanned if c != latest)] if latest is not None else scanned
     errors: list[str] = []
+    loaded_badly = False  # a checkpoint whose files are intact but do not load into this run
     for ckpt in candidates:
         state, error = None, None
         try:
@@ -514,6 +536,7 @@ def load(
                     load_held(net, ckpt / f"{name}.safetensors")
             except Exception as exc:  # noqa: BLE001 - any failure while reading means an unusable file
                 error = f"{ckpt}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                loaded_badly = True
             finally:
                 acc.scaler = scaler
             if all_processes(acc, error is None):
@@ -523,7 +546,10 @@ def load(
         if acc.is_main_process:
             tqdm.write(f"warning: checkpoint refused: {error}; trying an older one")
     if path is not None or errors:
-        raise CheckpointError(
-            "no usable checkpoint (" + "; ".join(errors) + "); delete the damaged folders or start a new run"
+        fix = (
+            "resume with the settings and number of processes the run was saved with, or start a new run"
+            if loaded_badly
+            else "delete the damaged folders or start a new run"
         )
+        raise CheckpointError("no usable checkpoint (" + "; ".join(errors) + f"); {fix}")
     return None

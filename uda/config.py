@@ -640,8 +640,10 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the config as indented JSON."""
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    """Write the config as indented JSON (atomically: a crash leaves the previous file)."""
+    from uda.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
 def load_config(cls: type, path: str | Path) -> Any:

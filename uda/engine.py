@@ -448,10 +448,8 @@ class Trainer:
             if cfg.train.image_every and self.step % cfg.train.image_every == 0:
                 write_training_images(self, micro[-1])
             log.record({"step": self.step, **last})
-            if last["finite"]:
-                self.bad_steps = 0
-            else:
-                self.bad_steps += 1
+            self.bad_steps = 0 if last["finite"] else self.bad_steps + 1
+            if not last["finite"]:
                 bad = ", ".join(k for k, v in last.items() if not torch.isfinite(torch.tensor(v))) or "loss"
                 log.warning(
                     f"step {self.step}: non-finite {bad}; update skipped, weights unchanged "
@@ -489,8 +487,9 @@ class Trainer:
             if mid_run and cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                 self.save_checkpoint()
         bar.close()
-        self.save_checkpoint()
+        self.save_checkpoint()  # first: a failure in the final validation loses no training
         results = self.validate(final=True)
+        self.save_checkpoint()  # again, with the final validation in its history (kept when the run is extended)
         seconds = time.perf_counter() - started
         log.info(f"done: {self.step - start_step} steps in {seconds:.0f} s; report {self.out / 'report.md'}")
         # Every process finishes its work before the process group goes (end_training destroys it).

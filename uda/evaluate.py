@@ -4,7 +4,6 @@ metrics.json and a Markdown report that states every protocol choice."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from uda.config import EvalConfig
+from uda.files import write_text_atomic
 from uda.metrics import DepthMetric, MultiTaskMetrics
 from uda.tasks import OutputSpace, to_predictions
 
@@ -145,10 +145,7 @@ def evaluate(
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _fmt(value: float) -> str:

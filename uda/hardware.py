@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from uda.files import write_text_atomic
+
 # bf16 autocast on CPUs without AMX: on AVX2 alone the convolutions fall to a slow reference kernel (a 2-core
 # AMD EPYC: 12-16x the fp32 step, ResNet-18 toy step); there auto keeps fp32 without measuring. With AVX-512 BF16
 # the cost depends on the processor (ResNet-101 mTEB S-D step at 256x512, batch 2, tools/benchmark.py step bench:
@@ -116,9 +118,7 @@ def bf16_probe_ratio() -> float:
     cached[key] = ratio
     try:  # atomic: another process reads either the old file or the new one
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(cached, indent=1, sort_keys=True))
     except OSError:
         pass  # a read-only home: the next run measures again
     return ratio

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from uda.files import write_text_atomic
 from uda.hardware import proc_status_mib
 
 LOGGER = "uda"
@@ -127,9 +127,7 @@ class RunLog:
         path = self.out / LOSSES_FILE
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(f"{line}\n" for line in kept))
         self._losses = path.open("a", encoding="utf-8")
 
     def record(self, row: Mapping[str, float]) -> None:

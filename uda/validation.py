@@ -74,7 +74,8 @@ def validate_run(trainer, final: bool = False) -> dict[str, Any]:
         if max_batches is not None:
             protocols[name]["batches"] = f"first {max_batches} per process"
     record = {"step": trainer.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}}
-    trainer.history.append(record)
+    # A step evaluated again (a finished run resumed as it is) replaces its earlier row.
+    trainer.history = [r for r in trainer.history if r.get("step") != trainer.step] + [record]
     trainer.log.info(f"step {trainer.step}: validation " + trainer.log.summary(results))
     if acc.is_main_process:
         acc.log({f"val/{k}": v for k, v in record.items() if k != "step"}, step=trainer.step)

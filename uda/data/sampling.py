@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uda.files import write_text_atomic
+
 IGNORE_INDEX = 255
 
 
@@ -74,9 +76,7 @@ def class_stats(dataset, num_classes: int) -> np.ndarray:
     record["counts"] = counts.tolist()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(record))
     except OSError:
         pass  # an unwritable cache only costs the count again next run
     return counts

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from accelerate import PartialState
 from torch import Tensor
 
 from uda.config import LabelContextConfig
+from uda.files import write_text_atomic
 from uda.models.atrc import AUX_KEY, IGNORE, ATRCHead, depth_bins, normal_centroids, normal_labels
 from uda.objectives.base import Objective, ObjectiveError, RunContext, Step, Terms
 
@@ -66,9 +66,7 @@ class LabelContext(Objective):
                 "centroids": [[float(x) for x in c] for c in self.centroids.tolist()],
                 "source": self.run.cfg.model.normal_clusters or "fibonacci-sphere",
             }
-            tmp = self.out / f".{CENTROIDS_FILE}.tmp"
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
-            os.replace(tmp, self.out / CENTROIDS_FILE)
+            write_text_atomic(self.out / CENTROIDS_FILE, json.dumps(record, indent=1) + "\n")
 
     def labels(self, task: str, label: Tensor, size: Sequence[int]) -> Tensor:
         """A task's labels -> region ids [B,h,w] (long, 255 = ignored) at the aux resolution `size`."""
