@@ -280,7 +280,8 @@ def test_save_writes_a_temporary_folder_then_renames_it(run, tmp_path):
     state = json.loads((final / checkpoint.STATE_FILE).read_text())
     # Every file is recorded with its size and hash; the config and history travel with the weights.
     assert set(state["files"]) >= {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}
-    assert state["step"] == 4 and state["config"]["model"]["arch"] == "mtl" and state["history"] == []
+    assert state["step"] == 4 and state["config"]["model"]["arch"] == "mtl"
+    assert [row["step"] for row in state["history"]] == [3]  # the run's final validation, kept from step 3
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_usable(run, tmp_path, capsys):
