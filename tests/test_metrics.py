@@ -639,3 +639,14 @@ def test_multitask_metrics_name_the_task_of_a_wrongly_shaped_prediction():
     parts = torch.randint(0, 7, (2, 6, 6))
     with pytest.raises(ValueError, match=r"^parts: SegmentationMetric: expected logits \[2,7,h,w\]"):
         metrics.update({"semseg": LABELS, "parts": parts[:, None]}, {"semseg": LABELS, "parts": parts})
+
+
+def test_ground_truth_ids_outside_the_label_set_are_refused_not_dropped():
+    """A 19-class id (or another ignore id, e.g. the released code's 250) in the GT of a 16-class metric used to be
+    dropped silently: here pixel 1 would vanish and mIoU read 1.0 instead of failing."""
+    metric = SegmentationMetric(num_classes=16)
+    with pytest.raises(ValueError, match=r"ground-truth ids \[18, 250\] outside \[0, 16\)"):
+        metric.update(torch.tensor([[[0, 1, 2, 255]]]), torch.tensor([[[0, 18, 250, 255]]]))
+    assert float(metric.state()["confusion"].sum()) == 0.0  # nothing was counted
+    metric.update(torch.tensor([[[0, 1, 2]]]), torch.tensor([[[0, 255, 2]]]))  # the ignore id stays ignored
+    assert metric.compute()["miou"] == 1.0 and metric.compute()["pixel_acc"] == 1.0

@@ -129,7 +129,16 @@ class SegmentationMetric(StreamingMetric):
             pred = F.interpolate(pred[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
         pred = pred.long()
         target = target.long()
-        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
+        valid = target != self.ignore_index
+        # A GT id outside [0, C) other than the ignore id is a label-set mismatch (e.g. 19-class labels for a
+        # 16-class model, or another ignore id such as 250): dropping those pixels would change mIoU silently.
+        bad = valid & ((target < 0) | (target >= self.num_classes))
+        if bool(bad.any()):
+            ids = sorted({int(v) for v in target[bad].unique()[:8].tolist()})
+            raise ValueError(
+                f"ground-truth ids {ids} outside [0, {self.num_classes}) and not the ignore id "
+                f"{self.ignore_index}; evaluate with the label set the model was trained on"
+            )
         pred, target = pred[valid], target[valid]
         if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= self.num_classes):
             raise ValueError(f"predicted labels outside [0, {self.num_classes})")
