@@ -9,14 +9,25 @@ import pytest
 from uda.commands import compare
 
 
-def fake_run(folder: Path, name: str, metrics: dict, seed: int | None = None, arch: str = "mtl") -> Path:
-    """A finished run folder as compare reads it: config.json (name, tasks, arch, train.seed) and metrics.json."""
+def fake_run(
+    folder: Path,
+    name: str,
+    metrics: dict,
+    seed: int | None = None,
+    arch: str = "mtl",
+    protocol: dict | None = None,
+) -> Path:
+    """A finished run folder as compare reads it: config.json (name, tasks, arch, train.seed) and metrics.json
+    (with `protocol`, the evaluation protocol of its split, when given)."""
     folder.mkdir(parents=True)
     cfg = {"name": name, "tasks": ["semseg", "depth"], "model": {"arch": arch}}
     if seed is not None:
         cfg["train"] = {"seed": seed}
     (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "metrics.json").write_text(json.dumps({"results": {"val": metrics}}))
+    record = {"results": {"val": metrics}}
+    if protocol is not None:
+        record["protocol"] = {"val": protocol}
+    (folder / "metrics.json").write_text(json.dumps(record))
     return folder
 
 
@@ -74,3 +85,42 @@ def test_an_evaluation_folder_is_compared_as_its_run_and_the_legacy_warning_says
     (evaluated / "metrics.json").write_text(json.dumps({"results": {"cityscapes/val": METRICS}}))
     assert rows(compare.table([str(evaluated)]))["s-mteb"][:2] == ["1", "0.5000"]
     assert "mteb" in rows(compare.table([str(evaluated), "--group-by", "folder"]))
+
+
+PROTOCOL = {
+    "dataset": "cityscapes",
+    "split": "val",
+    "label_set": "cityscapes16",
+    "checkpoint": "step 100 (last)",
+    "median_scaling": True,
+    "aggregation": "per-image mean",
+    "depth_cap_m": [0.001, 80.0],
+}
+
+
+def test_delta_against_a_baseline_evaluated_under_another_protocol_is_refused(tmp_path):
+    """MTL depth RMSE 4.0 median-scaled vs an STL baseline RMSE 5.0 evaluated without median scaling gave
+    Delta_T = (0 + 20) / 2 = +10 %, a number that measures the protocol, not the model."""
+    mtl = str(fake_run(tmp_path / "mtl", "s-mtl", METRICS, protocol=PROTOCOL))
+    base = {"semseg/miou": 0.5, "depth/rmse": 5.0}
+    other = {**PROTOCOL, "median_scaling": False, "checkpoint": "step 200 (last)"}
+    stl = str(fake_run(tmp_path / "stl", "s-stl", base, arch="stl", protocol=other))
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: s-mtl: evaluated differently from its Delta_T baseline 's-stl' \(median_scaling: "
+        r"False vs True, baseline first\)",
+    ):
+        compare.table([stl, mtl])
+    # The same protocol (another checkpoint is no difference): the delta of the numbers.
+    same = str(
+        fake_run(tmp_path / "stl-same", "s-stl", base, arch="stl", protocol={**PROTOCOL, "checkpoint": "x"})
+    )
+    assert rows(compare.table([same, mtl]))["s-mtl"][-1] == "10.0000"
+    # Seeds of one row evaluated on different subsets of the split are not averaged either.
+    part = {**PROTOCOL, "batches": "first 4 per process"}
+    seed2 = str(fake_run(tmp_path / "mtl-s2", "s-mtl", METRICS, seed=2, protocol=part))
+    seed1 = str(fake_run(tmp_path / "mtl-s1", "s-mtl", METRICS, seed=1, protocol=PROTOCOL))
+    with pytest.raises(
+        SystemExit, match=r"evaluated differently \(batches: whole split vs first 4 per process\)"
+    ):
+        compare.table([seed1, seed2])

@@ -74,9 +74,44 @@ def run_folder(path: Path, record: dict) -> Path:
     return path
 
 
+# The entries of a metrics.json protocol that change the numbers: runs averaged into one row, and a row and its
+# Delta_T baseline, must agree on each entry both of them record ("batches" absent: the whole split).
+PROTOCOL_KEYS = (
+    "dataset",
+    "split",
+    "label_set",
+    "output_scale",
+    "ground_truth_resolution",
+    "depth_cap_m",
+    "median_scaling",
+    "aggregation",
+    "edge_metric",
+    "edge_max_dist",
+    "size",
+    "resize_to",
+    "batches",
+)
+
+
+def protocol_differences(a: dict | None, b: dict | None) -> list[str]:
+    """'key: a vs b' for each number-changing protocol entry (PROTOCOL_KEYS) the two protocols record differently;
+    none when either has no protocol (older metrics.json)."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return []
+    defaults = {"batches": "whole split"}
+    out = []
+    for key in PROTOCOL_KEYS:
+        if key in defaults or (key in a and key in b):
+            va, vb = a.get(key, defaults.get(key)), b.get(key, defaults.get(key))
+            if va != vb:
+                out.append(f"{key}: {va} vs {vb}")
+    return out
+
+
 @dataclass
 class Run:
-    """One run's row material: config name, metrics of the chosen split, tasks, arch, seed, run folder."""
+    """One run's row material: config name, metrics of the chosen split, tasks, arch, seed, run folder and the
+    protocol those metrics were evaluated under (None in older metrics.json)."""
 
     name: str
     metrics: dict
@@ -84,6 +119,7 @@ class Run:
     arch: str
     seed: int | None
     folder: Path
+    protocol: dict | None = None
 
 
 def load_run(path: Path, split: str | None) -> Run:
@@ -113,7 +149,9 @@ def load_run(path: Path, split: str | None) -> Run:
             f"error: {metrics_file} has no split {chosen!r} (has {', '.join(results)}); use --split"
         )
     seed = cfg.get("train", {}).get("seed")
-    return Run(cfg["name"], results[chosen], cfg["tasks"], cfg["model"]["arch"], seed, folder)
+    protocols = record.get("protocol")
+    used = protocols.get(chosen) if isinstance(protocols, dict) else None
+    return Run(cfg["name"], results[chosen], cfg["tasks"], cfg["model"]["arch"], seed, folder, used)
 
 
 def mean_std(values: list[float]) -> str:
@@ -187,6 +225,7 @@ def table(argv: list[str] | None = None) -> str:
         parser.error(f"--tasks {args.tasks}: choose among {', '.join(known)}")
 
     groups: dict[str, list[dict]] = defaultdict(list)
+    members: dict[str, list[tuple[Path, dict | None]]] = defaultdict(list)  # (run argument, protocol)
     info: dict[str, tuple[list[str], str]] = {}
     seeds: dict[tuple[str, int], Path] = {}
     for run in args.runs:
@@ -215,7 +254,15 @@ def table(argv: list[str] | None = None) -> str:
             )
         if seed is not None:
             seeds[name, seed] = run
+        first = members[name][0] if members[name] else None
+        if first is not None and (differ := protocol_differences(first[1], loaded.protocol)):
+            # Averaging numbers of different protocols (e.g. one seed re-evaluated with another flag) is no mean.
+            raise SystemExit(
+                f"error: {first[0]} and {run} are both {name!r} but were evaluated differently "
+                f"({'; '.join(differ)}); evaluate them alike (uda-evaluate with the same flags) or leave one out"
+            )
         groups[name].append(metrics)
+        members[name].append((run, loaded.protocol))
         info[name] = (loaded.tasks, loaded.arch)
 
     def baseline_for(name: str) -> str | None:
@@ -243,6 +290,12 @@ def table(argv: list[str] | None = None) -> str:
                 raise SystemExit(
                     f"error: {name}: --tasks {args.tasks} names {', '.join(missing)}, which its runs were not "
                     f"evaluated on (they have {', '.join(evaluated)}); pass --tasks among those"
+                )
+            if differ := protocol_differences(members[base][0][1], members[name][0][1]):
+                # A relative difference between numbers of different protocols measures the protocol, not the model.
+                raise SystemExit(
+                    f"error: {name}: evaluated differently from its Delta_T baseline {base!r} "
+                    f"({'; '.join(differ)}, baseline first); evaluate both alike (uda-evaluate with the same flags)"
                 )
             keys = delta_keys(tasks, runs[0], args.delta)
             reference = {
