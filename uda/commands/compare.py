@@ -12,6 +12,9 @@ the STL group of the same recipe and variant (STL-UDA for adaptation runs). The 
   all      every headline metric of each task, as XTasC: semseg miou + pixel_acc, depth abs_err + abs_rel,
            normals mean, median and within 11.25/22.5/30, saliency maxf + miou, parts miou, edges.
 A baseline run that lacks one of these metrics stops the table with a message naming it.
+Runs of one row, and a row and its baseline, must have been evaluated under the same protocol (split and its
+subset, label set, resolution, depth cap, median scaling, aggregation, edge metric: the protocol metrics.json
+records); a difference stops the table naming it.
 """
 
 from __future__ import annotations
