@@ -26,11 +26,18 @@ from uda.data.labels import CATALOGUE_DIR, get_class_map
 from uda.data.readers import build_dataset
 from uda.data.sampling import class_pixel_counts
 from uda.data.splits import read_split_file, split_ids
-from uda.geometry import normals_from_depth
+from uda.geometry import normals_from_depth, resize_intrinsics
 
 
 def close(a: torch.Tensor, b: np.ndarray, rtol: float = 1e-6) -> bool:
     return np.allclose(a.numpy(), b, rtol=rtol, atol=1e-6)
+
+
+def full_size_K_resized(fx_fy_cx_cy: tuple, full_hw: tuple[int, int], hw: tuple[int, int]) -> np.ndarray:
+    """The K that the transforms give a full-size image with these intrinsics when resizing it to hw."""
+    fx, fy, cx, cy = fx_fy_cx_cy
+    K = torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    return resize_intrinsics(K, full_hw, hw).numpy()
 
 
 # ------------------------------------------------------------------------------------------------ SYNTHIA
@@ -48,11 +55,10 @@ def test_synthia_decodes_16bit_label_channel_and_depth_cm(tmp_path: Path) -> Non
     assert s["semseg"].dtype == torch.int64
     assert np.array_equal(s["semseg"].numpy(), get_class_map("synthia", "synthia16").apply(g["label"]))
     assert s["depth"].shape == (1, 8, 12) and close(s["depth"][0], g["depth"])
-    # The published 1280x760 intrinsics scaled to this 12x8 image.
-    K = s["K"].numpy()
-    assert np.allclose(
-        K, [[532.740352 * 12 / 1280, 0, 640 * 12 / 1280], [0, 532.740352 * 8 / 760, 380 * 8 / 760], [0, 0, 1]]
-    )
+    # The published 1280x760 intrinsics scaled to this 12x8 image, as resizing a 1280x760 image would: the
+    # principal point keeps its place between pixel edges (640 * 12 / 1280 = 6.0 would be 0.5 px off).
+    assert np.allclose(s["K"].numpy(), full_size_K_resized(decode.SYNTHIA_INTRINSICS, (760, 1280), (8, 12)))
+    assert s["K"][0, 2].item() == pytest.approx(640.5 * 12 / 1280 - 0.5)
     assert s["meta"] == {"dataset": "synthia", "id": "0000001", "split": "train"}
     assert s["domain"] == 0
 
@@ -130,11 +136,10 @@ def test_cityscapes_disparity_and_camera_to_metres(tmp_path: Path) -> None:
     # png 0 (no measurement) and 1 (zero disparity) give 0; png 2 is disparity 1/256 px.
     assert d[0, 0] == 0 and d[0, 1] == 0
     assert d[0, 2].item() == pytest.approx(CS_CAMERA["baseline"] * CS_CAMERA["fx"] * 256, rel=1e-6)
-    # The json intrinsics are for 2048x1024; this image is 16x8.
-    K = ds[0]["K"].numpy()
-    assert K[0, 0] == pytest.approx(CS_CAMERA["fx"] * 16 / 2048) and K[1, 2] == pytest.approx(
-        CS_CAMERA["v0"] * 8 / 1024
-    )
+    # The json intrinsics are for 2048x1024; this image is 16x8, a downscaled copy: K is the one resizing the
+    # full-size image gives (pixel-centre convention).
+    camera = tuple(CS_CAMERA[k] for k in ("fx", "fy", "u0", "v0"))
+    assert np.allclose(ds[0]["K"].numpy(), full_size_K_resized(camera, (1024, 2048), (8, 16)), atol=1e-5)
 
 
 def test_cityscapes_json_at_image_resolution_is_not_rescaled(tmp_path: Path) -> None:
@@ -268,7 +273,7 @@ def test_nyudv2_decoding(tmp_path: Path) -> None:
     cos = (n * g["normals"]).sum(0).ravel()[1:]
     assert cos.min() > np.cos(np.deg2rad(1.0))  # 8-bit quantisation only
     assert np.array_equal(s["edges"][0].numpy() > 0, g["edges"])
-    assert np.allclose(s["K"].numpy()[0], [518.86 * 8 / 640, 0, 325.58 * 8 / 640])
+    assert np.allclose(s["K"].numpy()[0], [518.86 * 8 / 640, 0, 325.58 * 8 / 640 + 0.5 * 8 / 640 - 0.5])
     assert build_dataset("nyudv2", "val", (), root=tmp_path).ids == ["0003"]
 
 

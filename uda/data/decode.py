@@ -134,8 +134,16 @@ def check_same_size(
 
 
 def intrinsics(fx: float, fy: float, cx: float, cy: float, sx: float = 1.0, sy: float = 1.0) -> np.ndarray:
-    """Pixel intrinsics K float32 [3,3], optionally scaled by (sx, sy) for a resized image."""
-    return np.array([[fx * sx, 0.0, cx * sx], [0.0, fy * sy, cy * sy], [0.0, 0.0, 1.0]], np.float32)
+    """Pixel intrinsics K float32 [3,3], optionally for the image resized by (sx, sy) (new size / old size).
+
+    The principal point follows the pixel-centre convention of uda.geometry.resize_intrinsics (pixel edges
+    scale, centres sit half a pixel inside them): a stored downscaled copy gets the K that resizing the
+    full-size image in the transforms would give.
+    """
+    # Unscaled values are kept bit for bit.
+    cx = float(cx) if sx == 1 else (float(cx) + 0.5) * sx - 0.5
+    cy = float(cy) if sy == 1 else (float(cy) + 0.5) * sy - 0.5
+    return np.array([[fx * sx, 0.0, cx], [0.0, fy * sy, cy], [0.0, 0.0, 1.0]], np.float32)
 
 
 def semantic_edges(label: np.ndarray) -> np.ndarray:

@@ -9,7 +9,9 @@ from functools import lru_cache
 
 import numpy as np
 
-VERSION = 1
+from uda.data.decode import intrinsics as scaled_intrinsics
+
+VERSION = 2  # 2: the SYNTHIA camera is the pixel-centre scaling of the published K (cx, cy moved < 0.5 px)
 DOMAINS = ("synthia", "cityscapes", "vkitti2")
 SKY_DEPTH = 655.35  # metres: 65535 cm, the 16-bit PNG maximum of SYNTHIA and VKITTI2
 NEAR = 0.05  # metres: the nearest hit a ray accepts
@@ -219,6 +221,11 @@ def intrinsics(domain: str, h: int, w: int) -> np.ndarray:
     """Pixel intrinsics K [3,3] of a domain's images of size (h, w): the real K scaled to that size."""
     (fx, fy, cx, cy), (rw, rh) = REAL_INTRINSICS[domain]
     sx, sy = w / rw, h / rh
+    if domain == "synthia":
+        # SYNTHIA stores no K: the reader derives it from the image size (pixel-centre scaling of the published
+        # K), so the toy camera must be exactly that one. The other toy domains write their K to the camera
+        # json / intrinsic.txt, where any K is read back as written.
+        return scaled_intrinsics(fx, fy, cx, cy, sx, sy)
     return np.array([[fx * sx, 0, cx * sx], [0, fy * sy, cy * sy], [0, 0, 1]], dtype=np.float32)
 
 
