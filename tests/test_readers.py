@@ -234,6 +234,19 @@ def test_vkitti2_colour_labels_depth_and_intrinsics(tmp_path: Path) -> None:
     assert ds[0]["depth"][0, 0, 0] == 0  # 65535 = sky/far -> no measurement
 
 
+def test_vkitti2_intrinsics_follow_a_downscaled_copy(tmp_path: Path) -> None:
+    # Frames downscaled from 1242x375 to 20x6 next to the real intrinsic.txt (which holds 1242x375 values):
+    # K must describe the 20x6 image, not the full-size one (cx 620.5 would lie 600 px outside it).
+    make_vkitti2(tmp_path, scenes={"Scene01": 2}, h=6, w=20)
+    real = (725.0087, 725.0087, 620.5, 187.0)
+    lines = ["frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]"]
+    lines += [f"{f} {cam} {' '.join(str(v) for v in real)}" for f in (0, 1) for cam in (0, 1)]
+    (tmp_path / "Scene01" / "clone" / "intrinsic.txt").write_text("\n".join(lines) + "\n")
+    for task in ("depth", "semseg"):  # with intrinsic.txt read exactly, and with the published fallback
+        s = build_dataset("vkitti2", "all", (task,), root=tmp_path)[1]
+        assert np.allclose(s["K"].numpy(), full_size_K_resized(real, (375, 1242), (6, 20)), atol=1e-5)
+
+
 def test_vkitti2_unknown_colour_names_the_file(tmp_path: Path) -> None:
     make_vkitti2(tmp_path)
     path = tmp_path / "Scene01/clone/frames/classSegmentation/Camera_0/classgt_00001.png"

@@ -217,24 +217,24 @@ def cityscapes_camera(path: str | Path) -> dict[str, float]:
         ) from None
 
 
-def cityscapes_intrinsics(camera: dict[str, float], width: int, height: int) -> np.ndarray:
-    """K for an image of width x height from camera json values, scaled when the json is for full resolution.
-
-    The json holds 2048x1024 intrinsics for real Cityscapes, while data written at another size (the toy
-    data) stores its own. The principal point lies near the image centre, so we take the reference width
-    (this image or 2048) that puts u0 closest to the middle.
-    """
-    candidates = (width, CITYSCAPES_FULL_SIZE[0])
-    ref_w = min(candidates, key=lambda w: abs(camera["u0"] / w - 0.5))
+def stored_intrinsics(
+    fx: float, fy: float, cx: float, cy: float, width: int, height: int, full_size: tuple[int, int]
+) -> np.ndarray:
+    """K for an image of width x height from intrinsics a dataset stores per sample, which hold either for
+    the dataset's full_size (width, height) (real data, also when the image is a downscaled copy) or for the
+    image itself (the toy data writes its own). The principal point lies near the image centre, so we take
+    the reference width (this image or the full one) that puts cx closest to the middle."""
+    ref_w = min((width, full_size[0]), key=lambda w: abs(cx / w - 0.5))
     if ref_w == width:
-        return intrinsics(camera["fx"], camera["fy"], camera["u0"], camera["v0"])
-    return intrinsics(
-        camera["fx"],
-        camera["fy"],
-        camera["u0"],
-        camera["v0"],
-        width / ref_w,
-        height / CITYSCAPES_FULL_SIZE[1],
+        return intrinsics(fx, fy, cx, cy)
+    return intrinsics(fx, fy, cx, cy, width / full_size[0], height / full_size[1])
+
+
+def cityscapes_intrinsics(camera: dict[str, float], width: int, height: int) -> np.ndarray:
+    """K for an image of width x height from camera json values (2048x1024 intrinsics for real Cityscapes),
+    scaled when the json is for full resolution (see `stored_intrinsics`)."""
+    return stored_intrinsics(
+        camera["fx"], camera["fy"], camera["u0"], camera["v0"], width, height, CITYSCAPES_FULL_SIZE
     )
 
 

@@ -517,7 +517,9 @@ class VKitti2Dataset(DenseDataset):
             raise DataError(
                 f"{txt}: no intrinsics for frame {frame} camera {self.camera_id}; re-extract the file"
             )
-        return K.copy()
+        # intrinsic.txt holds 1242x375 values for real VKITTI2, also next to downscaled copies of the frames.
+        (fx, cx), (fy, cy) = K[0, [0, 2]], K[1, [1, 2]]
+        return decode.stored_intrinsics(fx, fy, cx, cy, width, height, decode.VKITTI2_FULL_SIZE)
 
     def frame_path(self, split: str, id: str, offset: int) -> Path:
         return self._frame_file(id, "rgb", "rgb", ".jpg", offset)
