@@ -9,9 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from uda.data.decode import intrinsics as scaled_intrinsics
-
-VERSION = 2  # 2: the SYNTHIA camera is the pixel-centre scaling of the published K (cx, cy moved < 0.5 px)
+VERSION = 1
 DOMAINS = ("synthia", "cityscapes", "vkitti2")
 SKY_DEPTH = 655.35  # metres: 65535 cm, the 16-bit PNG maximum of SYNTHIA and VKITTI2
 NEAR = 0.05  # metres: the nearest hit a ray accepts
@@ -218,14 +216,16 @@ def domain_size(domain: str, height: int, width: int) -> tuple[int, int]:
 
 
 def intrinsics(domain: str, h: int, w: int) -> np.ndarray:
-    """Pixel intrinsics K [3,3] of a domain's images of size (h, w): the real K scaled to that size."""
+    """Pixel intrinsics K [3,3] of a domain's images of size (h, w): the real K scaled to that size.
+
+    The principal point scales as cx * w / real_w (toy data version 1, kept so that the README's toy tables
+    reproduce). Cityscapes and VKITTI2 write this K to their camera files, read back as written; SYNTHIA stores
+    none, and its reader derives K from the image size with the pixel-centre rule of resizing
+    ((cx + 0.5) s - 0.5, right for a downscaled copy of the real data): on the toy SYNTHIA frames the reader's
+    principal point is up to half a pixel from the rendered one (normals labels from depth tilt by < 0.5 deg).
+    """
     (fx, fy, cx, cy), (rw, rh) = REAL_INTRINSICS[domain]
     sx, sy = w / rw, h / rh
-    if domain == "synthia":
-        # SYNTHIA stores no K: the reader derives it from the image size (pixel-centre scaling of the published
-        # K), so the toy camera must be exactly that one. The other toy domains write their K to the camera
-        # json / intrinsic.txt, where any K is read back as written.
-        return scaled_intrinsics(fx, fy, cx, cy, sx, sy)
     return np.array([[fx * sx, 0, cx * sx], [0, fy * sy, cy * sy], [0, 0, 1]], dtype=np.float32)
 
 
