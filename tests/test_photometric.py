@@ -380,15 +380,18 @@ def test_photometric_loss_trains_depth_on_toy_frames():
 
 def test_pose_net_learns_the_toy_camera_motion_against_the_true_depth():
     # The pose half of self-supervised depth: with the depth known (here the toy's exact depth in units of
-    # 30 m, a depth gauge the untrained disparity head could sit at), the photometric loss alone teaches a
-    # near-identity pose net the camera's forward motion. Measured: cosine to the true translation >= 0.996
-    # for all 16 frames and both neighbours after 60 steps, lengths 0.85-1.28 of the true one (0.5 m / 30).
+    # 30 m, a depth gauge the untrained disparity head could sit at), the photometric loss alone teaches the pose
+    # net the camera's motion. It starts forward (as photometric.pose_init_forward does) at a third of the true
+    # length (0.005 depth units against 0.5 m / 30 = 0.0167): from a near-identity start the outcome depends on
+    # the seed (seeds 1 and 2 stayed at cosines <= 0.2 after 120 steps). Measured over seeds 0-3: cosine to the
+    # true translation >= 0.998 for all 16 frames and both neighbours, lengths 0.79-1.24 of the true one after
+    # 30 steps, 0.87-1.19 after 60.
     from uda.models.posenet import PoseNet, relative_pose
 
     torch.manual_seed(0)
     gauge = 30.0
     triples = [toy_triple("cityscapes", i, 96, 192) for i in range(0, 64, 4)]
-    net = PoseNet("resnet18")
+    net = PoseNet("resnet18", forward_motion=0.005)
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-4)
     loss_fn = PhotometricLoss(scales=(0,))
 
@@ -398,6 +401,19 @@ def test_pose_net_learns_the_toy_camera_motion_against_the_true_depth():
         depth = torch.cat([t["depth"] for t in items]).clamp(max=100) / gauge
         return target, sources, depth, torch.cat([t["K"] for t in items])
 
+    def length_ratios() -> torch.Tensor:
+        target, sources, _, _ = batch(triples)
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    relative_pose(net, target, sources[o], o)[:, :3, 3].norm(dim=1)
+                    * gauge
+                    / torch.cat([t["poses"][o][:, :3, 3] for t in triples]).norm(dim=1)
+                    for o in (-1, 1)
+                ]
+            )
+
+    assert length_ratios().max() < 0.5  # it has the length to learn
     rng = np.random.default_rng(0)
     for _ in range(60):
         target, sources, depth, K = batch([triples[i] for i in rng.choice(len(triples), 4, replace=False)])
