@@ -107,3 +107,34 @@ def test_photometric_run_resumes_exactly(toy_root, tmp_path):
         assert all(torch.equal(v, again[name][k]) for k, v in tensors.items()), name
     # The pose net moved during the last step, so the equality is not trivial.
     assert any(not torch.equal(at_save[k], v) for k, v in straight["posenet"].items())
+
+
+def test_with_colour_jitter_the_photometric_loss_compares_the_original_frames(toy_root, tmp_path):
+    from uda.models.posenet import relative_pose
+
+    cfg = sde(["train.iterations=1", "data.color_jitter=0.4"], True, toy_root, tmp_path / "run")
+    trainer = Trainer(cfg)
+    batch = move_to(next(trainer.batches(0)), trainer.accelerator.device)["source"]
+    clean = batch["unjittered"]  # collated and moved with the batch
+    assert clean["image"].shape == batch["image"].shape and set(clean["frames"]) == set(batch["frames"])
+    assert not torch.allclose(clean["image"], batch["image"], atol=1e-2)
+    objective = trainer.objective("photometric")
+    trainer.model.eval()
+    objective.posenet.eval()
+    with torch.no_grad():
+        outputs = trainer.model(batch["image"])  # the networks see the jittered frames
+        torch.manual_seed(0)  # the auto-mask's tie-breaking noise
+        got, _ = objective.photometric_objective(batch, outputs)
+        poses = {
+            o: relative_pose(objective.posenet, batch["image"], batch["frames"][o], o)
+            for o in batch["frames"]
+        }
+        disparities = {s: outputs["depth"][s] for s in cfg.photometric.scales}
+        loss = objective.photometric_loss
+        torch.manual_seed(0)  # the auto-mask's tie-breaking noise
+        on_clean, _ = loss(disparities, clean["image"], clean["frames"], poses, batch["K"])
+        on_jittered, _ = loss(disparities, batch["image"], batch["frames"], poses, batch["K"])
+    assert abs(on_clean.item() - on_jittered.item()) > 1e-4  # the choice matters
+    assert got.item() == pytest.approx(on_clean.item(), abs=1e-6)
+    trainer.model.train()
+    assert train_steps(trainer, 1)[0]["finite"] == 1.0

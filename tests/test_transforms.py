@@ -160,6 +160,23 @@ def test_color_jitter_same_parameters_for_image_and_frames():
     assert torch.equal(sample["image"], image) and torch.equal(sample["frames"][-1], image)
 
 
+def test_jittered_video_keeps_its_original_frames_for_the_photometric_loss():
+    # Monodepth2: the networks see jittered frames, the loss compares the originals. The crop, scale and flip are
+    # drawn before the jitter, so the same seed without jitter gives exactly the frames kept.
+    src = coded_sample()
+    src["frames"] = {o: torch.rand(3, H0, W0) for o in (-1, 1)}
+    torch.manual_seed(3)
+    out = TrainTransform((6, 10), scale_range=(0.7, 1.5), color_jitter=0.4)(src)
+    torch.manual_seed(3)
+    plain = TrainTransform((6, 10), scale_range=(0.7, 1.5))(src)
+    assert "unjittered" not in plain
+    assert torch.equal(out["unjittered"]["image"], plain["image"])
+    assert all(torch.equal(out["unjittered"]["frames"][o], plain["frames"][o]) for o in (-1, 1))
+    assert not torch.allclose(out["image"], plain["image"], atol=1e-2)  # what the networks see is jittered
+    still = {k: v for k, v in src.items() if k != "frames"}  # a still image has nothing to keep
+    assert "unjittered" not in TrainTransform((6, 10), color_jitter=0.4)(still)
+
+
 def test_train_transform_is_deterministic_under_manual_seed():
     src = coded_sample()
     t = TrainTransform((6, 10), scale_range=(0.7, 1.5), color_jitter=0.3)

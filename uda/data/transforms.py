@@ -246,9 +246,13 @@ class TrainTransform:
         return out
 
     def _color_jitter(self, sample: Sample) -> Sample:
-        """Jitter the image and every frame with one set of parameters (photometric consistency)."""
+        """Jitter the image and every frame with one set of parameters (photometric consistency). A video sample
+        keeps its frames as they were under "unjittered" ({"image", "frames"}): as in Monodepth2, the networks
+        see the jittered frames and the photometric loss compares the originals."""
         assert self._jitter is not None
         frames = sample.get("frames", {})
+        if frames:
+            sample["unjittered"] = {"image": sample["image"], "frames": dict(frames)}
         names = {"image": None, **{f"frame_{i}": k for i, k in enumerate(frames)}}
         new_targets = {n: "image" for n in names if n != "image" and n not in self._jitter.additional_targets}
         if new_targets:

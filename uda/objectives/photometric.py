@@ -67,7 +67,9 @@ class Photometric(Objective):
         target = video["image"]
         poses = {o: relative_pose(self.posenet, target, video["frames"][o], o) for o in self.cfg.frames}
         disparities = {s: outputs["depth"][s] for s in self.cfg.scales}
-        loss, logs = self.photometric_loss(disparities, target, video["frames"], poses, video["K"])
+        # With colour jitter the networks saw jittered frames; the loss compares the originals (Monodepth2).
+        clean = video.get("unjittered", video)
+        loss, logs = self.photometric_loss(disparities, clean["image"], clean["frames"], poses, video["K"])
         return loss, {k: torch.as_tensor(v) for k, v in logs.items()}
 
     def loss(self, step: Step) -> Terms:
