@@ -217,3 +217,34 @@ def test_adapt_tasks_align_only_tasks_with_a_final_output(tmp_path):
             ObjectiveError, match=r"names no task of this run with a final output \['semseg', 'depth'\]"
         ):
             build(replace(cfg, adapt=replace(cfg.adapt, tasks=tasks)))
+
+
+def test_fp16_discriminator_overflow_lowers_the_loss_scale(toy_root, tmp_path):
+    # fp16 (GPUs without bf16): the GradScaler shared with the model must see an overflow of the discriminators'
+    # scaled gradients, skip their step and lower its scale. Skipped by the objective instead, the scale never
+    # came down and the discriminators stopped learning for good. A GradScaler on CPU stands in for the GPU's.
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    trainer = Trainer(tiny_config(toy_root, tmp_path / "run", adapt=True))
+    adversarial = trainer.objective("adapt")
+    batch = move_to(next(trainer.batches(0)), trainer.accelerator.device)
+    step, _, finite = trainer.model_update(batch)
+    assert finite
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer.accelerator.scaler = scaler
+    adversarial.discriminators_optimizer = AcceleratedOptimizer(
+        adversarial.discriminators_optimizer.optimizer, scaler=scaler
+    )
+
+    def overflow(module, args, out):  # what an fp16 overflow leaves in the scaled gradients
+        out.register_hook(lambda g: torch.full_like(g, float("inf")))
+
+    params = {k: p.detach().clone() for k, p in adversarial.discriminators.named_parameters()}
+    hook = adversarial.discriminators["semseg_s0"].register_forward_hook(overflow)
+    adversarial.update(step)
+    hook.remove()
+    assert all(torch.equal(params[k], p) for k, p in adversarial.discriminators.named_parameters())
+    assert scaler.get_scale() == 2.0**15  # backed off once
+    adversarial.update(step)  # finite gradients: the discriminators learn at the lowered scale
+    assert not any(torch.equal(params[k], p) for k, p in adversarial.discriminators.named_parameters())
+    assert all(p.grad is None for p in trainer.model.parameters())

@@ -150,8 +150,12 @@ class Adversarial(Objective):
             )
         acc.backward(d_loss)
         grads = [p.grad for p in self.discriminators.parameters() if p.grad is not None]
-        finite = bool(torch.isfinite(d_loss.detach()).item()) and all(bool(g.isfinite().all()) for g in grads)
-        if checkpoint.all_processes(acc, finite):
+        loss_ok = bool(torch.isfinite(d_loss.detach()).item())
+        grads_ok = all(bool(g.isfinite().all()) for g in grads)
+        # fp16: the GradScaler (shared with the model) must see an overflow of the discriminators' scaled
+        # gradients, to skip the step itself and lower its scale; skipped here, the scale would keep growing with
+        # the model's finite steps and the discriminators would stop learning for good.
+        if checkpoint.all_processes(acc, loss_ok and (grads_ok or acc.scaler is not None)):
             self.discriminators_optimizer.step()
         self.discriminators_optimizer.zero_grad(set_to_none=True)
         return {"loss/disc": d_loss.detach()}
