@@ -63,13 +63,36 @@ def test_adversarial_term_reaches_the_model_only_through_target_outputs(trainer)
     outputs = trainer.forward_domains(trainer.batch)
     out_src, out_tgt = outputs["source"], outputs["target"]
     size = tuple(trainer.batch["target"]["image"].shape[-2:])
-    adv = trainer.adversarial.adversarial_loss(out_tgt, size, is_source=True, detach=False)
+    adv = trainer.adversarial.generator_loss(out_tgt, size)
     src = [o for per in out_src.values() for o in per.values()]
     tgt = [o for per in out_tgt.values() for o in per.values()]
     grads = torch.autograd.grad(adv, src + tgt, allow_unused=True, retain_graph=True)
     assert all(g is None or not g.any() for g in grads[: len(src)])
     assert all(g is not None and g.abs().sum() > 0 for g in grads[len(src) :])
     assert len(trainer.adversarial.aligned) == 4  # (semseg, depth) x (intermediate scale 1, final scale 0)
+
+
+def test_adversarial_term_sums_tasks_and_scales_as_eq9(trainer):
+    # Eq. 9: lambda_adv x sum_t (mean_{s in S} L_adv_t^s + L_adv_t^final), next to Eq. 6's sums of the supervised
+    # terms; with S = {1} every (task, scale) discriminator's BCE counts once. A mean over the four weighed the
+    # adversarial terms a quarter of the paper's against the supervised ones.
+    from uda.objectives import Step
+
+    adversarial = trainer.adversarial
+    adversarial.cfg.flip_inputs = False  # the same inputs here and in the loss
+    with torch.no_grad():
+        outputs = trainer.forward_domains(trainer.batch)
+    size = tuple(trainer.batch["target"]["image"].shape[-2:])
+    expected = 0.0
+    for task, scale in adversarial.aligned:
+        x = adversarial.discriminator_input(task, outputs["target"][task][scale], size)
+        logits = adversarial.discriminators[f"{task}_s{scale}"](x)
+        expected += torch.nn.functional.softplus(-logits).mean()  # BCE against the source label 1
+    step = Step(0, trainer.batch, outputs, trainer.accelerator, trainer.model)
+    terms = adversarial.loss(step)
+    assert sorted(adversarial.aligned) == [("depth", 0), ("depth", 1), ("semseg", 0), ("semseg", 1)]
+    torch.testing.assert_close(terms.logs["loss/adv"], expected.detach())
+    torch.testing.assert_close(terms.total, adversarial.cfg.lambda_adv * expected.detach())
 
 
 def test_depth_input_uses_the_fixed_source_range(trainer):

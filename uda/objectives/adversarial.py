@@ -36,7 +36,8 @@ class Adversarial(Objective):
     """Discriminators on the outputs of (adapt.tasks x adapt.scales); their own Adam, updated after the model.
 
     Model update (Eq. 8/9): lambda_adv x BCE of the frozen discriminators on target outputs against the source
-    label. Discriminator update (Eq. 7): BCE on detached outputs, source -> 1, target -> 0.
+    label, reduced over tasks and scales as Eq. 9 (`generator_loss`). Discriminator update (Eq. 7): BCE on
+    detached outputs, source -> 1, target -> 0.
     """
 
     section = "adapt"
@@ -118,6 +119,28 @@ class Adversarial(Objective):
         logits = (nets or self.discriminators)(self.inputs(outputs, size, detach))
         return self.domain_loss(logits, is_source)
 
+    def generator_loss(
+        self, outputs: Mapping, size: tuple[int, int], nets: nn.Module | None = None
+    ) -> Tensor:
+        """The adversarial part of Eq. 9 without lambda_adv, on one domain's (target) outputs: per task, the BCE of
+        its final discriminator against the source label plus the mean of its intermediate ones; summed over the
+        tasks, as Eq. 6 (uda.losses.tasks.MultiTaskLoss) sums the supervised terms it is added to. (The released
+        code took the mean over every (task, scale) discriminator together with the mean of the final and
+        intermediate supervised terms; a mean here against Eq. 6's sums would weigh the adversarial terms 1/4
+        of Eq. 9 for S-D with S = {1}, half of what the released code trained with.)"""
+        logits = (nets or self.discriminators)(self.inputs(outputs, size, detach=False))
+        per_task: dict[str, dict[int, Tensor]] = {}
+        for (task, scale), x in zip(self.aligned, logits, strict=True):
+            per_task.setdefault(task, {})[scale] = bce_with_domain(x, is_source=True)
+        terms = []
+        for per_scale in per_task.values():
+            if 0 in per_scale:
+                terms.append(per_scale[0])
+            intermediate = [v for s, v in per_scale.items() if s != 0]
+            if intermediate:
+                terms.append(torch.stack(intermediate).mean())
+        return torch.stack(terms).sum()
+
     def loss(self, step: Step) -> Terms | None:
         # Frozen for the model update: the adversarial gradient reaches the model only, and in eval mode the
         # spectral norms use their current estimate instead of advancing their power iteration.
@@ -128,7 +151,7 @@ class Adversarial(Objective):
         size = tuple(step.batch["target"]["image"].shape[-2:])
         # The unwrapped discriminators: frozen, they need no gradient synchronisation across processes.
         frozen = step.accelerator.unwrap_model(self.discriminators)
-        adv = self.adversarial_loss(step.outputs["target"], size, is_source=True, detach=False, nets=frozen)
+        adv = self.generator_loss(step.outputs["target"], size, nets=frozen)
         return Terms(total=self.cfg.lambda_adv * adv, logs={"loss/adv": adv.detach()})
 
     def update(self, step: Step) -> dict[str, Tensor]:
