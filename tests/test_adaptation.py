@@ -271,3 +271,25 @@ def test_fp16_discriminator_overflow_lowers_the_loss_scale(toy_root, tmp_path):
     adversarial.update(step)  # finite gradients: the discriminators learn at the lowered scale
     assert not any(torch.equal(params[k], p) for k, p in adversarial.discriminators.named_parameters())
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_adapt_scales_without_an_output_are_refused(tmp_path):
+    # A scale the model has no output at is a one-line error when the objective is built, not a KeyError at the
+    # first step.
+    from dataclasses import replace
+
+    from uda.models.multitask import intermediate_scales
+    from uda.objectives import RunContext
+    from uda.objectives.adversarial import Adversarial
+    from uda.objectives.base import ObjectiveError
+    from uda.tasks import output_space, task_channels
+
+    cfg = tiny_config(tmp_path, tmp_path / "run", adapt=True)
+    run = RunContext(
+        cfg, cfg.tasks, task_channels(cfg.tasks, 16), output_space(cfg, 16), intermediate_scales(cfg.model)
+    )
+    assert len(Adversarial(run, replace(cfg.adapt, scales=(1, 0))).aligned) == 4
+    with pytest.raises(
+        ObjectiveError, match=r"adapt.scales=\[2, 0\]: .* no output at scale 2; choose among \[0, 1\]"
+    ):
+        Adversarial(run, replace(cfg.adapt, scales=(2, 0)))

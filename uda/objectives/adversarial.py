@@ -45,6 +45,12 @@ class Adversarial(Objective):
     def __init__(self, run: RunContext, cfg: AdaptConfig) -> None:
         super().__init__(run, cfg)
         scales = cfg.scales if cfg.scales is not None else (*run.intermediate_scales, 0)
+        if missing := [s for s in scales if s not in (*run.intermediate_scales, 0)]:
+            # Refused here, not by a KeyError on the missing output at the first step.
+            raise ObjectiveError(
+                f"adapt.scales={list(scales)}: model.arch={run.cfg.model.arch} has no output at scale "
+                f"{', '.join(map(str, missing))}; choose among {sorted({0, *run.intermediate_scales})}"
+            )
         # Auxiliary tasks (model.aux_tasks, MTI-Net's front-end-only tasks) have no final output to align.
         aligned_tasks = [t for t in run.tasks if t not in run.cfg.model.aux_tasks]
         self.aligned = [(t, s) for t in cfg.tasks if t in aligned_tasks for s in scales]
