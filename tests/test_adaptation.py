@@ -293,3 +293,6 @@ def test_adapt_scales_without_an_output_are_refused(tmp_path):
         ObjectiveError, match=r"adapt.scales=\[2, 0\]: .* no output at scale 2; choose among \[0, 1\]"
     ):
         Adversarial(run, replace(cfg.adapt, scales=(2, 0)))
+    for depth_range in ((100.0, 1.0), (0.0, 80.0)):  # was a ValueError at the first step, or a division by 0
+        with pytest.raises(ObjectiveError, match=r"adapt.depth_range=.*must be 0 < near < far"):
+            Adversarial(run, replace(cfg.adapt, depth_range=depth_range))

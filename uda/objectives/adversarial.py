@@ -59,6 +59,10 @@ class Adversarial(Objective):
                 f"adapt.tasks={list(cfg.tasks)} names no task of this run with a final output "
                 f"{aligned_tasks}: nothing to align; name at least one of them"
             )
+        if not 0 < cfg.depth_range[0] < cfg.depth_range[1]:
+            raise ObjectiveError(
+                f"adapt.depth_range={list(cfg.depth_range)}: must be 0 < near < far (metres)"
+            )
         self.space = replace(run.space, depth_range=cfg.depth_range)
         self.discriminators = Discriminators(
             {
