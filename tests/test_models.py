@@ -98,6 +98,27 @@ def test_xtam_correlation_branch_is_silent_at_init_but_alpha_learns():
     assert xtam.query[0].weight.grad.abs().sum() == 0  # reached only through alpha, which is zero
 
 
+def test_xtam_and_mteb_without_self_attention_learn_from_the_start():
+    # App. A.2's variant f_{j->i} = P(alpha * xtask): with a zero alpha P's input is exactly 0, BN(0) = 0 and the
+    # ReLU passes no gradient at 0, so the block and mTEB's fusion would stay dead (mTEB = identity) forever.
+    torch.manual_seed(0)
+    xtam = XTAM(8, downscale=2, self_attention=False).train()
+    f_i, f_j = torch.randn(2, 8, 8, 12), torch.randn(2, 8, 8, 12)
+    out = xtam(f_i, f_j)
+    assert out.abs().sum() > 0
+    (out * torch.randn_like(out)).sum().backward()
+    assert xtam.alpha.grad.abs().sum() > 0 and xtam.query[0].weight.grad.abs().sum() > 0
+    assert XTAM(8).alpha.abs().sum() == 0  # with self-attention: zero, as the paper
+
+    block = MTEB(["semseg", "depth"], 8, downscale=2, self_attention=False).train()
+    feats = {"semseg": torch.randn(2, 8, 8, 12), "depth": torch.randn(2, 8, 8, 12)}
+    refined = block(feats)
+    assert not torch.equal(refined["semseg"], feats["semseg"])
+    sum((v * torch.randn_like(v)).sum() for v in refined.values()).backward()
+    dead = [n for n, p in block.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
+
+
 def explicit_correlation(xtam: XTAM, f_i: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """xTAM's correlation-guided attention (downscale 2, one image) written out with the full matrices."""
     q = xtam.query(f_i[..., ::2, ::2]).flatten(2)[0]  # [C,N]: nearest downscale by 2

@@ -77,7 +77,11 @@ class XTAM(nn.Module):
                  the N pooled positions; A = softmax over source channels of Q^T K / sqrt(N), A [C,C];
                  out_c = sum_c' A[c,c'] V_c'. Same projections, no extra parameters.
       "both":    the sum of the spatial and the channel outputs (shared projections), then alpha.
-    self_attention=False drops the self branch: f_{j->i} = P(alpha * xtask).
+    self_attention=False drops the self branch (App. A.2): f_{j->i} = P(alpha * xtask), with alpha starting at
+    one. At zero that block could never learn: its only input would be exactly 0, so P's BatchNorm gives 0, the
+    ReLU's gradient at 0 is 0, and no parameter of the xTAM (alpha included) nor of mTEB's fusion would ever get
+    a gradient (mTEB would stay the identity). The paper's reason for zero (start from self-attention alone)
+    has no self-attention to start from here.
     """
 
     def __init__(
@@ -94,7 +98,7 @@ class XTAM(nn.Module):
         self.query = conv_bn_relu(channels, channels)
         self.key = conv_bn_relu(channels, channels)
         self.value = conv_bn_relu(channels, channels)
-        self.alpha = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.alpha = nn.Parameter(torch.full((1, channels, 1, 1), 0.0 if self_attention else 1.0))
         self.self_attention = SpatialGate(channels, channels // 2) if self_attention else None
         self.proj = conv_bn_relu(channels + (channels // 2 if self_attention else 0), channels)
 
