@@ -70,6 +70,9 @@ class XTAM(nn.Module):
     down = nearest, pool = max pooling, both to ceil(H/s) x ceil(W/s) tokens; up = nearest to H x W; P_* are
     1x1 conv + BN + ReLU (d = C). alpha [1,C,1,1] starts at zero, so at initialisation the block is pure
     self-attention and the correlation branch only receives gradient through alpha.
+    Not in the paper's text, as the authors' released code: the extractor g (both branches read g, not f_j), P
+    (concatenation back to C channels), BN + ReLU in P_*, and the source pooled by s like the target (Sec. 3.1
+    writes a downscale by s^2 for the source; the released code pools by s).
 
     attention:
       "spatial": softmax over source positions of Q K^T / sqrt(C) (tokens = positions; the paper's Eq. 1-2).
