@@ -74,7 +74,7 @@ def test_ema_update_is_exactly_the_formula():
             b.add_(torch.ones_like(b) if b.is_floating_point() else 3)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = model.state_dict()
-    for index, alpha in ((0, 0.0), (9, 0.9), (500, 0.99)):
+    for index, alpha in ((0, 0.5), (8, 0.9), (500, 0.99)):
         assert obj.alpha_at(index) == alpha
     obj.update(Step(500, {}, {}, ONE_PROCESS))
     after = teacher.state_dict()
@@ -87,6 +87,25 @@ def test_ema_update_is_exactly_the_formula():
             assert torch.equal(after[key], student[key]), key
     # Without the warm-up, alpha from the first step.
     assert objective(ema_ramp=False)[0].alpha_at(0) == 0.99
+
+
+def test_first_update_keeps_half_of_the_initial_teacher():
+    # Mean teacher and DAFormer: after the student's first step, alpha = 1 - 1/(1 + 1) = 0.5; the teacher is the
+    # mean of the initial weights and the student's, not a copy of the student (alpha 0 discarded the start).
+    obj, model = objective()
+    initial = {k: v.clone() for k, v in obj.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    logs = obj.update(Step(0, {}, {}, ONE_PROCESS))
+    assert float(logs["st/alpha"]) == 0.5
+    student = model.state_dict()
+    name, p = next(iter(model.named_parameters()))
+    expected = initial[name] * 0.5 + student[name] * 0.5
+    torch.testing.assert_close(obj.teacher.state_dict()[name], expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(obj.teacher.state_dict()[name], p)
+    # The second update: alpha 2/3, the teacher the mean of the three weights it has seen.
+    assert obj.alpha_at(1) == pytest.approx(2 / 3)
 
 
 def test_teacher_gets_no_gradient_and_trains_the_student():
@@ -268,7 +287,7 @@ def test_self_training_recipe_runs_through_the_engine(toy_root, tmp_path, monkey
     assert (tmp_path / "cache" / "class_stats").is_dir()
     logs = train_steps(trainer, 2)
     assert all(math.isfinite(r["loss/st_semseg"]) and math.isfinite(r["loss/st_depth"]) for r in logs)
-    assert logs[0]["st/alpha"] == 0.0 and logs[1]["st/alpha"] == 0.5
+    assert logs[0]["st/alpha"] == 0.5 and logs[1]["st/alpha"] == pytest.approx(2 / 3)
     assert list(trainer.held) == ["teacher"]
 
 

@@ -382,7 +382,7 @@ class SelfTrainingConfig:
     tasks: tuple[Task, ...] = ("semseg", "depth", "normals")  # pseudo-labelled (those the run has)
     weight: float = 1.0  # factor on each pseudo-label term (added to its task's terms)
     alpha: float = 0.99  # EMA: teacher = alpha * teacher + (1 - alpha) * student after each applied step
-    ema_ramp: bool = True  # alpha_t = min(1 - 1/(t + 1), alpha) (mean teacher's warm-up; false: alpha)
+    ema_ramp: bool = True  # alpha_t = min(1 - 1/(t + 1), alpha), t = student steps done (false: alpha)
     threshold: float = 0.968  # semseg quality weight = share of pixels whose max probability exceeds this
     # > 0: class-balanced pseudo-labels instead (CBST): per class, this most confident share of the batch's
     # pixels predicted as that class is labelled (weight 1), the rest not.

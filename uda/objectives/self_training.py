@@ -28,7 +28,8 @@ Each step:
    run's supervised loss (`loss.functions`). The terms go into `Terms.tasks`, times `weight`: the run's task
    weighting combines them with each task's supervised terms (pseudo-labels are labels of that task).
 6. After every applied model step, `update` moves the teacher: theta_T = alpha_t theta_T + (1 - alpha_t) theta_S
-   with alpha_t = min(1 - 1/(t + 1), alpha) (mean teacher's warm-up; `ema_ramp=false`: alpha). BatchNorm
+   with alpha_t = min(1 - 1/(t + 1), alpha), t the student steps done, 1 at the first update (mean teacher's
+   and DAFormer's warm-up: the first update is alpha 0.5; `ema_ramp=false`: alpha). BatchNorm
    statistics (saved floating buffers) follow the same average, so the teacher's statistics lag like its
    weights; integer buffers (num_batches_tracked) and non-persistent constants are copied. With several
    processes the averaged buffers are then averaged over processes (every process holds the same teacher).
@@ -205,9 +206,11 @@ class SelfTraining(Objective):
     # ------------------------------------------------------------------ one step
 
     def alpha_at(self, step: int) -> float:
-        """The EMA rate after applied step `step` (0-based): min(1 - 1/(step + 1), alpha) or alpha."""
+        """The EMA rate after step `step` (0-based, so t = step + 1 student steps are done): min(1 - 1/(t + 1),
+        alpha), or alpha. Mean teacher and DAFormer count the student's steps so: the first update averages the
+        initial weights and the student's half and half (alpha 0.5), it does not replace the teacher."""
         if self.cfg.ema_ramp:
-            return min(1.0 - 1.0 / (step + 1), self.cfg.alpha)
+            return min(1.0 - 1.0 / (step + 2), self.cfg.alpha)
         return self.cfg.alpha
 
     @torch.no_grad()
