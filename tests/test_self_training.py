@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from tests.conftest import TINY_OVERRIDES, tiny_config, train_steps
 from uda import checkpoint
-from uda.config import SelfTrainingConfig
+from uda.config import ConfigError, SelfTrainingConfig
 from uda.data.sampling import RareClassDraw, class_probabilities, class_stats, stats_path
 from uda.mixing import IGNORE_INDEX, class_mix_mask
 from uda.models import build_model
@@ -139,6 +139,34 @@ def test_pseudo_labels_follow_the_mix_mask():
     assert torch.equal(labels["semseg"], torch.where(m, batch["source"]["semseg"], pseudo["semseg"][0]))
     assert torch.equal(labels["depth"], torch.where(mask, batch["source"]["depth"], pseudo["depth"][0]))
     assert torch.equal(weight, torch.where(m, torch.ones_like(weight), pseudo["semseg"][1]))
+
+
+def test_ignored_rows_get_no_pseudo_label_but_keep_pasted_source_pixels():
+    # DAFormer's psweight_ignore (Cityscapes: 15 / 120 of 512 rows) as shares of the height: 64 rows -> 8 / 16.
+    plain, _ = objective(mix="classmix", threshold=0.0)  # threshold 0: quality 1, every target pixel weighted
+    obj, model = objective(mix="classmix", threshold=0.0, ignore_top=0.125, ignore_bottom=0.25)
+    batch = a_batch(2)
+    target = batch["target"]["image"]
+    reference, _, _ = plain.pseudo_labels(target)
+    pseudo, _, _ = obj.pseudo_labels(target)
+    rows = torch.zeros(64, dtype=torch.bool)
+    rows[:8] = rows[-16:] = True
+    assert torch.equal(obj.ignored_rows(64, target.device), rows)
+    assert torch.equal(pseudo["semseg"][1][:, rows], torch.zeros(2, 24, 128))
+    assert torch.equal(pseudo["semseg"][1][:, ~rows], reference["semseg"][1][:, ~rows])
+    assert bool((reference["semseg"][1][:, rows] == 1).all())
+    assert torch.equal(pseudo["depth"][0][:, :, rows], torch.zeros(2, 1, 24, 128))
+    assert torch.equal(pseudo["depth"][0][:, :, ~rows], reference["depth"][0][:, :, ~rows])
+    # After mixing, the pasted source pixels of those rows keep their labels and weight 1.
+    torch.manual_seed(3)
+    _, labels, weight, _ = obj.mixed_batch(Step(0, batch, {}, ONE_PROCESS, model))
+    torch.manual_seed(3)
+    m = class_mix_mask(batch["source"]["semseg"])[:, 0]
+    assert torch.equal(weight[:, rows], m[:, rows].float())
+    source_depth = batch["source"]["depth"][:, 0]
+    assert torch.equal(labels["depth"][:, 0][:, rows], torch.where(m, source_depth, 0.0)[:, rows])
+    with pytest.raises(ConfigError, match="ignore_top"):
+        SelfTrainingConfig(ignore_top=0.5, ignore_bottom=0.5)
 
 
 # ------------------------------------------------------------------------------------------------ pseudo-labels

@@ -391,6 +391,11 @@ class SelfTrainingConfig:
     normals_agreement: float = 11.25  # reliable normals: angle to the flipped prediction below (degrees)
     # Geometry pseudo-labels (depth, normals) also only where the teacher's semseg confidence > threshold.
     confidence_gate: bool = False
+    # Target rows without pseudo-labels (weight 0 for semseg, no label for depth/normals; pasted source pixels
+    # keep theirs), as shares of the image height: DAFormer's psweight_ignore_top/bottom for Cityscapes, 15 and
+    # 120 of its 512 rows (rectification border, ego vehicle), are 0.03 and 0.234. 0: every row labelled.
+    ignore_top: float = 0.0
+    ignore_bottom: float = 0.0
     mix: Literal["classmix", "depthmix", "none"] = "classmix"
     jitter: float = 0.2  # colour jitter strength (brightness, contrast, saturation; hue / 4)
     # probability of the colour jitter per image: DAFormer's 0.8 (its color_jitter_p = 0.2 is the probability of
@@ -425,6 +430,13 @@ class SelfTrainingConfig:
             raise ConfigError(f"self_training.alpha={self.alpha}: must be in [0, 1) (0.99 = slow teacher)")
         if self.rcs_temperature <= 0:
             raise ConfigError(f"self_training.rcs_temperature={self.rcs_temperature}: must be > 0 (0.01)")
+        if not (
+            0.0 <= self.ignore_top and 0.0 <= self.ignore_bottom and self.ignore_top + self.ignore_bottom < 1
+        ):
+            raise ConfigError(
+                f"self_training.ignore_top/ignore_bottom={self.ignore_top}/{self.ignore_bottom}: shares of the image "
+                "height, each >= 0 and together < 1 (DAFormer's Cityscapes rows: 0.03 / 0.234)"
+            )
         if not 0.0 <= self.class_portion <= 1.0:
             raise ConfigError(
                 f"self_training.class_portion={self.class_portion}: must be in [0, 1] (0 = DACS quality weight, "

@@ -14,7 +14,9 @@ Each step:
    - normals: the normalised mean of the two predictions (the flipped one flipped back, x negated), kept where
      their angle is below `normals_agreement` degrees.
    Edges are not pseudo-labelled. With `confidence_gate`, depth and normals pseudo-labels are also dropped
-   where the teacher's max class probability is at most `threshold` (needs the semseg task).
+   where the teacher's max class probability is at most `threshold` (needs the semseg task). `ignore_top` /
+   `ignore_bottom` (shares of the height; DAFormer's psweight_ignore) leave the target's top / bottom rows
+   without pseudo-labels (weight 0 for semseg, no label for depth and normals) before mixing.
 3. **Mixing** (uda.mixing): `classmix` pastes half of each source image's classes onto the paired target image;
    `depthmix` pastes them only where the source pixel (depth label) is nearer than the teacher's target depth.
    Labels (source labels on pasted pixels, pseudo-labels elsewhere) and the semseg weight (1 on source pixels,
@@ -245,6 +247,14 @@ class SelfTraining(Objective):
                         weight,
                     )
             logs["st/confident"] = sure.float().mean()
+        rows = self.ignored_rows(size[0], image.device)
+        if rows is not None:
+            # DAFormer's psweight_ignore: no pseudo-label in the target's top/bottom rows (before mixing).
+            for task, (label, weight) in labels.items():
+                if task == "semseg":
+                    labels[task] = (label, weight.masked_fill(rows[:, None], 0.0))
+                else:
+                    labels[task] = (label.masked_fill(rows[:, None], TASK_DEFS[task].no_label), weight)
         if self.cfg.mix == "depthmix":
             out = resize_to(outputs["depth"][0].float(), size)
             ordering = 0.5 * (
@@ -252,6 +262,15 @@ class SelfTraining(Objective):
                 + self.run.space.depth_metres(TASK_DEFS["depth"].flip_back(out[n:]))
             )
         return labels, ordering, logs
+
+    def ignored_rows(self, height: int, device: torch.device) -> Tensor | None:
+        """Bool [H] true on the rows `ignore_top` / `ignore_bottom` (shares of the height, rounded) leave without
+        pseudo-labels; None if none."""
+        top, bottom = round(self.cfg.ignore_top * height), round(self.cfg.ignore_bottom * height)
+        if top == 0 and bottom == 0:
+            return None
+        index = torch.arange(height, device=device)
+        return (index < top) | (index >= height - bottom)
 
     def mixed_batch(self, step: Step) -> tuple[Tensor, dict[str, Tensor], Tensor | None, dict]:
         """The student's input and labels: (image, {task: label}, semseg pixel weight, logs)."""
