@@ -464,3 +464,14 @@ def test_depthmix_needs_the_source_depth_labels():
         ObjectiveError, match="self_training.mix=depthmix orders pixels by the source's depth"
     ):
         SelfTraining(RunContext(cfg, cfg.tasks, channels, space, scales), cfg.self_training)
+
+
+def test_rare_class_frequencies_count_the_pixels_of_classes_left_out_of_the_draw():
+    # Classes 1 and 3 have no image with min_pixels of them: they are not drawn, but their pixels are part of
+    # the split, so f_c of the others is their share of all labelled pixels (DAFormer's softmax((1 - f) / T)).
+    counts = np.array([[900, 50, 0, 100], [800, 0, 3000, 200]], dtype=np.int64)
+    temperature = 0.05
+    draw = RareClassDraw(counts, temperature, min_pixels=400, seed=0)
+    f = counts.sum(0) / counts.sum()
+    e = np.exp((1 - f) / temperature) * np.array([1, 0, 1, 0])
+    assert np.allclose(draw.probabilities.numpy(), e / e.sum(), rtol=1e-12)

@@ -82,12 +82,16 @@ def class_stats(dataset, num_classes: int) -> np.ndarray:
     return counts
 
 
-def class_probabilities(counts: np.ndarray, temperature: float) -> np.ndarray:
+def class_probabilities(
+    counts: np.ndarray, temperature: float, drawn: np.ndarray | None = None
+) -> np.ndarray:
     """DAFormer's p(c) = exp((1 - f_c) / T) / sum_c' exp((1 - f_c') / T) over the classes with pixels
-    (f_c: class c's share of all labelled pixels); 0 for absent classes. float64 [C]."""
+    (f_c: class c's share of all labelled pixels); 0 for absent classes, and for those `drawn` (bool [C])
+    leaves out: they still count in every f_c. float64 [C]."""
     totals = counts.sum(axis=0).astype(np.float64)
     freq = totals / max(1.0, totals.sum())
-    logits = np.where(totals > 0, (1.0 - freq) / temperature, -np.inf)
+    keep = totals > 0 if drawn is None else (totals > 0) & drawn
+    logits = np.where(keep, (1.0 - freq) / temperature, -np.inf)
     logits -= logits[np.isfinite(logits)].max()
     p = np.exp(logits)
     return p / p.sum()
@@ -105,7 +109,9 @@ class RareClassDraw:
                 f"rare-class sampling: no image holds {min_pixels} pixels of any class; lower "
                 "self_training.rcs_min_pixels"
             )
-        p = class_probabilities(counts * eligible[None], temperature)
+        # Only the draw leaves ineligible classes out: their pixels still belong to the split, so f_c stays
+        # the share of all labelled pixels (zeroing their counts would inflate every other f_c).
+        p = class_probabilities(counts, temperature, eligible)
         self.probabilities = torch.as_tensor(p)
         self.seed = seed
 
