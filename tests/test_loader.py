@@ -116,3 +116,20 @@ def test_two_processes_split_each_global_batch(tmp_path):
         assert torch.equal(src, batch["source"]["image"][:, 0, 0, 0])
         assert torch.equal(tgt, batch["target"]["image"][:, 0, 0, 0])
     assert (g[:, :, 4:6] == 0).all() and (g[:, :, 6:8] == 1).all()
+
+
+def test_loading_a_sample_leaves_the_accelerator_rng_alone(monkeypatch):
+    # Only the CPU generator is seeded per sample (and restored): reseeding the GPU's RNG at every batch would
+    # make the training step's randomness (dropout, masks drawn on the GPU) depend on num_workers.
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    cpu_state = torch.get_rng_state()
+    batch = next(train_loader(Numbers(5, 0), 2, seed=4))
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    # Still seeded per sample: each sample's draw is the first of a generator seeded with its sample seed.
+    sampler = iter(EndlessSampler(5, 2, seed=4))
+    seeds = [next(sampler)[1] for _ in range(2)]
+    expected = [torch.rand((), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    assert torch.equal(batch["noise"], torch.stack(expected))

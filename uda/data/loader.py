@@ -26,7 +26,10 @@ class SeededSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, sample_seed = item
         state = torch.get_rng_state()
-        torch.manual_seed(sample_seed)
+        # The CPU generator alone: torch.manual_seed would also reseed the accelerator's RNG, which is not
+        # restored below, so with num_workers=0 the training step's own randomness (dropout, mixing masks on
+        # the GPU) would be reseeded by every batch loaded and differ from a run with workers.
+        torch.default_generator.manual_seed(sample_seed)
         try:
             return self.dataset[index]
         finally:
