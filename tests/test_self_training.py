@@ -475,3 +475,28 @@ def test_rare_class_frequencies_count_the_pixels_of_classes_left_out_of_the_draw
     f = counts.sum(0) / counts.sum()
     e = np.exp((1 - f) / temperature) * np.array([1, 0, 1, 0])
     assert np.allclose(draw.probabilities.numpy(), e / e.sum(), rtol=1e-12)
+
+
+def test_class_stats_are_counted_again_when_a_label_file_changes(toy_root, tmp_path, monkeypatch):
+    # A rewritten label file (regenerated data at the same folder) must not be read through stale counts.
+    import shutil
+
+    import cv2
+
+    from uda.data.readers import build_dataset
+
+    monkeypatch.setenv("UDA_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "synthia"
+    shutil.copytree(toy_root / "synthia", root)
+    dataset = build_dataset("synthia", "train", ("semseg",), "synthia16", root)
+    before = class_stats(dataset, NUM_CLASSES)
+    path = root / "GT" / "LABELS" / f"{dataset.ids[0]}.png"
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    raw[..., 2] = 3  # SYNTHIA's class id (R, last in OpenCV's BGR) of road: train id 0 everywhere
+    assert cv2.imwrite(str(path), raw)
+    after = class_stats(dataset, NUM_CLASSES)
+    assert after[0].tolist() == [raw.shape[0] * raw.shape[1]] + [0] * (NUM_CLASSES - 1) != before[0].tolist()
+    assert np.array_equal(after[1:], before[1:])
+    # The class map is part of what is counted: another label set has its own cache file.
+    other = build_dataset("synthia", "train", ("semseg",), "cityscapes13", root)
+    assert stats_path(other) != stats_path(dataset)

@@ -191,6 +191,10 @@ class DenseDataset(Dataset):
         """Dataset class ids [H,W] of a sample and the file they came from."""
         raise NotImplementedError
 
+    def label_path(self, split: str, id: str) -> Path:
+        """The file label_ids reads for a sample (without reading it)."""
+        raise NotImplementedError
+
     def depth_m(self, split: str, id: str) -> tuple[np.ndarray, Path]:
         """Depth in metres [H,W] (0 = none) of a sample and the file it came from."""
         raise NotImplementedError
@@ -320,8 +324,11 @@ class SynthiaDataset(DenseDataset):
     def image_path(self, split: str, id: str) -> Path:
         return self.root / "RGB" / f"{id}.png"
 
+    def label_path(self, split: str, id: str) -> Path:
+        return self.root / "GT" / "LABELS" / f"{id}.png"
+
     def label_ids(self, split: str, id: str) -> tuple[np.ndarray, Path]:
-        path = self.root / "GT" / "LABELS" / f"{id}.png"
+        path = self.label_path(split, id)
         return decode.synthia_label(path), path
 
     def depth_m(self, split: str, id: str) -> tuple[np.ndarray, Path]:
@@ -381,8 +388,11 @@ class CityscapesDataset(DenseDataset):
         jpg = png.with_suffix(".jpg")
         return jpg if not png.is_file() and jpg.is_file() else png
 
+    def label_path(self, split: str, id: str) -> Path:
+        return self._file("gtFine", split, id, "gtFine_labelIds.png")
+
     def label_ids(self, split: str, id: str) -> tuple[np.ndarray, Path]:
-        path = self._file("gtFine", split, id, "gtFine_labelIds.png")
+        path = self.label_path(split, id)
         return decode.read_label8(path, "labelIds"), path
 
     def camera(self, split: str, id: str) -> dict[str, float]:
@@ -486,8 +496,11 @@ class VKitti2Dataset(DenseDataset):
         if scene not in self._colors:
             names = dict(zip(get_id_table("vkitti2").names, get_id_table("vkitti2").ids))
             self._colors[scene] = decode.vkitti2_colors(self._scene(id) / "colors.txt", names)
-        path = self._frame_file(id, "classSegmentation", "classgt", ".png")
+        path = self.label_path(split, id)
         return decode.vkitti2_label(path, self._colors[scene]), path
+
+    def label_path(self, split: str, id: str) -> Path:
+        return self._frame_file(id, "classSegmentation", "classgt", ".png")
 
     def depth_m(self, split: str, id: str) -> tuple[np.ndarray, Path]:
         path = self._frame_file(id, "depth", "depth", ".png")
@@ -556,8 +569,11 @@ class NYUDv2Dataset(DenseDataset):
         jpg = png.with_suffix(".jpg")
         return jpg if not png.is_file() and jpg.is_file() else png
 
+    def label_path(self, split: str, id: str) -> Path:
+        return self.root / "segmentation" / f"{id}.png"
+
     def label_ids(self, split: str, id: str) -> tuple[np.ndarray, Path]:
-        path = self.root / "segmentation" / f"{id}.png"
+        path = self.label_path(split, id)
         return decode.read_label8(path, "segmentation"), path
 
     def depth_m(self, split: str, id: str) -> tuple[np.ndarray, Path]:
@@ -640,9 +656,12 @@ class PASCALContextDataset(DenseDataset):
     def image_path(self, split: str, id: str) -> Path:
         return self.root / "JPEGImages" / f"{id}.jpg"
 
-    def label_ids(self, split: str, id: str) -> tuple[np.ndarray, Path]:
+    def label_path(self, split: str, id: str) -> Path:
         voc = self.root / "semseg" / "VOC12" / f"{id}.png"
-        path = voc if voc.is_file() else self.root / "semseg" / "pascal-context" / f"{id}.png"
+        return voc if voc.is_file() else self.root / "semseg" / "pascal-context" / f"{id}.png"
+
+    def label_ids(self, split: str, id: str) -> tuple[np.ndarray, Path]:
+        path = self.label_path(split, id)
         return decode.pascal_semseg(path), path
 
     def intrinsics(self, split: str, id: str, width: int, height: int) -> np.ndarray:

@@ -7,8 +7,9 @@ Classes no image holds that often are left out of the draw.
 The per-image class pixel counts are computed once per (dataset folder, split, label set) by reading every label
 file of the split, and cached as JSON in the run-independent cache folder
 `$UDA_CACHE_DIR/class_stats/` (default `$XDG_CACHE_HOME/uda` or `~/.cache/uda`), named
-`<dataset>-<split>-<label_set>-<key>.json` where `key` hashes the dataset folder and the split's ids (a changed
-split is counted again). The cache is not next to the split file because the split files of SYNTHIA and VKITTI2
+`<dataset>-<split>-<label_set>-<key>.json` where `key` hashes the dataset folder, the split's ids, the path, size
+and modification time of each label file and the class map (a changed split, label file or class map is counted
+again; a VKITTI2 variation has its own label files). The cache is not next to the split file because the split files of SYNTHIA and VKITTI2
 ship inside the package and a dataset folder is often read-only.
 
 The draw of stream position `pos` depends on (seed, pos) alone, so a resumed run draws what an uninterrupted
@@ -50,10 +51,25 @@ def class_pixel_counts(dataset, num_classes: int) -> np.ndarray:
     return np.stack(rows)
 
 
+def _label_file_state(path: Path) -> list:
+    """(path, size, mtime in ns) of a label file; a missing one is recorded as such (reading it will fail)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
 def stats_path(dataset) -> Path:
     """Where the class statistics of a reader's split are cached (see the module docstring)."""
+    # Everything the counts depend on: the label files themselves (their paths carry e.g. the VKITTI2
+    # variation; size and mtime change when a file is rewritten) and the class map they are read through.
+    files = [_label_file_state(dataset.label_path(s, i)) for s, i in dataset.items]
+    mapping = sorted(dataset.class_map.mapping.items())
     key = hashlib.sha256(
-        json.dumps([str(Path(dataset.root).resolve()), [list(i) for i in dataset.items]]).encode()
+        json.dumps(
+            [str(Path(dataset.root).resolve()), [list(i) for i in dataset.items], files, mapping]
+        ).encode()
     ).hexdigest()[:16]
     name = f"{dataset.name}-{dataset.split}-{dataset.label_set}-{key}.json"
     return cache_dir() / "class_stats" / name
