@@ -680,6 +680,12 @@ def test_resume_names_the_settings_changed_since_the_checkpoint(run, tmp_path):
     assert "warning: resumed with settings changed" in line and line.endswith(
         "with another train.seed the run is not an exact continuation"
     ), line
+    # Another number of processes splits each global batch otherwise: also no exact continuation.
+    state = checkpoint.read_state(checkpoint.latest_checkpoint(out))
+    assert state["processes"] == 1
+    line = checkpoint.changed_settings(state, to_dict(run[0]), processes=2)
+    assert line.startswith("warning: ") and "processes (checkpoint 1, this run 2)" in line, line
+    assert checkpoint.changed_settings(state, state["config"], processes=1) is None
     # The same config: nothing to say.
     before = (out / "train.log").read_text()
     Trainer(replace(run[0], out=str(out))).load_checkpoint()

@@ -376,13 +376,16 @@ def config_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
 
 # Settings whose change on resume makes the run differ from an uninterrupted one from then on (the data stream's
 # order, the batches' composition); other changes (iterations, rates, schedules) act from the resumed step.
-STREAM_KEYS = ("train.seed", "data.batch_size", "target.batch_size", "train.grad_accum")
+STREAM_KEYS = ("train.seed", "data.batch_size", "target.batch_size", "train.grad_accum", "processes")
 
 
-def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """A line naming every setting that differs between a checkpoint's config and this run's (the weight-shaping
-    ones are refused by check_config), or None; keys missing on a side and the run folder are not compared."""
-    a, b = _flatten(saved), _flatten(current)
+def changed_settings(state: Mapping[str, Any], current: Mapping[str, Any], processes: int) -> str | None:
+    """A line naming every setting that differs between a checkpoint's config (in its `state`) and this run's (the
+    weight-shaping ones are refused by check_config), and the number of processes, or None; keys missing on a side
+    and the run folder are not compared."""
+    a, b = _flatten(state["config"]), _flatten(current)
+    # The processes split each global batch: another count moves the data stream's position on resume.
+    a["processes"], b["processes"] = state.get("processes", processes), processes
     keys = [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and k != "out"]
     if not keys:
         return None

@@ -343,6 +343,7 @@ class Trainer:
         """Save everything needed to resume, atomically (temporary folder, then rename), with file hashes."""
         state = {
             "bad_steps": self.bad_steps,
+            "processes": self.accelerator.num_processes,
             "config": to_dict(self.cfg),
             "history": self.history,
             "components": {
@@ -374,7 +375,7 @@ class Trainer:
         if found is None:
             return None
         ckpt, state = found
-        if changed := checkpoint.changed_settings(state["config"], to_dict(self.cfg)):
+        if changed := checkpoint.changed_settings(state, to_dict(self.cfg), self.accelerator.num_processes):
             self.log.info(changed)  # a warning when the data stream changes
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
