@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from uda.config import OBJECTIVE_SECTIONS
+from uda.files import write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -198,9 +199,8 @@ def sha256(path: Path) -> str:
 
 def _record_hash(record: Mapping[str, Any]) -> str:
     """SHA-256 of a state record's canonical JSON, without its own hash field."""
-    body = json.loads(
-        json.dumps({k: v for k, v in record.items() if k != SELF_HASH})
-    )  # as read back (str keys)
+    body = {k: v for k, v in record.items() if k != SELF_HASH}
+    body = json.loads(json.dumps(body))  # as read back: str keys, lists for tuples
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -239,11 +239,23 @@ def _complete(
         if f.is_file() and f.name != STATE_FILE:
             _fsync(f)
             files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
-    record = {"format": FORMAT, "step": step, **state, "files": files}
-    record[SELF_HASH] = _record_hash(record)  # the state file checks itself: the others are checked by it
-    (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    _fsync(tmp / STATE_FILE)
+    _write_state(tmp, {"format": FORMAT, "step": step, **state, "files": files})
     _fsync(tmp)
+
+
+def _write_state(folder: Path, record: dict[str, Any]) -> None:
+    """Write trainer_state.json with its own hash (the other files are checked by the hashes it records),
+    atomically and flushed to disk."""
+    record[SELF_HASH] = _record_hash(record)
+    write_text_atomic(folder / STATE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _fsync(folder / STATE_FILE)
+
+
+def update_state(accelerator: Accelerator, ckpt: Path, **values: Any) -> None:
+    """Replace entries of a saved checkpoint's trainer_state.json (e.g. the history after the final validation),
+    main process only; the checkpoint's other files are not written again."""
+    if accelerator.is_main_process:
+        _write_state(ckpt, {**read_state(ckpt), **values})
 
 
 def _not_written(

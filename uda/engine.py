@@ -488,9 +488,9 @@ class Trainer:
             if mid_run and cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                 self.save_checkpoint()
         bar.close()
-        self.save_checkpoint()  # first: a failure in the final validation loses no training
+        ckpt = self.save_checkpoint()  # first: a failure in the final validation loses no training
         results = self.validate(final=True)
-        self.save_checkpoint()  # again, with the final validation in its history (kept when the run is extended)
+        checkpoint.update_state(acc, ckpt, history=self.history)  # kept when the run is extended
         seconds = time.perf_counter() - started
         log.info(f"done: {self.step - start_step} steps in {seconds:.0f} s; report {self.out / 'report.md'}")
         # Every process finishes its work before the process group goes (end_training destroys it).

@@ -116,19 +116,6 @@ class Adversarial(Objective):
         """Mean BCE of the discriminators' logits against the source (1) or target (0) label."""
         return torch.stack([bce_with_domain(x, is_source) for x in logits]).mean()
 
-    def adversarial_loss(
-        self,
-        outputs: Mapping,
-        size: tuple[int, int],
-        is_source: bool,
-        detach: bool,
-        nets: nn.Module | None = None,
-    ) -> Tensor:
-        """Mean BCE of the (task, scale) discriminators (`nets`, default self.discriminators) on one domain's
-        outputs, against the source (1) or target (0) label."""
-        logits = (nets or self.discriminators)(self.inputs(outputs, size, detach))
-        return self.domain_loss(logits, is_source)
-
     def generator_loss(
         self, outputs: Mapping, size: tuple[int, int], nets: nn.Module | None = None
     ) -> Tensor:

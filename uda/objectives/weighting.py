@@ -474,8 +474,9 @@ class GradNormWeighting(TaskWeighting):
         # One collective per step on every process, whatever it holds: a non-finite value anywhere turns the
         # mean non-finite, so all processes skip together.
         reduced = ctx.reduce_mean(torch.cat([*grads, record]))
-        mean_grads = reduced[: sum(sizes)].split(sizes)
-        values, share = reduced[sum(sizes) : sum(sizes) + k], reduced[sum(sizes) + k :]
+        n = sum(sizes)
+        mean_grads = reduced[:n].split(sizes)
+        values, share = reduced[n : n + k], reduced[n + k :]
         if not bool((share > 0).all()):
             self._pending = (ctx.step, None, None)  # some task has no loss on any process this step
             return {}
