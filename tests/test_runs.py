@@ -2,6 +2,7 @@
 loss file, curves and report history, checkpoint rotation, the `latest` pointer and named network files."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,6 +30,8 @@ def test_the_launchers_mixed_precision_reaches_the_run(fresh_accelerator, monkey
         "ACCELERATE_MIXED_PRECISION", "bf16"
     )  # what `accelerate launch --mixed_precision bf16` sets
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    # Before a run's log exists the line goes to the console: no run log left by an earlier test in this process.
+    monkeypatch.setattr(logging.getLogger("uda"), "handlers", [])
     acc = make_accelerator(TrainConfig(log_with="none"), str(tmp_path))
     assert acc.mixed_precision == "bf16"
     assert "mixed precision: bf16 (from accelerate launch)" in capsys.readouterr().out
